@@ -22,8 +22,19 @@ Head = Literal["none", "classification", "token"]
 # Model types that attend bidirectionally; everything else is treated as a causal decoder.
 ENCODER_MODEL_TYPES = frozenset(
     {
-        "bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "camembert", "mpnet",
-        "deberta", "deberta-v2", "modernbert", "nomic_bert", "ernie",
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "electra",
+        "albert",
+        "camembert",
+        "mpnet",
+        "deberta",
+        "deberta-v2",
+        "modernbert",
+        "nomic_bert",
+        "ernie",
     }
 )
 

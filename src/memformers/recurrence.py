@@ -1,0 +1,275 @@
+"""The segment-recurrence driver: the one loop every memory mechanism runs through.
+
+A mechanism supplies `init_state` and `step`; the driver owns cutting into segments, the loop, truncated
+back-propagation, gradient checkpointing, gathering logits, the loss, streaming and progress callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .segments import IGNORE_INDEX, Alignment, Segment, check_input_ids, shift_labels, split_into_segments
+
+LogitsMode = Literal["all", "last", "none"]
+S = TypeVar("S", bound="State")
+
+
+class State(Protocol):
+    """What flows from segment to segment. Every mechanism's state is a dataclass with these three methods."""
+
+    def detach(self: S) -> S:
+        """The same state cut from the graph (truncated back-propagation)."""
+
+    def reset(self: S, rows: torch.Tensor) -> S:
+        """Rows where `rows` [batch] is True start afresh (a new document); the others are kept."""
+
+    def select(self: S, rows: torch.Tensor, other: S) -> S:
+        """This state where `rows` [batch] is True, `other` elsewhere (rows with nothing in a segment)."""
+
+
+@dataclass
+class StepOutput:
+    """What a mechanism returns for one segment, aligned with `segment.input_ids`."""
+
+    logits: torch.Tensor | None = None  # [batch, length, vocab] per token, or [batch, classes] per sequence
+    hidden: torch.Tensor | None = None  # [batch, length, hidden] last-layer states of the content tokens
+
+
+@dataclass
+class RecurrentOutput:
+    """The result of reading a whole long input."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # "all": [batch, length, vocab] at input positions; "last": last segment's
+    state: object
+    num_segments: int
+
+
+class SegmentModel(Protocol):
+    """A memory mechanism: a state and a step. `content_size` tokens of input per segment."""
+
+    content_size: int
+    token_level: bool  # logits per token (LM heads) rather than one per sequence (classification)
+    causal: bool  # token targets are the next token (decoders)
+
+    def init_state(self, batch_size: int) -> State: ...
+
+    def step(self, segment: Segment, state: State) -> tuple[StepOutput, State]: ...
+
+
+ProgressCallback = Callable[[int, int | None, int], None]  # (segments done, total or None, tokens done)
+
+
+def detach_before(index: int, num_segments: int | None, bptt_depth: int | None) -> bool:
+    """Whether the state entering segment `index` (0-based) is cut from the graph.
+
+    `bptt_depth=k` lets gradients cross at most k memory transitions: segments run in windows of k+1 whose
+    first state is detached. Windows are counted back from the last segment when the count is known, so the last
+    segment (where a classification loss sits) always gets the full depth; from the first when streaming.
+    `None` back-propagates through every segment; `0` through none.
+    """
+    if bptt_depth is None or index == 0:
+        return False
+    if num_segments is None:
+        return index % (bptt_depth + 1) == 0
+    return (num_segments - 1 - index) % (bptt_depth + 1) == bptt_depth
+
+
+def run_step(model: SegmentModel, segment: Segment, state: State, gradient_checkpointing: bool):
+    """One step, recomputed during backward when checkpointing (only one segment's activations kept)."""
+    if gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(model.step, segment, state, use_reentrant=False)
+    return model.step(segment, state)
+
+
+def iterate(
+    model: SegmentModel,
+    segments: Iterable[Segment],
+    state: State,
+    num_segments: int | None = None,
+    bptt_depth: int | None = None,
+    gradient_checkpointing: bool = False,
+    callback: ProgressCallback | None = None,
+) -> Iterator[tuple[Segment, StepOutput, State]]:
+    """The loop. Yields each segment with its output and the state after it; holds nothing else."""
+    if bptt_depth is not None and bptt_depth < 0:
+        raise ValueError(f"bptt_depth must be None or ≥ 0, got {bptt_depth}")
+    tokens = 0
+    for segment in segments:
+        if detach_before(segment.index, num_segments, bptt_depth):
+            state = state.detach()
+        output, new_state = run_step(model, segment, state, gradient_checkpointing)
+        active = segment.active
+        state = new_state if bool(active.all()) else new_state.select(active, state)
+        tokens += int(segment.attention_mask.sum())
+        if callback is not None:
+            callback(segment.index + 1, num_segments, tokens)
+        yield segment, output, state
+
+
+def run(
+    model: SegmentModel,
+    input_ids: torch.Tensor,  # [batch, length]
+    attention_mask: torch.Tensor | None = None,  # [batch, length]
+    labels: torch.Tensor | None = None,  # [batch, length] token targets or [batch] class ids
+    state: State | None = None,
+    alignment: Alignment = "left",
+    bptt_depth: int | None = None,
+    gradient_checkpointing: bool = False,
+    logits: LogitsMode = "all",
+    callback: ProgressCallback | None = None,
+) -> RecurrentOutput:
+    """Read a whole batch of long inputs segment by segment; the loss and logits the user asked for.
+
+    Token labels (same shape as `input_ids`, `-100` = ignored) give a cross-entropy over all segments, shifted
+    across segment boundaries for decoders; class labels ([batch]) a cross-entropy on each row's last segment.
+    """
+    attention_mask = check_input_ids(input_ids, attention_mask)
+    if logits not in ("all", "last", "none"):
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    token_labels = class_labels = None
+    if labels is not None:
+        if labels.dtype.is_floating_point:
+            raise ValueError(f"labels must hold integer ids, got dtype {labels.dtype}")
+        if labels.dim() == 1:
+            if model.token_level:
+                raise ValueError(
+                    "labels: class labels [batch] need a sequence-classification backbone; this model predicts "
+                    "tokens, so give token labels [batch, length]"
+                )
+            if labels.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"labels must have {input_ids.shape[0]} rows, got {labels.shape[0]}")
+            class_labels = labels
+        else:
+            if not model.token_level:
+                raise ValueError(
+                    "labels: token labels [batch, length] need a token-level head (masked or causal LM); this "
+                    "model classifies sequences, so give class labels [batch]"
+                )
+            token_labels = shift_labels(labels, attention_mask) if model.causal else labels
+    segments = split_into_segments(input_ids, model.content_size, attention_mask, token_labels, alignment)
+    if state is None:
+        state = model.init_state(input_ids.shape[0])
+
+    loss_sum = torch.zeros((), device=input_ids.device)
+    loss_count = 0
+    kept: list[tuple[Segment, torch.Tensor]] = []
+    final_logits: torch.Tensor | None = None  # per row, the logits of its last segment
+    for segment, output, state in iterate(
+        model, segments, state, len(segments), bptt_depth, gradient_checkpointing, callback
+    ):
+        out = output.logits
+        if out is None:
+            continue
+        if token_labels is not None:
+            targets = segment.labels.masked_fill(segment.attention_mask == 0, IGNORE_INDEX)
+            loss_sum = loss_sum + F.cross_entropy(
+                out.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            loss_count += int((targets != IGNORE_INDEX).sum())
+        if logits == "all" and model.token_level:
+            kept.append((segment, out))
+        last = segment.is_last
+        if last is not None and bool(last.any()):
+            final_logits = _take_rows(final_logits, out, last)
+
+    loss = None
+    if token_labels is not None:
+        loss = loss_sum / max(loss_count, 1)
+    if class_labels is not None:
+        loss = F.cross_entropy(final_logits.float(), class_labels)
+    if logits == "all" and model.token_level:
+        gathered = _reassemble(kept, attention_mask)
+    elif logits == "none":
+        gathered = None
+    else:
+        gathered = final_logits
+    return RecurrentOutput(loss=loss, logits=gathered, state=state, num_segments=len(segments))
+
+
+def _take_rows(current: torch.Tensor | None, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`new` in the rows marked, `current` elsewhere; token logits are padded to a common length."""
+    if current is None:
+        current = torch.zeros_like(new)
+    if new.dim() == 3 and new.shape[1] != current.shape[1]:
+        width = max(new.shape[1], current.shape[1])
+        new, current = (F.pad(t, (0, 0, 0, width - t.shape[1])) for t in (new, current))
+    mask = rows.view(-1, *([1] * (new.dim() - 1)))
+    return torch.where(mask, new, current)
+
+
+def _reassemble(
+    kept: list[tuple[Segment, torch.Tensor]], attention_mask: torch.Tensor
+) -> torch.Tensor:  # [batch, length, vocab]
+    """Put per-segment token logits back at their rows' input positions (zeros at padding)."""
+    batch, length = attention_mask.shape
+    vocab = kept[0][1].shape[-1]
+    out = kept[0][1].new_zeros(batch, length, vocab)
+    for row in range(batch):
+        pieces = [logits[row][segment.attention_mask[row].bool()] for segment, logits in kept]
+        out[row, attention_mask[row].bool()] = torch.cat(pieces)
+    return out
+
+
+class MemoryModel(nn.Module):
+    """Base of every mechanism: the public `forward`/`stream` API on top of the driver.
+
+    Subclasses set `content_size`, `token_level`, `causal` and implement `init_state` and `step`.
+    """
+
+    content_size: int
+    token_level: bool
+    causal: bool
+    alignment: Alignment = "left"
+    bptt_depth: int | None = None
+    gradient_checkpointing: bool = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [batch, length]
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        state: State | None = None,
+        logits: LogitsMode | None = None,
+        callback: ProgressCallback | None = None,
+    ) -> RecurrentOutput:
+        """Read the whole input; `out.loss`, `out.logits`, `out.state`. Default logits: all tokens for LM heads."""
+        return run(
+            self,
+            input_ids,
+            attention_mask,
+            labels,
+            state,
+            alignment=self.alignment,
+            bptt_depth=self.bptt_depth,
+            gradient_checkpointing=self.gradient_checkpointing,
+            logits=logits or ("all" if self.token_level else "last"),
+            callback=callback,
+        )
+
+    def stream(
+        self,
+        segments: Iterable[Segment],
+        state: State | None = None,
+        batch_size: int = 1,
+        callback: ProgressCallback | None = None,
+    ) -> Iterator[tuple[Segment, StepOutput, State]]:
+        """Step over segments as they come (e.g. from `stream_segments`): memory does not grow with length."""
+        if state is None:
+            state = self.init_state(batch_size)
+        yield from iterate(
+            self, segments, state, None, self.bptt_depth, self.gradient_checkpointing, callback
+        )
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically."""
+        from .saving import save_pretrained
+
+        save_pretrained(self, path, tokenizer)

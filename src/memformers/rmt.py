@@ -1,0 +1,281 @@
+"""Recurrent Memory Transformer (arXiv 2207.06881, 2304.11062) around any Hugging Face encoder or decoder.
+
+Memory vectors go in through `inputs_embeds` beside each segment's tokens; the backbone's last-layer states at the
+memory positions become the next segment's memory. The backbone itself is never edited.
+
+Layouts (`segment_size` positions at most, padding only at the end of a row):
+- encoder: `[CLS] memory×m [SEP] content [SEP]`, bidirectional; content = segment_size − m − 3
+  (with m = 0 the memory block and its [SEP] vanish: the backbone's own `[CLS] content [SEP]`).
+- decoder: `[read memory ; content ; write memory]` under the backbone's own causal mask: every content and write
+  token sees all of the read memory, the write memory sees everything; content = segment_size − 2m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from . import backbones
+from .recurrence import MemoryModel, StepOutput
+from .segments import Alignment, Segment, check_input_ids, split_into_segments
+
+
+@dataclass
+class MemoryState:
+    """The memory carried between segments."""
+
+    memory: torch.Tensor  # [batch, memory, hidden]
+    initial: torch.Tensor  # [memory, hidden]: what a new document starts from
+
+    def detach(self) -> MemoryState:
+        return MemoryState(self.memory.detach(), self.initial)
+
+    def reset(self, rows: torch.Tensor) -> MemoryState:
+        fresh = self.initial.to(self.memory.dtype).expand_as(self.memory)
+        return MemoryState(torch.where(rows.view(-1, 1, 1), fresh, self.memory), self.initial)
+
+    def select(self, rows: torch.Tensor, other: MemoryState) -> MemoryState:
+        return MemoryState(torch.where(rows.view(-1, 1, 1), self.memory, other.memory), self.initial)
+
+
+def as_segment(segment: Segment | torch.Tensor) -> Segment:
+    """Accept a bare [batch, length] id tensor wherever a `Segment` is expected."""
+    if isinstance(segment, Segment):
+        return segment
+    mask = check_input_ids(segment, None)
+    return Segment(segment, mask, None, 0, None)
+
+
+class RecurrentMemoryTransformer(MemoryModel):
+    """RMT: `num_memory_tokens` memory vectors read and written through an unchanged backbone.
+
+    `backbone` is a `transformers.PreTrainedModel` or a name for `memformers.backbones.load`. The head decides the
+    outputs: a *ForSequenceClassification encoder classifies from the last segment's [CLS]; masked- and causal-LM
+    heads give token logits; a base model gives hidden states.
+    """
+
+    def __init__(
+        self,
+        backbone: transformers.PreTrainedModel | str,
+        num_memory_tokens: int = 10,
+        segment_size: int = 512,
+        bptt_depth: int | None = None,
+        gradient_checkpointing: bool = False,
+        alignment: Alignment = "left",
+        kind: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone, _ = backbones.load(backbone)
+        self.info = backbones.describe(backbone, kind)
+        if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
+            raise ValueError(f"num_memory_tokens must be an int ≥ 0, got {num_memory_tokens!r}")
+        if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 0):
+            raise ValueError(
+                f"bptt_depth must be None (full back-propagation) or an int ≥ 0, got {bptt_depth!r}"
+            )
+        if alignment not in ("left", "right"):
+            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
+        self.backbone = backbone
+        self.num_memory_tokens = num_memory_tokens
+        self.segment_size = segment_size
+        self.bptt_depth = bptt_depth
+        self.gradient_checkpointing = gradient_checkpointing
+        self.alignment = alignment
+        self.token_level = self.info.head == "token"
+        self.causal = self.info.is_decoder
+        m = num_memory_tokens
+        if self.info.is_decoder:
+            if self.info.head == "classification":
+                raise ValueError(
+                    f"backbone: a decoder RMT needs a causal-LM or base model, got {self.info.class_name}; its "
+                    "sequence-classification head reads the last position, which RMT fills with write memory"
+                )
+            overhead = 2 * m
+        else:
+            overhead = m + 3 if m else 2
+            config = backbone.config
+            self.cls_token_id = _special_id(config, "cls_token_id", "bos_token_id", fallback=0)
+            self.sep_token_id = _special_id(
+                config, "sep_token_id", "eos_token_id", fallback=self.cls_token_id
+            )
+        self.content_size = segment_size - overhead
+        if self.content_size < 1:
+            raise ValueError(
+                f"segment_size={segment_size} leaves no room for content: {self.info.kind} RMT with "
+                f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
+            )
+        if self.info.max_positions is not None and segment_size > self.info.max_positions:
+            raise ValueError(
+                f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions"
+            )
+        embeddings = backbone.get_input_embeddings().weight
+        self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
+
+    # --- the two methods the driver needs --------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> MemoryState:
+        """Every row starts from the learned initial memory."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        return MemoryState(self.memory.unsqueeze(0).expand(batch_size, -1, -1), self.memory)
+
+    def step(self, segment: Segment | torch.Tensor, state: MemoryState) -> tuple[StepOutput, MemoryState]:
+        """One segment through the backbone with the memory beside it."""
+        segment = as_segment(segment)
+        if segment.input_ids.shape[1] > self.content_size:
+            raise ValueError(
+                f"segment has {segment.input_ids.shape[1]} tokens; this RMT takes at most {self.content_size}"
+            )
+        if self.info.is_decoder:
+            return self._decoder_step(segment, state)
+        return self._encoder_step(segment, state)
+
+    # --- layouts ----------------------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(ids)
+
+    def _encoder_step(self, segment: Segment, state: MemoryState) -> tuple[StepOutput, MemoryState]:
+        ids, mask = segment.input_ids, segment.attention_mask  # [batch, n]
+        batch, n = ids.shape
+        m = self.num_memory_tokens
+        lengths = mask.sum(dim=1)  # [batch]
+        prefix = 1 + m + 1 if m else 1  # [CLS] memory [SEP]
+        # ids of [CLS] (memory placeholders) [SEP] content [SEP] pad…; the closing [SEP] right after each row's content
+        column = lambda token: torch.full((batch, 1), token, dtype=ids.dtype, device=ids.device)  # noqa: E731
+        parts = [column(self.cls_token_id)]
+        if m:
+            parts += [column(self.sep_token_id).expand(batch, m), column(self.sep_token_id)]
+        parts += [ids * mask, column(0)]
+        full_ids = torch.cat(parts, dim=1)  # [batch, prefix + n + 1]
+        close = (prefix + lengths).unsqueeze(1)
+        full_ids = full_ids.scatter(1, close, self.sep_token_id)
+        positions = torch.arange(full_ids.shape[1], device=ids.device)
+        full_mask = (positions.unsqueeze(0) <= close).long()
+        embeds = self._embed(full_ids)
+        if m:
+            memory = state.memory.to(embeds.dtype)
+            embeds = torch.cat([embeds[:, :1], memory, embeds[:, 1 + m :]], dim=1)
+        logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask)
+        new_memory = hidden[:, 1 : 1 + m]  # [batch, memory, hidden]
+        content_hidden = hidden[:, prefix : prefix + n]
+        if logits is not None and logits.dim() == 3:
+            logits = logits[:, prefix : prefix + n]
+        return StepOutput(logits=logits, hidden=content_hidden), MemoryState(new_memory, state.initial)
+
+    def _decoder_step(self, segment: Segment, state: MemoryState) -> tuple[StepOutput, MemoryState]:
+        ids, mask = segment.input_ids, segment.attention_mask  # [batch, n]
+        batch, n = ids.shape
+        m = self.num_memory_tokens
+        lengths = mask.sum(dim=1, keepdim=True)  # [batch, 1]
+        content = self._embed(ids)  # [batch, n, hidden]
+        memory = state.memory.to(content.dtype)
+        source = torch.cat([memory, content, memory], dim=1)  # [batch, m + n + m, hidden]
+        # Move each row's write memory right after its real content, padding after it: p → source index.
+        p = torch.arange(2 * m + n, device=ids.device).unsqueeze(0)  # [1, 2m + n]
+        write_start = m + lengths
+        index = torch.where(
+            p < write_start, p, torch.where(p < write_start + m, p - write_start + m + n, p - m)
+        )
+        embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+        full_mask = (p < write_start + m).long().expand(batch, -1)
+        logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask)
+        write = write_start + torch.arange(m, device=ids.device)  # [batch, m]
+        new_memory = hidden.gather(1, write.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        content_hidden = hidden[:, m : m + n]
+        if logits is not None:
+            logits = logits[:, m : m + n]
+        return StepOutput(logits=logits, hidden=content_hidden), MemoryState(new_memory, state.initial)
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,  # [batch, length] the long context
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        callback=None,
+        **generate_kwargs,
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """Read a long context into memory, then generate from its last segment and the read memory.
+
+        Every segment but each row's last is read into memory; the last one (as the driver would cut it) is the
+        prompt, behind the read memory only, as in training. Keyword arguments go to the backbone's `generate`
+        (`do_sample`, `temperature`, `top_p`, `eos_token_id`…). Returns only the new tokens.
+        """
+        if not self.info.is_decoder or self.info.head != "token":
+            raise ValueError(
+                f"generate needs a decoder backbone with a causal-LM head, got {self.info.class_name}"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        attention_mask = check_input_ids(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
+        state = self.init_state(batch)
+        prompts: list[torch.Tensor | None] = [None] * batch
+        for segment in segments:
+            last = segment.is_last
+            for row in last.nonzero().flatten().tolist():
+                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
+            reading = segment.active & ~last
+            if bool(reading.any()):  # rows on their prompt segment keep their state
+                read = Segment(
+                    segment.input_ids, segment.attention_mask * reading[:, None], None, segment.index
+                )
+                _, new_state = self.step(read, state)
+                state = new_state.select(reading, state)
+            if callback is not None:
+                callback(segment.index + 1, len(segments), 0)
+        m = self.num_memory_tokens
+        width = m + max(len(p) for p in prompts)
+        if self.info.max_positions is not None and width + max_new_tokens > self.info.max_positions:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens}: the prompt segment ({width} positions) and the new tokens exceed "
+                f"the backbone's {self.info.max_positions} positions"
+            )
+        hidden = self.info.hidden_size
+        embeds = torch.zeros(batch, width, hidden, dtype=self.backbone.dtype, device=input_ids.device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
+        for row, prompt in enumerate(prompts):  # left padding, as generate expects
+            row_embeds = torch.cat([state.memory[row].to(embeds.dtype), self._embed(prompt)])
+            embeds[row, width - len(row_embeds) :] = row_embeds
+            mask[row, width - len(row_embeds) :] = 1
+        generate_kwargs.setdefault(
+            "pad_token_id", _special_id(self.backbone.config, "pad_token_id", "eos_token_id")
+        )
+        return self.backbone.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.info.kind}, num_memory_tokens={self.num_memory_tokens}, segment_size={self.segment_size}, "
+            f"content_size={self.content_size}, bptt_depth={self.bptt_depth}"
+        )
+
+    def config_dict(self) -> dict:
+        """The constructor arguments, for `save_pretrained`."""
+        return {
+            "num_memory_tokens": self.num_memory_tokens,
+            "segment_size": self.segment_size,
+            "bptt_depth": self.bptt_depth,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "alignment": self.alignment,
+            "kind": self.info.kind,
+        }
+
+
+def _special_id(config, *names: str, fallback: int | None = None) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return fallback

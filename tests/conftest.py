@@ -1,0 +1,89 @@
+"""Tiny random-weight backbones of every supported family, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 96
+HIDDEN = 32
+
+
+def _common(**extra) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, **extra)
+
+
+def tiny_config(family: str):
+    """A 2-layer, 32-wide config of `family`, deterministic and fast on a CPU."""
+    if family == "bert":
+        return transformers.BertConfig(**_common(intermediate_size=64, max_position_embeddings=256))
+    if family == "roberta":
+        return transformers.RobertaConfig(
+            **_common(intermediate_size=64, max_position_embeddings=260, pad_token_id=1)
+        )
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if family == "llama":
+        return transformers.LlamaConfig(
+            **_common(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256)
+        )
+    if family == "qwen2":
+        return transformers.Qwen2Config(
+            **_common(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256)
+        )
+    if family == "mistral":
+        return transformers.MistralConfig(
+            **_common(
+                intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None
+            )
+        )
+    if family == "opt":
+        return transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            max_position_embeddings=256,
+            word_embed_proj_dim=HIDDEN,
+        )
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(**_common(intermediate_size=64, max_position_embeddings=256))
+    raise KeyError(family)
+
+
+ENCODERS = ("bert", "roberta")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral", "opt", "gpt_neox")
+
+
+def tiny_backbone(family: str, head: str = "token", num_labels: int = 6, seed: int = 0):
+    """A random-weight backbone in eval mode (no dropout), so outputs are exactly reproducible."""
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    if family in ENCODERS:
+        auto = {
+            "token": transformers.AutoModelForMaskedLM,
+            "classification": transformers.AutoModelForSequenceClassification,
+            "none": transformers.AutoModel,
+        }[head]
+        if head == "classification":
+            config.num_labels = num_labels
+    else:
+        auto = {"token": transformers.AutoModelForCausalLM, "none": transformers.AutoModel}[head]
+    model = auto.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
