@@ -19,9 +19,7 @@ def tiny_config(family: str):
     if family == "bert":
         return transformers.BertConfig(**_common(intermediate_size=64, max_position_embeddings=256))
     if family == "roberta":
-        return transformers.RobertaConfig(
-            **_common(intermediate_size=64, max_position_embeddings=260, pad_token_id=1)
-        )
+        return transformers.RobertaConfig(**_common(intermediate_size=64, max_position_embeddings=260, pad_token_id=1))
     if family == "gpt2":
         return transformers.GPT2Config(
             vocab_size=VOCAB,
@@ -42,9 +40,7 @@ def tiny_config(family: str):
         )
     if family == "mistral":
         return transformers.MistralConfig(
-            **_common(
-                intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None
-            )
+            **_common(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None)
         )
     if family == "opt":
         return transformers.OPTConfig(

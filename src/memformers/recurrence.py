@@ -162,7 +162,8 @@ def run(
     loss_count = 0
     kept: list[tuple[Segment, torch.Tensor]] = []
     final_logits: torch.Tensor | None = None  # per row, the logits of its last segment
-    for segment, output, state in iterate(
+    final_state = state
+    for segment, output, final_state in iterate(
         model, segments, state, len(segments), bptt_depth, gradient_checkpointing, callback
     ):
         out = output.logits
@@ -191,7 +192,7 @@ def run(
         gathered = None
     else:
         gathered = final_logits
-    return RecurrentOutput(loss=loss, logits=gathered, state=state, num_segments=len(segments))
+    return RecurrentOutput(loss=loss, logits=gathered, state=final_state, num_segments=len(segments))
 
 
 def _take_rows(current: torch.Tensor | None, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -264,9 +265,7 @@ class MemoryModel(nn.Module):
         """Step over segments as they come (e.g. from `stream_segments`): memory does not grow with length."""
         if state is None:
             state = self.init_state(batch_size)
-        yield from iterate(
-            self, segments, state, None, self.bptt_depth, self.gradient_checkpointing, callback
-        )
+        yield from iterate(self, segments, state, None, self.bptt_depth, self.gradient_checkpointing, callback)
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically."""

@@ -74,9 +74,7 @@ class RecurrentMemoryTransformer(MemoryModel):
         if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
             raise ValueError(f"num_memory_tokens must be an int ≥ 0, got {num_memory_tokens!r}")
         if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 0):
-            raise ValueError(
-                f"bptt_depth must be None (full back-propagation) or an int ≥ 0, got {bptt_depth!r}"
-            )
+            raise ValueError(f"bptt_depth must be None (full back-propagation) or an int ≥ 0, got {bptt_depth!r}")
         if alignment not in ("left", "right"):
             raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
         self.backbone = backbone
@@ -99,9 +97,7 @@ class RecurrentMemoryTransformer(MemoryModel):
             overhead = m + 3 if m else 2
             config = backbone.config
             self.cls_token_id = _special_id(config, "cls_token_id", "bos_token_id", fallback=0)
-            self.sep_token_id = _special_id(
-                config, "sep_token_id", "eos_token_id", fallback=self.cls_token_id
-            )
+            self.sep_token_id = _special_id(config, "sep_token_id", "eos_token_id", fallback=self.cls_token_id)
         self.content_size = segment_size - overhead
         if self.content_size < 1:
             raise ValueError(
@@ -109,9 +105,7 @@ class RecurrentMemoryTransformer(MemoryModel):
                 f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
             )
         if self.info.max_positions is not None and segment_size > self.info.max_positions:
-            raise ValueError(
-                f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions"
-            )
+            raise ValueError(f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions")
         embeddings = backbone.get_input_embeddings().weight
         self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
 
@@ -178,9 +172,7 @@ class RecurrentMemoryTransformer(MemoryModel):
         # Move each row's write memory right after its real content, padding after it: p → source index.
         p = torch.arange(2 * m + n, device=ids.device).unsqueeze(0)  # [1, 2m + n]
         write_start = m + lengths
-        index = torch.where(
-            p < write_start, p, torch.where(p < write_start + m, p - write_start + m + n, p - m)
-        )
+        index = torch.where(p < write_start, p, torch.where(p < write_start + m, p - write_start + m + n, p - m))
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < write_start + m).long().expand(batch, -1)
         logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask)
@@ -209,9 +201,7 @@ class RecurrentMemoryTransformer(MemoryModel):
         (`do_sample`, `temperature`, `top_p`, `eos_token_id`…). Returns only the new tokens.
         """
         if not self.info.is_decoder or self.info.head != "token":
-            raise ValueError(
-                f"generate needs a decoder backbone with a causal-LM head, got {self.info.class_name}"
-            )
+            raise ValueError(f"generate needs a decoder backbone with a causal-LM head, got {self.info.class_name}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         attention_mask = check_input_ids(input_ids, attention_mask)
@@ -225,9 +215,7 @@ class RecurrentMemoryTransformer(MemoryModel):
                 prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
             reading = segment.active & ~last
             if bool(reading.any()):  # rows on their prompt segment keep their state
-                read = Segment(
-                    segment.input_ids, segment.attention_mask * reading[:, None], None, segment.index
-                )
+                read = Segment(segment.input_ids, segment.attention_mask * reading[:, None], None, segment.index)
                 _, new_state = self.step(read, state)
                 state = new_state.select(reading, state)
             if callback is not None:
@@ -246,9 +234,7 @@ class RecurrentMemoryTransformer(MemoryModel):
             row_embeds = torch.cat([state.memory[row].to(embeds.dtype), self._embed(prompt)])
             embeds[row, width - len(row_embeds) :] = row_embeds
             mask[row, width - len(row_embeds) :] = 1
-        generate_kwargs.setdefault(
-            "pad_token_id", _special_id(self.backbone.config, "pad_token_id", "eos_token_id")
-        )
+        generate_kwargs.setdefault("pad_token_id", _special_id(self.backbone.config, "pad_token_id", "eos_token_id"))
         return self.backbone.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
         )

@@ -32,9 +32,7 @@ def own_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_pretrained(
-    model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None
-) -> Path:
+def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
     """Write `model` (a memformers mechanism) to the folder `path`, atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -53,9 +53,7 @@ def check_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, length], got shape {tuple(input_ids.shape)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per row"
-        )
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per row")
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -63,9 +61,7 @@ def check_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(attention_mask.shape)}"
         )
-    if attention_mask.dtype.is_floating_point and not torch.all(
-        (attention_mask == 0) | (attention_mask == 1)
-    ):
+    if attention_mask.dtype.is_floating_point and not torch.all((attention_mask == 0) | (attention_mask == 1)):
         raise ValueError("attention_mask must hold only 0 and 1")
     attention_mask = attention_mask.long()
     if not attention_mask.any(dim=1).all():
@@ -92,9 +88,7 @@ def split_into_segments(
         raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
     attention_mask = check_input_ids(input_ids, attention_mask)
     if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(
-            f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     batch = input_ids.shape[0]
     rows = [attention_mask[row].bool() for row in range(batch)]
     row_ids = [input_ids[row][keep] for row, keep in enumerate(rows)]
