@@ -66,6 +66,8 @@ class RecurrentMemoryTransformer(MemoryModel):
         gradient_checkpointing: bool = False,
         alignment: Alignment = "left",
         kind: str | None = None,
+        cls_token_id: int | None = None,
+        sep_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
@@ -95,9 +97,7 @@ class RecurrentMemoryTransformer(MemoryModel):
             overhead = 2 * m
         else:
             overhead = m + 3 if m else 2
-            config = backbone.config
-            self.cls_token_id = _special_id(config, "cls_token_id", "bos_token_id", fallback=0)
-            self.sep_token_id = _special_id(config, "sep_token_id", "eos_token_id", fallback=self.cls_token_id)
+            self.cls_token_id, self.sep_token_id = _encoder_special_ids(backbone, cls_token_id, sep_token_id)
         self.content_size = segment_size - overhead
         if self.content_size < 1:
             raise ValueError(
@@ -254,7 +254,28 @@ class RecurrentMemoryTransformer(MemoryModel):
             "gradient_checkpointing": self.gradient_checkpointing,
             "alignment": self.alignment,
             "kind": self.info.kind,
+            **({} if self.info.is_decoder else {"cls_token_id": self.cls_token_id, "sep_token_id": self.sep_token_id}),
         }
+
+
+def _encoder_special_ids(backbone, cls_token_id: int | None, sep_token_id: int | None) -> tuple[int, int]:
+    """[CLS] and [SEP] ids: given, else from the config, else from the tokenizer saved beside the backbone."""
+    config = backbone.config
+    cls_token_id = cls_token_id if cls_token_id is not None else _special_id(config, "cls_token_id", "bos_token_id")
+    sep_token_id = sep_token_id if sep_token_id is not None else _special_id(config, "sep_token_id", "eos_token_id")
+    if cls_token_id is None or sep_token_id is None:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(config._name_or_path)
+            cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
+            sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
+        except (OSError, ValueError, TypeError):
+            pass
+    if cls_token_id is None or sep_token_id is None:
+        raise ValueError(
+            "cls_token_id/sep_token_id: the encoder layout needs the backbone's [CLS] and [SEP] ids; neither its "
+            "config nor a tokenizer beside it gives them, so pass cls_token_id=… and sep_token_id=…"
+        )
+    return int(cls_token_id), int(sep_token_id)
 
 
 def _special_id(config, *names: str, fallback: int | None = None) -> int | None:
