@@ -140,7 +140,7 @@ def test_gradient_reaches_exactly_bptt_depth(family, depth):
     reach = [g is not None and bool(g.abs().sum() > 0) for g in grads]
     allowed = k - 1 if depth is None else min(depth, k - 1)
     assert reach == [i >= k - 1 - allowed for i in range(k)]
-    assert all(g is None or g.abs().sum() == 0 for g, r in zip(grads, reach) if not r)
+    assert all(g is None or g.abs().sum() == 0 for g, r in zip(grads, reach, strict=True) if not r)
 
 
 def test_detach_schedule_counts_back_from_last_segment():
@@ -159,7 +159,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for model in (plain, checkpointed):
         model.train()
         model(ids, labels=ids).loss.backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert plain.memory.grad.abs().sum() > 0
 
@@ -282,7 +282,7 @@ def test_save_and_load_round_trip_exact(family, tmp_path):
     model.save_pretrained(tmp_path / "rmt")
     loaded = mf.load(tmp_path / "rmt")
     assert loaded.config_dict() == model.config_dict()
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     ids = random_ids(1, 2 * model.content_size)
     with torch.no_grad():
