@@ -1,0 +1,200 @@
+"""The task registry: one name per task, one way to make a sample of it, and export to JSONL.
+
+Task names: qa1 .. qa5 (bAbI-style, facts scattered in noise as in BABILong), memorize, detect, reason (the RMT
+paper's three tasks; answer one of 6 places) and copy, reverse, associative (algorithmic, own vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, make_algorithmic, to_text
+from memformers.tasks.babi import ANSWERS, generate_story
+from memformers.tasks.haystack import Sample, build_haystack
+from memformers.tasks.noise import SPLITS
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is: a bAbI-style story in noise, or an algorithmic problem; how its facts are placed."""
+
+    name: str
+    kind: str  # "babi" or "algorithmic"
+    placement: str  # babi: "start" or "random"; algorithmic: ""
+    answers: tuple[str, ...]  # the answer vocabulary (empty where the answer is a sequence)
+    description: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("qa1", "babi", "random", ANSWERS["qa1"], "single supporting fact: where is an actor"),
+        TaskSpec("qa2", "babi", "random", ANSWERS["qa2"], "two supporting facts: where is an object"),
+        TaskSpec("qa3", "babi", "random", ANSWERS["qa3"], "three supporting facts: where was an object before"),
+        TaskSpec("qa4", "babi", "random", ANSWERS["qa4"], "two-argument relations: what is north of a room"),
+        TaskSpec("qa5", "babi", "random", ANSWERS["qa5"], "three-argument relations: who gave what to whom"),
+        TaskSpec("memorize", "babi", "start", ANSWERS["memorize"], "fact memorization: one fact at the start"),
+        TaskSpec("detect", "babi", "random", ANSWERS["detect"], "fact detection: one fact anywhere"),
+        TaskSpec("reason", "babi", "random", ANSWERS["reason"], "reasoning: two facts needed, one distractor"),
+        TaskSpec("copy", "algorithmic", "", (), "copy: the source written twice"),
+        TaskSpec("reverse", "algorithmic", "", (), "reverse: the source backwards"),
+        TaskSpec("associative", "algorithmic", "", (), "associative retrieval: the value of a query key"),
+    )
+}
+assert set(ALGORITHMIC_TASKS) <= set(TASKS)
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The registry entry of a task name, or a ValueError listing the names there are."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    return TASKS[task]
+
+
+def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
+    """The random generator of one sample: fixed by (seed, task, length, index), independent of other samples."""
+    return random.Random(f"memformers:{seed}:{task}:{length}:{index}")
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def get_tokenizer(tokenizer):
+    """A tokenizer object, loading names ("minilm", "smollm2", a path) once per process."""
+    if not isinstance(tokenizer, str | Path):
+        return tokenizer
+    name = str(tokenizer)
+    if name not in _TOKENIZERS:
+        from memformers.backbones import load_tokenizer
+
+        _TOKENIZERS[name] = load_tokenizer(name)
+    return _TOKENIZERS[name]
+
+
+def make_sample(
+    task: str,
+    length: int,
+    tokenizer,
+    seed: int = 0,
+    index: int = 0,
+    split: str = "train",
+    noise_dir: Path | str | None = None,
+) -> Sample:
+    """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
+
+    `tokenizer` is a tokenizer object or a name for `memformers.backbones.load_tokenizer`.
+    """
+    spec = task_spec(task)
+    if spec.kind != "babi":
+        raise ValueError(
+            f"task {task!r} is algorithmic; use make_algorithmic (tasks that take a tokenizer: "
+            f"{[t for t, s in TASKS.items() if s.kind == 'babi']})"
+        )
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = sample_rng(seed, task, length, index)
+    story = generate_story(task, rng)
+    return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, spec.placement)
+
+
+def make_algorithmic_sample(
+    task: str, length: int, seed: int = 0, index: int = 0, segment_size: int | None = None, **options
+) -> AlgorithmicSample:
+    """Sample `index` of an algorithmic task whose source is `length` tokens (in segments of `segment_size`)."""
+    if task_spec(task).kind != "algorithmic":
+        raise ValueError(f"task {task!r} is not algorithmic; allowed: {list(ALGORITHMIC_TASKS)}")
+    if not isinstance(length, int) or length <= 0:
+        raise ValueError(f"length must be a positive int for algorithmic tasks, got {length!r}")
+    segment_size = segment_size or length
+    if length % segment_size:
+        raise ValueError(f"length {length} must be a multiple of segment_size {segment_size}")
+    rng = sample_rng(seed, task, length, index)
+    return make_algorithmic(task, length // segment_size, segment_size, rng, **options)
+
+
+def _parse_tasks(task: str) -> list[str]:
+    names = [t.strip() for t in str(task).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"task must name at least one of {list(TASKS)}, got {task!r}")
+    for name in names:
+        task_spec(name)
+    return names
+
+
+def export_jsonl(
+    task: str,
+    lengths: list[int],
+    samples: int,
+    tokenizer: str,
+    seed: int,
+    out: Path,
+    noise_dir: Path | None = None,
+    split: str = "test",
+) -> int:
+    """Write a task x length grid of samples to JSONL (one sample a line), so any model can be evaluated on it.
+
+    `task` is a name or comma-separated names. Each line has task, length, index, seed, input (the whole text,
+    question included), question, target, label, answers, facts, supporting, fact_positions (token index of each
+    fact in the sample's ids), num_tokens and tokenizer. Noise comes from the test books by default. For
+    algorithmic tasks `length` is the source length in their own symbols and the tokenizer is not used.
+    Returns the number of lines written.
+    """
+    names = _parse_tasks(task)
+    if isinstance(lengths, int) or not lengths:
+        raise ValueError(f"lengths must be a non-empty list of ints, got {lengths!r}")
+    for length in lengths:
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise ValueError(f"lengths must hold ints >= 0 (0 = no noise), got {length!r} in {lengths!r}")
+    if not isinstance(samples, int) or samples <= 0:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    tok = None
+    if any(TASKS[name].kind == "babi" for name in names):
+        tok = get_tokenizer(tokenizer)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with out.open("w", encoding="utf-8") as f:
+        for name in names:
+            for length in lengths:
+                for index in range(samples):
+                    record = _record(name, length, index, seed, tok, tokenizer, noise_dir, split)
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    written += 1
+    return written
+
+
+def _record(name, length, index, seed, tok, tokenizer_name, noise_dir, split) -> dict:
+    base = {"task": name, "length": length, "index": index, "seed": seed}
+    if TASKS[name].kind == "algorithmic":
+        sample = make_algorithmic_sample(name, length, seed, index)
+        query = to_text(sample.source[len(sample.source) - sample.query_size :]) if sample.query_size else ""
+        return base | {
+            "input": to_text(sample.source),
+            "question": query,
+            "target": to_text(sample.target),
+            "label": sample.label,
+            "answers": [],
+            "facts": [],
+            "supporting": [],
+            "fact_positions": list(sample.fact_positions),
+            "num_tokens": len(sample.source),
+            "tokenizer": None,
+        }
+    sample = make_sample(name, length, tok, seed, index, split, noise_dir)
+    return base | {
+        "input": sample.input,
+        "question": sample.question,
+        "target": sample.target,
+        "label": sample.label,
+        "answers": list(sample.answers),
+        "facts": list(sample.facts),
+        "supporting": list(sample.supporting),
+        "fact_positions": list(sample.fact_positions),
+        "num_tokens": sample.num_tokens,
+        "tokenizer": str(tokenizer_name) if isinstance(tokenizer_name, str | Path) else None,
+    }
