@@ -8,7 +8,7 @@ to the input and `labels` is -100 everywhere else (a decoder learns to write the
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from memformers.tasks.algorithmic import IGNORE_INDEX
 from memformers.tasks.haystack import Sample, encode_sentence
-from memformers.tasks.registry import get_tokenizer, make_algorithmic_sample, make_sample, task_spec
+from memformers.tasks.registry import TokenizerLike, get_tokenizer, make_algorithmic_sample, make_sample, task_spec
 
 TARGETS = ("class", "text")
 
@@ -55,7 +55,7 @@ class TaskDataset(Dataset):
         task: str,
         lengths: int | Sequence[int],
         num_samples: int,
-        tokenizer=None,
+        tokenizer: TokenizerLike | None = None,
         seed: int = 0,
         split: str = "train",
         noise_dir: Path | str | None = None,
@@ -110,7 +110,7 @@ class StreamingTaskDataset(IterableDataset):
         self,
         task: str,
         lengths: int | Sequence[int],
-        tokenizer=None,
+        tokenizer: TokenizerLike | None = None,
         seed: int = 0,
         split: str = "train",
         noise_dir: Path | str | None = None,
@@ -161,7 +161,9 @@ def collate(
     return out
 
 
-def make_collate(pad_id: int = 0, label_pad_id: int = IGNORE_INDEX):
+def make_collate(
+    pad_id: int = 0, label_pad_id: int = IGNORE_INDEX
+) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
     """`collate` with the padding ids fixed, ready for `DataLoader(collate_fn=...)`."""
     return partial(collate, pad_id=pad_id, label_pad_id=label_pad_id)
 

@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from memformers.tasks.babi import Story
 from memformers.tasks.noise import TokenizedNoise, tokenized_noise
@@ -70,7 +71,7 @@ class Sample:
     question_position: int
     answers: tuple[str, ...]
     pieces: tuple[Piece, ...] = field(repr=False)
-    tokenizer: object = field(repr=False)
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
 
     def blocks(self, block: int = 1 << 16) -> Iterator[np.ndarray]:
         """The ids piece by piece, in slices of at most `block` tokens."""
@@ -114,7 +115,7 @@ class Sample:
         return self.tokenizer.decode(self.ids.tolist()).strip()
 
 
-def encode_sentence(tokenizer, sentence: str) -> np.ndarray:
+def encode_sentence(tokenizer: PreTrainedTokenizerBase, sentence: str) -> np.ndarray:
     """One sentence's ids as they appear inside a sample: leading space, no special tokens. [tokens] int64."""
     return np.asarray(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
@@ -122,7 +123,7 @@ def encode_sentence(tokenizer, sentence: str) -> np.ndarray:
 def build_haystack(
     story: Story,
     length: int,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     rng: random.Random,
     answers: tuple[str, ...] = (),
     split: str = "train",

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from memformers.backbones import cache_dir
 
@@ -158,7 +159,7 @@ class TokenizedNoise:
 _FINGERPRINTS: dict[int, tuple[object, str]] = {}
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash that changes whenever the tokenizer would split text differently."""
     cached = _FINGERPRINTS.get(id(tokenizer))
     if cached is not None and cached[0] is tokenizer:
@@ -175,13 +176,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _corpus_fingerprint(noise_dir: Path | None, split: str) -> str:
     if noise_dir is None:
-        return f"austen-{split}"
+        size = resources.files("memformers").joinpath("data", "austen.json.gz").stat().st_size
+        return f"austen{size}-{split}"
     files = book_files(split, noise_dir)
     listing = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha1(json.dumps(listing).encode("utf-8")).hexdigest()[:16]
 
 
-def tokenize_sentences(tokenizer, sentences: list[str], batch_size: int = 4096) -> list[list[int]]:
+def tokenize_sentences(
+    tokenizer: PreTrainedTokenizerBase, sentences: list[str], batch_size: int = 4096
+) -> list[list[int]]:
     """Token ids of each sentence with a leading space and no special tokens: the unit haystacks are built of."""
     ids: list[list[int]] = []
     for i in range(0, len(sentences), batch_size):
@@ -190,7 +194,9 @@ def tokenize_sentences(tokenizer, sentences: list[str], batch_size: int = 4096) 
     return ids
 
 
-def tokenized_noise(tokenizer, split: str = "train", noise_dir: Path | str | None = None) -> TokenizedNoise:
+def tokenized_noise(
+    tokenizer: PreTrainedTokenizerBase, split: str = "train", noise_dir: Path | str | None = None
+) -> TokenizedNoise:
     """The split's sentences tokenized by `tokenizer`: from memory, else from the disk cache, else built once."""
     _check_split(split)
     resolved = None if noise_dir is None else Path(noise_dir).resolve()
@@ -205,7 +211,7 @@ def tokenized_noise(tokenizer, split: str = "train", noise_dir: Path | str | Non
 _LOADED: dict[str, TokenizedNoise] = {}
 
 
-def _load_or_build(key: str, tokenizer, split: str, noise_dir: Path | None) -> TokenizedNoise:
+def _load_or_build(key: str, tokenizer: PreTrainedTokenizerBase, split: str, noise_dir: Path | None) -> TokenizedNoise:
     path = cache_dir() / "noise" / f"{key}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as data:

@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, make_algorithmic, to_text
 from memformers.tasks.babi import ANSWERS, generate_story
 from memformers.tasks.haystack import Sample, build_haystack
@@ -59,10 +61,11 @@ def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
     return random.Random(f"memformers:{seed}:{task}:{length}:{index}")
 
 
-_TOKENIZERS: dict[str, object] = {}
+TokenizerLike = str | Path | PreTrainedTokenizerBase  # an object, or a name/path for load_tokenizer
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 
 
-def get_tokenizer(tokenizer):
+def get_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
     """A tokenizer object, loading names ("minilm", "smollm2", a path) once per process."""
     if not isinstance(tokenizer, str | Path):
         return tokenizer
@@ -77,7 +80,7 @@ def get_tokenizer(tokenizer):
 def make_sample(
     task: str,
     length: int,
-    tokenizer,
+    tokenizer: TokenizerLike,
     seed: int = 0,
     index: int = 0,
     split: str = "train",
@@ -128,7 +131,7 @@ def export_jsonl(
     task: str,
     lengths: list[int],
     samples: int,
-    tokenizer: str,
+    tokenizer: TokenizerLike,
     seed: int,
     out: Path,
     noise_dir: Path | None = None,
@@ -168,7 +171,16 @@ def export_jsonl(
     return written
 
 
-def _record(name, length, index, seed, tok, tokenizer_name, noise_dir, split) -> dict:
+def _record(
+    name: str,
+    length: int,
+    index: int,
+    seed: int,
+    tok: PreTrainedTokenizerBase | None,
+    tokenizer_name: TokenizerLike,
+    noise_dir: Path | None,
+    split: str,
+) -> dict:
     base = {"task": name, "length": length, "index": index, "seed": seed}
     if TASKS[name].kind == "algorithmic":
         sample = make_algorithmic_sample(name, length, seed, index)
