@@ -23,6 +23,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return fingerprint
 
 
+@lru_cache(maxsize=64)  # listing a big book folder once per process, not once per sample
 def _corpus_fingerprint(noise_dir: Path | None, split: str) -> str:
     if noise_dir is None:
         size = resources.files("memformers").joinpath("data", "austen.json.gz").stat().st_size
