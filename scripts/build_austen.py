@@ -146,7 +146,8 @@ def main() -> None:
     books = {name: "\n".join(line or "" for line in objects[name]) for name in BOOKS}
     payload = {"source": f"Debian {deb.name} (Project Gutenberg texts, public domain)", "books": books}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.GzipFile(args.out, "wb", compresslevel=9, mtime=0) as f:
+    # no file name and no time in the gzip header: the same package always gives the same bytes
+    with args.out.open("wb") as raw, gzip.GzipFile("", "wb", compresslevel=9, fileobj=raw, mtime=0) as f:
         f.write(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8"))
     for name, text in books.items():
         print(f"{name:18s} {len(text.splitlines()):6d} lines {len(text.split()):7d} words")
