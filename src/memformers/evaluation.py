@@ -7,7 +7,17 @@ mentions (e.g. "apple" in "Who gave the apple to Bill?") are ignored, since a mo
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .segments import Segment, stack_segments, stream_segments
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
@@ -41,3 +51,192 @@ def babilong_correct(output: str, target: str, question: str, labels: list[str])
     in_question = {label.lower() for label in labels if _mentions(question, label.lower())}
     extra = found - wanted - in_question
     return all(_mentions(sentence, t) for t in wanted) and not extra
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accuracy × length grids
+
+
+@dataclass
+class Cell:
+    """Accuracy of one task at one length, with its 95% Wilson interval and the time it took."""
+
+    task: str
+    length: int
+    samples: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    seconds: float
+    tokens_per_s: float
+    seed: int = 0
+    split: str = "test"
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a proportion that stays inside [0, 1] and is honest at 0% and 100%."""
+    if total <= 0:
+        raise ValueError(f"total must be ≥ 1, got {total}")
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sample_segments(samples: list, content_size: int, alignment: str = "right") -> Iterator[Segment]:
+    """Stream equal-length samples side by side as batched segments; memory O(batch × segment)."""
+    lengths = {sample.num_tokens for sample in samples}
+    if len(lengths) != 1:
+        raise ValueError(f"samples must have equal lengths to be streamed together, got {sorted(lengths)}")
+    length = lengths.pop()
+    first = length % content_size if alignment == "right" else None
+    streams = [
+        stream_segments((torch.from_numpy(block) for block in sample.blocks(1 << 16)), content_size, first)
+        for sample in samples
+    ]
+    for rows in zip(*streams, strict=True):
+        yield stack_segments(list(rows))
+
+
+def predict_classes(model, samples: list, device: torch.device | str = "cpu", callback=None) -> list[int]:
+    """Read each sample through `model` (a classification memory model) and return the predicted classes."""
+    if getattr(model, "token_level", True):
+        raise ValueError(
+            "model: accuracy grids score classification heads (an encoder *ForSequenceClassification); "
+            f"this model has a {getattr(model, 'info', None) and model.info.head} head"
+        )
+    segments = (s.to(device) for s in sample_segments(samples, model.content_size, model.alignment))
+    logits = None
+    with torch.no_grad():
+        for segment, output, _ in model.stream(segments, batch_size=len(samples), callback=callback):
+            if bool(segment.is_last.all()):
+                logits = output.logits
+    return logits.argmax(dim=-1).tolist()
+
+
+def evaluate_cell(
+    model,
+    task: str,
+    length: int,
+    samples: int,
+    tokenizer,
+    seed: int = 0,
+    split: str = "test",
+    noise_dir: str | Path | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress=None,
+) -> Cell:
+    """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
+
+    Samples come from `memformers.tasks.make_sample` with indices 0..samples-1, so every model sees the same ones.
+    `progress(done_segments, total_segments)` is called after every segment.
+    """
+    from .tasks import make_sample, task_spec
+
+    if task_spec(task).kind != "babi":
+        raise ValueError(f"task must be a question-answering task for an accuracy grid, got {task!r}")
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
+    model.eval()
+    correct = tokens = 0
+    start = time.perf_counter()
+    for first in range(0, samples, batch_size):
+        batch = [
+            make_sample(task, length, tokenizer, seed, index, split, noise_dir)
+            for index in range(first, min(samples, first + batch_size))
+        ]
+        done_before = first // batch_size
+
+        def callback(done, _total, _tokens, done_before=done_before, num=batch[0].num_tokens):
+            if progress is not None:
+                per_batch = -(-num // model.content_size)
+                progress(done_before * per_batch + done, per_batch * -(-samples // batch_size))
+
+        predicted = predict_classes(model, batch, device, callback)
+        correct += sum(int(p == s.label) for p, s in zip(predicted, batch, strict=True))
+        tokens += sum(s.num_tokens for s in batch)
+    seconds = time.perf_counter() - start
+    low, high = wilson_interval(correct, samples)
+    return Cell(
+        task,
+        length,
+        samples,
+        correct,
+        correct / samples,
+        low,
+        high,
+        round(seconds, 2),
+        round(tokens / seconds, 1),
+        seed,
+        split,
+    )
+
+
+def load_cells(path: str | Path) -> list[Cell]:
+    """The cells already in a results JSON (`{"results": [...]}`), so an interrupted grid resumes."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [Cell(**row) for row in json.loads(path.read_text()).get("results", [])]
+
+
+def save_cells(path: str | Path, cells: list[Cell], meta: dict | None = None) -> None:
+    """Write `{"results": [...], **meta}` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**(meta or {}), "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def evaluate_grid(
+    model,
+    tasks: list[str],
+    lengths: list[int],
+    samples: int,
+    tokenizer,
+    json_path: str | Path | None = None,
+    meta: dict | None = None,
+    on_cell=None,
+    **cell_options,
+) -> list[Cell]:
+    """Every task × length cell; each finished cell is saved at once, and cells already saved are skipped."""
+    cells = load_cells(json_path) if json_path else []
+    seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
+    done = {(c.task, c.length) for c in cells if c.samples == samples and c.seed == seed and c.split == split}
+    for task in tasks:
+        for length in lengths:
+            if (task, length) in done:
+                continue
+            cell = evaluate_cell(model, task, length, samples, tokenizer, **cell_options)
+            cells = [c for c in cells if (c.task, c.length) != (task, length)] + [cell]
+            if json_path:
+                save_cells(json_path, cells, meta)
+            if on_cell is not None:
+                on_cell(cell)
+    return cells
+
+
+def markdown_table(cells: list[Cell]) -> str:
+    """Tasks as rows, lengths as columns, accuracy (%) in the cells."""
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    lengths = sorted({c.length for c in cells})
+    by_key = {(c.task, c.length): c for c in cells}
+    lines = ["| task | " + " | ".join(format_length(n) for n in lengths) + " |"]
+    lines.append("|---|" + "---:|" * len(lengths))
+    for task in tasks:
+        row = [f"{100 * by_key[task, n].accuracy:.0f}" if (task, n) in by_key else "–" for n in lengths]
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_length(tokens: int) -> str:
+    """2043904 → '2M', 65536 → '64K', 512 → '512'."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if tokens >= size:
+            value = tokens / size
+            return f"{value:.0f}{unit}" if value >= 10 or value == int(value) else f"{value:.1f}{unit}"
+    return str(tokens)

@@ -145,13 +145,20 @@ def shift_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return shifted
 
 
-def stream_segments(token_chunks: Iterable[torch.Tensor], content_size: int) -> Iterator[Segment]:
-    """Regroup an iterator of 1-D id tensors (one document, any chunk sizes) into segments of one row.
+def stream_segments(
+    token_chunks: Iterable[torch.Tensor], content_size: int, first_size: int | None = None
+) -> Iterator[Segment]:
+    """Regroup an iterator of 1-D id chunks (one document, any chunk sizes) into segments of one row.
 
-    Holds at most one segment of ids at a time, so a 10M-token document streams in constant memory.
+    `first_size` tokens go into the first segment (default `content_size`): give `length % content_size` to align
+    a document of known length to the right, so that its last segment is full. Holds at most one segment of ids
+    at a time, so a 10M-token document streams in constant memory.
     """
     if content_size < 1:
         raise ValueError(f"content_size must be ≥ 1, got {content_size}")
+    if first_size is not None and not 0 <= first_size <= content_size:
+        raise ValueError(f"first_size must be in [0, content_size={content_size}], got {first_size}")
+    want = first_size or content_size
     buffer: list[torch.Tensor] = []
     buffered = 0
     index = 0
@@ -166,13 +173,13 @@ def stream_segments(token_chunks: Iterable[torch.Tensor], content_size: int) -> 
             raise ValueError(f"token_chunks must hold integer ids, got dtype {chunk.dtype}")
         buffer.append(chunk)
         buffered += len(chunk)
-        while buffered >= content_size:
+        while buffered >= want:
             joined = torch.cat(buffer)
             if pending is not None:
                 yield make(pending, False)
                 index += 1
-            pending, rest = joined[:content_size], joined[content_size:]
-            buffer, buffered = [rest], len(rest)
+            pending, rest = joined[:want], joined[want:]
+            buffer, buffered, want = [rest], len(rest), content_size
     if buffered:
         if pending is not None:
             yield make(pending, False)
@@ -181,3 +188,13 @@ def stream_segments(token_chunks: Iterable[torch.Tensor], content_size: int) -> 
     if pending is None:
         raise ValueError("token_chunks yielded no tokens")
     yield make(pending, True)
+
+
+def stack_segments(rows: list[Segment]) -> Segment:
+    """Stack one-row segments of equal width (documents of equal length streamed side by side) into a batch."""
+    widths = {row.input_ids.shape[1] for row in rows}
+    if len(widths) != 1:
+        raise ValueError(f"rows must have segments of equal width to be stacked, got widths {sorted(widths)}")
+    cat = lambda name: torch.cat([getattr(row, name) for row in rows])  # noqa: E731
+    labels = None if rows[0].labels is None else cat("labels")
+    return Segment(cat("input_ids"), cat("attention_mask"), labels, rows[0].index, cat("is_last"))

@@ -1,0 +1,147 @@
+"""`memformers …`: the command line (typer)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Read millions of tokens through memory with any Hugging Face transformer.", no_args_is_help=True
+)
+console = Console()
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    """'4096,65536' → [4096, 65536], with an error that names the option."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise typer.BadParameter(f"{name} must be non-negative integers, got {text!r}")
+    return values
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("segments · {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def stream_throughput(model, token_chunks, num_segments: int, description: str) -> tuple[float, int, int | None]:
+    """Stream one document through `model`; (tokens/s, peak activation bytes, peak resident bytes)."""
+    from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss
+    from .segments import stream_segments
+
+    reset_peak_rss()
+    tokens = 0
+    start = time.perf_counter()
+    with progress_bar() as bar, torch.no_grad(), PeakMemory() as meter:
+        task = bar.add_task(description, total=num_segments, rate="")
+        for segment, _, _ in model.stream(stream_segments(token_chunks, model.content_size)):
+            tokens += segment.input_ids.shape[1]
+            rate = tokens / (time.perf_counter() - start)
+            bar.update(task, advance=1, rate=f"{rate:,.0f} tokens/s")
+    return tokens / (time.perf_counter() - start), meter.peak_bytes, peak_rss_bytes()
+
+
+@app.command()
+def demo(
+    backbone: str = typer.Option("minilm", help="'minilm', 'smollm2' or a local Hugging Face model folder."),
+    segments: str = typer.Option("4,16,64,256", help="Segment counts to stream, comma-separated."),
+    segment_size: int = typer.Option(512, help="Backbone positions per segment, memory included."),
+    memory_tokens: int = typer.Option(10, help="Number of memory tokens."),
+) -> None:
+    """Stream long inputs through an RMT: tokens/s and peak memory against the number of segments."""
+    from . import backbones
+    from .rmt import RecurrentMemoryTransformer
+
+    counts = parse_ints(segments, "--segments")
+    model_backbone, _ = backbones.load(backbone)
+    model = RecurrentMemoryTransformer(model_backbone, num_memory_tokens=memory_tokens, segment_size=segment_size)
+    model.eval()
+    console.print(f"[bold]RMT[/] over {backbone} ({type(model_backbone).__name__}): {model.extra_repr()}")
+    vocab = model_backbone.get_input_embeddings().num_embeddings
+    table = Table(title="Streaming an RMT: memory stays flat as the input grows")
+    for column in ("segments", "tokens", "tokens/s", "peak activations", "peak RSS"):
+        table.add_column(column, justify="right")
+    generator = torch.Generator().manual_seed(0)
+    for count in counts:
+        length = count * model.content_size
+        # ids generated chunk by chunk: the whole input never sits in memory
+        chunks = (
+            torch.randint(1000, vocab, (min(4096, length - i),), generator=generator) for i in range(0, length, 4096)
+        )
+        rate, peak, rss = stream_throughput(model, chunks, count, f"{count} segments")
+        table.add_row(
+            str(count), f"{length:,}", f"{rate:,.0f}", f"{peak / 2**20:.1f} MiB", f"{(rss or 0) / 2**20:.0f} MiB"
+        )
+    console.print(table)
+
+
+@app.command()
+def data(
+    task: str = typer.Option(..., help="qa1…qa5, memorize, detect, reason, copy, reverse, associative."),
+    lengths: str = typer.Option(..., help="Sample lengths in tokens, comma-separated (e.g. 4096,65536)."),
+    samples: int = typer.Option(20, help="Samples per length."),
+    tokenizer: str = typer.Option("minilm", help="'minilm', 'smollm2' or a tokenizer folder."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: Path = typer.Option(..., help="Output JSONL file."),
+    noise_dir: Path | None = typer.Option(None, help="Folder of .txt books to use as noise instead of Austen."),
+) -> None:
+    """Export a task × length grid to JSONL, one sample a line."""
+    from .tasks import export_jsonl
+
+    try:
+        written = export_jsonl(task, parse_ints(lengths, "--lengths"), samples, tokenizer, seed, out, noise_dir)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    console.print(f"wrote {written} samples to {out}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training config (TOML); see memformers.training for its keys."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set curriculum.max_steps_per_stage=20."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", help="Output folder (overrides output.dir)."),
+    max_steps_per_stage: int | None = typer.Option(None, help="Step budget per stage (overrides the config)."),
+    vary_segments: bool | None = typer.Option(
+        None, "--vary-segments/--no-vary-segments", help="Also train on shorter lengths (1 .. current segments)."
+    ),
+    resume: bool | None = typer.Option(
+        None, "--resume/--no-resume", help="Continue from the latest checkpoint (default: when there is one)."
+    ),
+    stop_after: int | None = typer.Option(None, help="Checkpoint and stop after this many steps in all."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Train an RMT on a task with a segment curriculum (Accelerate: CPU, GPU or `accelerate launch`)."""
+    from .training import train as run_training
+
+    overrides = list(set_)
+    if output_dir is not None:
+        overrides.append(f"output.dir={str(output_dir)!r}")
+    if max_steps_per_stage is not None:
+        overrides.append(f"curriculum.max_steps_per_stage={max_steps_per_stage}")
+    if vary_segments is not None:
+        overrides.append(f"curriculum.vary_segments={str(vary_segments).lower()}")
+    try:
+        path = run_training(config, overrides, progress=progress, resume=resume, stop_after_steps=stop_after)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    console.print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    app()
