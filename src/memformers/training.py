@@ -1,0 +1,1008 @@
+"""Curriculum training of a memory model on the long-context tasks, on one CPU, one GPU or several processes.
+
+Why a curriculum: a recurrent memory learns to write and read on one segment first; each added segment only asks
+it to keep what it already knows for longer (RMT papers: 1 → 2 → 3 → 5 → 7 segments). The trainer moves to the
+next segment count when validation accuracy passes a threshold or the stage's step budget runs out.
+
+Built on Accelerate: `memformers train CONFIG.toml` runs as is on a CPU or a GPU, and under `accelerate launch`
+(or any torchrun-style RANK/WORLD_SIZE environment) on several processes. `optim.batch_size` is the *global* batch
+per optimizer step; sample `i` of the run is the same sample whatever the number of processes, so a run on k
+processes follows the single-process run up to float rounding.
+
+Config (TOML; every key optional unless marked):
+
+[model]
+  backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2" or a folder
+  head                    "classification" (default; num_labels = the task's answers), "causal-lm", "masked-lm"
+  num_memory_tokens       memory vectors (default 10)
+  segment_size            backbone positions per segment, memory and special tokens included (default 512)
+  bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
+  gradient_checkpointing  recompute each segment in backward (default false)
+  alignment               "right" (default: the question ends the last segment) or "left"
+[model.scratch]           only for backbone = "scratch"; vocabulary = the task tokenizer's
+  family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
+  layers, hidden, heads, intermediate   default 4, 128, 4, 512
+  dropout                 default 0.1
+[task]
+  name                    memorize | detect | reason | qa1 .. qa5 (default "memorize")
+  tokenizer               tokenizer name or folder; default: the backbone's, or "minilm" for a scratch model
+  split                   noise books to train on: "train" (default), "test", "all"
+  seed                    training samples' seed (default 0)
+  eval_seed               validation samples' seed (default seed + 1000003: never a training sample)
+  noise_dir               folder of .txt books instead of the shipped Austen novels (optional)
+[curriculum]
+  segments                list of segment counts, e.g. [1, 2, 3, 5, 7] (default), or a rule string
+                          "linear:START:STOP[:STEP]" or "double:START:STOP"
+  threshold               validation accuracy that ends a stage early (default 0.95)
+  max_steps_per_stage     step budget of a stage (default 1000)
+  vary_segments           also train on 1 .. current segments, drawn per sample (default false)
+  eval_every              steps between validations inside a stage (default 100; 0 = only at the budget's end)
+  eval_samples            validation samples at the stage's length (default 128)
+  eval_batch_size         default: the per-process micro-batch
+  stop_at_threshold       end the run when the last stage passes the threshold (default true)
+[optim]
+  lr (1e-4), weight_decay (0.01), warmup_steps (100)
+  schedule                "global" (default: warm-up, then linear decay over total_steps), "per-stage" (warm-up
+                          and decay restart every stage, over max_steps_per_stage) or "constant" (after warm-up)
+  total_steps             hard cap on optimizer steps; 0 (default) = stages × max_steps_per_stage
+  batch_size              samples per optimizer step, over all processes and accumulation steps (default 32)
+  grad_accum              accumulation steps (default 1); batch_size must divide by grad_accum × processes
+  max_grad_norm           gradient clipping, 0 = off (default 1.0)
+  seed                    model init and dropout seed (default 0)
+  mixed_precision         "no" (default) or "bf16" (autocast on a GPU; ignored on a CPU)
+  cpu                     train on the CPU even when a GPU is there (default false)
+[output]
+  dir                     output folder (default "runs/<task>")
+  checkpoint_every        steps between checkpoints (default 200; 0 = only at the end)
+  keep_checkpoints        how many recent checkpoints to keep (default 2)
+  log_every               steps between metrics lines (default 10)
+
+Output folder: `metrics.jsonl` (one JSON object per logging step, validation and stage change),
+`checkpoint-<step>/` (model/ loadable with `memformers.load`, trainer.pt: optimizer, scheduler, stage, step, data
+position; rng-<rank>.pt: python/numpy/torch RNG states), `best/` (highest stage, then accuracy) and `final/`.
+Checkpoints are written to a hidden temporary folder and renamed into place, so a crash never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .segments import IGNORE_INDEX, shift_labels
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+HEADS = ("classification", "causal-lm", "masked-lm")
+FAMILIES = ("bert", "llama")
+SCHEDULES = ("global", "per-stage", "constant")
+PRECISIONS = ("no", "bf16")
+ALIGNMENTS = ("left", "right")
+EVAL_SEED_OFFSET = 1_000_003
+CHECKPOINT_PREFIX = "checkpoint-"
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ScratchConfig:
+    family: str = "bert"
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 512
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "scratch"
+    head: str = "classification"
+    num_memory_tokens: int = 10
+    segment_size: int = 512
+    bptt_depth: int | None = None
+    gradient_checkpointing: bool = False
+    alignment: str = "right"
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "memorize"
+    tokenizer: str | None = None
+    split: str = "train"
+    seed: int = 0
+    eval_seed: int | None = None
+    noise_dir: str | None = None
+
+
+@dataclass
+class CurriculumConfig:
+    segments: list[int] | str = field(default_factory=lambda: [1, 2, 3, 5, 7])
+    threshold: float = 0.95
+    max_steps_per_stage: int = 1000
+    vary_segments: bool = False
+    eval_every: int = 100
+    eval_samples: int = 128
+    eval_batch_size: int | None = None
+    stop_at_threshold: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "global"
+    total_steps: int = 0
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"
+    cpu: bool = False
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.task.name}")
+
+    @property
+    def stages(self) -> list[int]:
+        return parse_segments(self.curriculum.segments)
+
+    @property
+    def tokenizer_name(self) -> str:
+        if self.task.tokenizer:
+            return self.task.tokenizer
+        return "minilm" if self.model.backbone == "scratch" else self.model.backbone
+
+    @property
+    def total_steps(self) -> int:
+        return self.optim.total_steps or len(self.stages) * self.curriculum.max_steps_per_stage
+
+    def to_dict(self) -> dict:
+        """Plain data (TOML/JSON-ready: None values left out)."""
+        return _drop_none(asdict(self))
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def parse_segments(rule: list[int] | str) -> list[int]:
+    """The curriculum's segment counts: a list, or "linear:START:STOP[:STEP]" / "double:START:STOP"."""
+    if isinstance(rule, str):
+        parts = rule.split(":")
+        try:
+            kind, numbers = parts[0], [int(p) for p in parts[1:]]
+        except ValueError:
+            numbers, kind = [], ""
+        if kind == "linear" and len(numbers) in (2, 3) and numbers[0] >= 1 and numbers[-1] >= 1:
+            values = list(range(numbers[0], numbers[1] + 1, numbers[2] if len(numbers) == 3 else 1))
+        elif kind == "double" and len(numbers) == 2 and numbers[0] >= 1:
+            values, n = [], numbers[0]
+            while n <= numbers[1]:
+                values.append(n)
+                n *= 2
+        else:
+            raise ValueError(
+                f"curriculum.segments must be a list of ints or 'linear:START:STOP[:STEP]' / 'double:START:STOP', "
+                f"got {rule!r}"
+            )
+    else:
+        values = list(rule) if isinstance(rule, list | tuple) else []
+    if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise ValueError(f"curriculum.segments must hold at least one int ≥ 1, got {rule!r}")
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"curriculum.segments must be increasing, got {values}")
+    return values
+
+
+def _fail(key: str, value, allowed: str) -> None:
+    raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
+def _check_type(key: str, value, kind: type) -> None:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        _fail(key, value, f"a {kind.__name__}")
+
+
+_TYPES = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "str | None": str,
+    "int | None": int,
+    "list[int] | str": (list, str),
+}
+
+
+def _section(cls, data: dict, prefix: str):
+    """A config section from a dict: unknown keys and wrong types fail with the key's full name."""
+    if not isinstance(data, dict):
+        _fail(prefix, data, "a table")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}"
+        if key not in known:
+            raise ValueError(f"{name}: unknown key; allowed keys of [{prefix}]: {sorted(known)}")
+        kind = known[key].type
+        if kind == "ScratchConfig":
+            values[key] = _section(ScratchConfig, value, name)
+            continue
+        expected = _TYPES[kind]
+        if isinstance(expected, tuple):
+            if not isinstance(value, expected):
+                _fail(name, value, "a list of ints or a rule string")
+        else:
+            _check_type(name, value, expected)
+        values[key] = float(value) if expected is float else value
+    return cls(**values)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A validated `TrainConfig` from nested dicts (a parsed TOML file)."""
+    sections = {"model": ModelConfig, "task": TaskConfig, "curriculum": CurriculumConfig}
+    sections |= {"optim": OptimConfig, "output": OutputConfig}
+    for key in data:
+        if key not in sections:
+            raise ValueError(f"{key}: unknown config section; allowed: {sorted(sections)}")
+    config = TrainConfig(**{key: _section(cls, data.get(key, {}), key) for key, cls in sections.items()})
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Fail early, naming the key, on values the trainer cannot use."""
+    from .tasks import TASKS
+
+    m, s, t, c, o, out = config.model, config.model.scratch, config.task, config.curriculum, config.optim, config.output
+    if m.head not in HEADS:
+        _fail("model.head", m.head, f"one of {HEADS}")
+    if m.num_memory_tokens < 0:
+        _fail("model.num_memory_tokens", m.num_memory_tokens, "an int ≥ 0")
+    if m.segment_size < 2:
+        _fail("model.segment_size", m.segment_size, "an int ≥ 2")
+    if m.bptt_depth is not None and m.bptt_depth < 0:
+        _fail("model.bptt_depth", m.bptt_depth, "an int ≥ 0 (leave it out for full back-propagation)")
+    if m.alignment not in ALIGNMENTS:
+        _fail("model.alignment", m.alignment, f"one of {ALIGNMENTS}")
+    if s.family not in FAMILIES:
+        _fail("model.scratch.family", s.family, f"one of {FAMILIES}")
+    for key in ("layers", "hidden", "heads", "intermediate"):
+        if getattr(s, key) < 1:
+            _fail(f"model.scratch.{key}", getattr(s, key), "an int ≥ 1")
+    if s.hidden % s.heads:
+        _fail("model.scratch.hidden", s.hidden, f"a multiple of model.scratch.heads={s.heads}")
+    if not 0 <= s.dropout < 1:
+        _fail("model.scratch.dropout", s.dropout, "in [0, 1)")
+    if m.backbone == "scratch" and (m.head == "causal-lm") != (s.family == "llama"):
+        _fail("model.scratch.family", s.family, "'llama' for head 'causal-lm' and 'bert' for the other heads")
+    if t.name not in TASKS or TASKS[t.name].kind != "babi":
+        _fail("task.name", t.name, f"one of {[k for k, v in TASKS.items() if v.kind == 'babi']}")
+    if t.split not in ("train", "test", "all"):
+        _fail("task.split", t.split, "one of ('train', 'test', 'all')")
+    parse_segments(c.segments)
+    if not 0 <= c.threshold <= 1:
+        _fail("curriculum.threshold", c.threshold, "in [0, 1]")
+    for key, value, low in (
+        ("curriculum.max_steps_per_stage", c.max_steps_per_stage, 1),
+        ("curriculum.eval_every", c.eval_every, 0),
+        ("curriculum.eval_samples", c.eval_samples, 1),
+        ("optim.warmup_steps", o.warmup_steps, 0),
+        ("optim.total_steps", o.total_steps, 0),
+        ("optim.batch_size", o.batch_size, 1),
+        ("optim.grad_accum", o.grad_accum, 1),
+        ("output.checkpoint_every", out.checkpoint_every, 0),
+        ("output.keep_checkpoints", out.keep_checkpoints, 1),
+        ("output.log_every", out.log_every, 1),
+    ):
+        if value < low:
+            _fail(key, value, f"an int ≥ {low}")
+    if c.eval_batch_size is not None and c.eval_batch_size < 1:
+        _fail("curriculum.eval_batch_size", c.eval_batch_size, "an int ≥ 1")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        _fail("optim.lr", o.lr, "a positive number")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "≥ 0")
+    if o.max_grad_norm < 0:
+        _fail("optim.max_grad_norm", o.max_grad_norm, "≥ 0 (0 = no clipping)")
+    if o.schedule not in SCHEDULES:
+        _fail("optim.schedule", o.schedule, f"one of {SCHEDULES}")
+    if o.mixed_precision not in PRECISIONS:
+        _fail("optim.mixed_precision", o.mixed_precision, f"one of {PRECISIONS}")
+    if o.batch_size % o.grad_accum:
+        _fail("optim.batch_size", o.batch_size, f"a multiple of optim.grad_accum={o.grad_accum}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'curriculum.max_steps_per_stage=20' → (['curriculum', 'max_steps_per_stage'], 20); values are TOML."""
+    if "=" not in text:
+        raise ValueError(f"override must look like section.key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    return key.split("."), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Read a TOML config (or start from the defaults) and apply `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        keys = key.split(".") if isinstance(key, str) else key
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+        node[keys[-1]] = value
+    return config_from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model and data
+
+
+def build_model(config: TrainConfig):
+    """The RMT and tokenizer a config describes (weights drawn from `optim.seed` where they are new)."""
+    from . import backbones
+    from .rmt import RecurrentMemoryTransformer
+    from .tasks import get_tokenizer, task_spec
+
+    m = config.model
+    tokenizer = get_tokenizer(config.tokenizer_name)
+    num_labels = len(task_spec(config.task.name).answers)
+    _seed_everything(config.optim.seed)
+    if m.backbone == "scratch":
+        backbone = _scratch_backbone(m, tokenizer, num_labels)
+    else:
+        kwargs = {"num_labels": num_labels} if m.head == "classification" else {}
+        backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
+    special = {}
+    if m.head != "causal-lm":
+        special = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
+    model = RecurrentMemoryTransformer(
+        backbone,
+        num_memory_tokens=m.num_memory_tokens,
+        segment_size=m.segment_size,
+        bptt_depth=m.bptt_depth,
+        gradient_checkpointing=m.gradient_checkpointing,
+        alignment=m.alignment,
+        **special,
+    )
+    return model, tokenizer
+
+
+def _scratch_backbone(m: ModelConfig, tokenizer, num_labels: int):
+    import transformers
+
+    s = m.scratch
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        intermediate_size=s.intermediate,
+        max_position_embeddings=m.segment_size,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if s.family == "bert":
+        config = transformers.BertConfig(
+            **common, hidden_dropout_prob=s.dropout, attention_probs_dropout_prob=s.dropout, num_labels=num_labels
+        )
+        cls = transformers.BertForSequenceClassification if m.head == "classification" else transformers.BertForMaskedLM
+        return cls(config)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    config = transformers.LlamaConfig(
+        **common, num_key_value_heads=s.heads, attention_dropout=s.dropout, bos_token_id=bos, eos_token_id=eos
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+class TaskBatches:
+    """Deterministic samples: sample `index` of the run and its length depend only on the config and `index`.
+
+    So a batch can be rebuilt after a restart from the data position alone, and split over processes in any way.
+    Classification samples are exactly n × content_size tokens; LM samples leave room for the answer tokens
+    appended to them (n × content_size at most), so they too fill exactly n segments.
+    """
+
+    def __init__(self, config: TrainConfig, tokenizer, content_size: int) -> None:
+        from .tasks import encode_sentence, task_spec
+
+        self.config, self.tokenizer, self.content_size = config, tokenizer, content_size
+        self.head = config.model.head
+        self.eos_id = None
+        self.reserve = 0
+        if self.head != "classification":
+            self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
+            if self.head == "causal-lm" and self.eos_id is None:
+                self.eos_id = tokenizer.sep_token_id
+            answers = task_spec(config.task.name).answers
+            self.reserve = max(len(encode_sentence(tokenizer, a)) for a in answers) + (self.eos_id is not None)
+
+    def segments_of(self, index: int, current: int) -> int:
+        """Segments of training sample `index` at a stage of `current` segments."""
+        if not self.config.curriculum.vary_segments:
+            return current
+        return random.Random(f"{self.config.task.seed}:segments:{index}").randint(1, current)
+
+    def item(self, index: int, segments: int, seed: int) -> dict[str, torch.Tensor]:
+        from .tasks import make_sample, sample_item
+
+        t = self.config.task
+        length = segments * self.content_size - self.reserve
+        try:
+            sample = make_sample(t.name, length, self.tokenizer, seed, index, t.split, t.noise_dir)
+        except ValueError as error:
+            raise ValueError(
+                f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
+            ) from None
+        if self.head == "classification":
+            return sample_item(sample, "class")
+        item = sample_item(sample, "text", self.eos_id)
+        if self.head == "masked-lm":  # the answer's positions are masked out of the input
+            answer = item["labels"] != IGNORE_INDEX
+            item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
+        return item
+
+    def batch(self, indices: list[int], current: int, seed: int, vary: bool = True) -> dict[str, torch.Tensor]:
+        from .tasks import collate
+
+        items = [self.item(i, self.segments_of(i, current) if vary else current, seed) for i in indices]
+        return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
+
+
+def answer_correct(
+    logits: torch.Tensor,  # [batch, classes] or [batch, width, vocab]: each row's last segment
+    labels: torch.Tensor,  # [batch] class ids or [batch, length] token labels
+    attention_mask: torch.Tensor,  # [batch, length]
+    causal: bool,
+    content_size: int,
+    alignment: str,
+) -> torch.Tensor:  # [batch] bool
+    """Whether each row's answer is right: the class, or every answer token (teacher-forced argmax)."""
+    if labels.dim() == 1:
+        return logits.argmax(-1) == labels
+    if causal:
+        labels = shift_labels(labels, attention_mask)
+    lengths = attention_mask.sum(1)
+    correct = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    for row in range(labels.shape[0]):
+        n = int(lengths[row])
+        count = -(-n // content_size)
+        kept = min(n, content_size) if alignment == "right" else n - (count - 1) * content_size
+        target = labels[row, attention_mask[row].bool()][n - kept :]  # the row's last segment
+        predicted = logits[row, :kept].argmax(-1)
+        scored = target != IGNORE_INDEX
+        correct[row] = bool((predicted[scored] == target[scored]).all())
+    return correct
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (temporary folders are never listed)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    found = [p for p in found if p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "trainer.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _atomic_dir(target: Path) -> Path:
+    """A fresh hidden folder beside `target` to write into before renaming."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+@contextlib.contextmanager
+def _quiet_saving():
+    """No per-shard progress bar from transformers in the middle of the training bar."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place; a previous `target` stays complete until the very last rename."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.replace(old)
+    tmp.replace(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trainer
+
+Callback = Callable[["Trainer", dict], None]
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    stage: int = 0  # index into the curriculum's segment counts
+    stage_start: int = 0  # step at which the current stage began
+    position: int = 0  # training samples consumed (the next sample's index)
+    best: tuple[int, float] = (-1, -1.0)  # (stage, accuracy) of the best validation so far
+    done: bool = False
+
+
+class Trainer:
+    """Runs the curriculum of a `TrainConfig`. `callbacks` are called as `fn(trainer, record)` after every step."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        callbacks: list[Callback] | None = None,
+        progress: bool = True,
+        resume: bool | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.callbacks = list(callbacks or [])
+        c, o = config.curriculum, config.optim
+        precision = o.mixed_precision if torch.cuda.is_available() and not o.cpu else "no"
+        self.accelerator = Accelerator(cpu=o.cpu, mixed_precision=precision)
+        world = self.accelerator.num_processes
+        if o.batch_size % (o.grad_accum * world):
+            _fail("optim.batch_size", o.batch_size, f"a multiple of grad_accum × processes = {o.grad_accum * world}")
+        self.micro_batch = o.batch_size // (o.grad_accum * world)
+        self.eval_batch = c.eval_batch_size or self.micro_batch
+        self.stages = config.stages
+        self.output_dir = config.output_dir
+        self.progress = progress and self.accelerator.is_main_process
+        self.state = TrainState()
+
+        model, self.tokenizer = build_model(config)
+        self.batches = TaskBatches(config, self.tokenizer, model.content_size)
+        found = latest_checkpoint(self.output_dir)
+        if resume and found is None:
+            raise ValueError(f"resume: no checkpoint in {self.output_dir} to resume from")
+        self.resumed_from = found if resume is not False else None
+        if self.resumed_from is not None:
+            self._load_weights(model, self.resumed_from)
+        elif self.accelerator.is_main_process:
+            self._clear_output()
+        if self.accelerator.is_main_process and self.output_dir.is_dir():  # leftovers of a crash mid-save
+            for leftover in self.output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.model = self.accelerator.prepare(model)
+        self.optimizer = torch.optim.AdamW(self._param_groups(model), lr=o.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if self.resumed_from is not None:
+            self._load_trainer_state(self.resumed_from)
+        else:
+            _seed_everything(o.seed + self.accelerator.process_index)
+
+    # --- set-up -----------------------------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _param_groups(self, model) -> list[dict]:
+        """No weight decay on biases, norms and the memory's initial vectors."""
+        decay, plain = [], []
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (plain if parameter.dim() < 2 or name == "memory" else decay).append(parameter)
+        return [
+            {"params": decay, "weight_decay": self.config.optim.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ]
+
+    def _lr_factor(self, step: int) -> float:
+        o = self.config.optim
+        if o.schedule == "per-stage":
+            step, total = step - self.state.stage_start, self.config.curriculum.max_steps_per_stage
+        else:
+            total = self.config.total_steps
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - o.warmup_steps))
+
+    def _apply_lr(self) -> None:
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def _clear_output(self) -> None:
+        """A fresh run: old checkpoints and metrics of this folder would mix with the new ones."""
+        for path in checkpoints(self.output_dir):
+            shutil.rmtree(path)
+        metrics = self.output_dir / "metrics.jsonl"
+        if metrics.exists():
+            metrics.unlink()
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def extra(self) -> dict:
+        """What `memformers.load` users need to rebuild the task's samples, saved in the model's config."""
+        return {
+            "task": self.config.task.name,
+            "tokenizer": self.config.tokenizer_name,
+            "head": self.config.model.head,
+            "segments": self.stages[: self.state.stage + 1],
+            "step": self.state.step,
+            "train_config": self.config.to_dict(),
+        }
+
+    def save_model(self, path: Path) -> Path:
+        """The model alone (with its tokenizer), loadable with `memformers.load`; written atomically."""
+        from .saving import save_pretrained
+
+        if self.accelerator.is_main_process:
+            with _quiet_saving():
+                save_pretrained(self.unwrapped, path, self.tokenizer, self.extra())
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_checkpoint(self) -> Path:
+        """Model, optimizer, scheduler, RNG states, stage, step and data position, atomically."""
+        from .saving import save_pretrained
+
+        target = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        if self.accelerator.is_main_process:
+            _atomic_dir(target)
+        self.accelerator.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with _quiet_saving():
+                save_pretrained(self.unwrapped, tmp / "model", self.tokenizer, self.extra())
+            trainer = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": asdict(self.state),
+                "num_processes": self.accelerator.num_processes,
+            }
+            torch.save(trainer, tmp / "trainer.pt")
+            (tmp / "trainer.json").write_text(json.dumps({"state": asdict(self.state)} | self.extra(), indent=2))
+            _replace_dir(tmp, target)
+            for old in checkpoints(self.output_dir)[: -self.config.output.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def _load_weights(self, model, path: Path) -> None:
+        from .saving import load
+
+        model.load_state_dict(load(path / "model").state_dict())
+
+    def _load_trainer_state(self, path: Path) -> None:
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        state = trainer["state"]
+        self.state = TrainState(**(state | {"best": tuple(state["best"])}))
+        rng = path / f"rng-{self.accelerator.process_index}.pt"
+        if trainer["num_processes"] == self.accelerator.num_processes and rng.exists():
+            set_rng_state(torch.load(rng, weights_only=False))
+        else:  # a different number of processes: dropout streams cannot be continued exactly
+            _seed_everything(self.config.optim.seed + self.state.step + self.accelerator.process_index)
+        if self.accelerator.is_main_process:  # drop what a killed run logged after this checkpoint
+            metrics = self.output_dir / "metrics.jsonl"
+            if metrics.exists():
+                lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+                kept = [line for line in lines if json.loads(line).get("step", 0) <= self.state.step]
+                metrics.write_text("".join(line + "\n" for line in kept))
+
+    # --- logging ----------------------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    def _shard(self, start: int, count: int, chunk: int) -> list[int]:
+        """This process's `chunk`-th micro-batch of the samples [start, start + count)."""
+        size = count // (self.config.optim.grad_accum * self.accelerator.num_processes)
+        first = start + (chunk * self.accelerator.num_processes + self.accelerator.process_index) * size
+        return list(range(first, first + size))
+
+    def train_step(self) -> dict:
+        """One optimizer step on the global batch at the data position; returns the step's metrics."""
+        o, acc = self.config.optim, self.accelerator
+        current = self.stages[self.state.stage]
+        start = time.perf_counter()
+        self.model.train()
+        totals = torch.zeros(4, device=acc.device)  # loss sum, correct, samples, tokens
+        for chunk in range(o.grad_accum):
+            batch = self.batches.batch(self._shard(self.state.position, o.batch_size, chunk), current, self.seed)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = chunk == o.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
+                out = self.model(**batch, logits="last")
+                acc.backward(out.loss / o.grad_accum)
+            rows = batch["input_ids"].shape[0]
+            with torch.no_grad():
+                correct = self._correct(out.logits, batch)
+            totals += torch.tensor(
+                [float(out.loss.detach()) * rows, float(correct.sum()), rows, float(batch["attention_mask"].sum())],
+                device=acc.device,
+            )
+        if o.max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm))
+        else:
+            norm = float("nan")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = acc.reduce(totals, reduction="sum")
+        self.state.step += 1
+        self.state.position += o.batch_size
+        seconds = time.perf_counter() - start
+        loss, correct, samples, tokens = totals.tolist()
+        return {
+            "type": "train",
+            "step": self.state.step,
+            "stage": self.state.stage,
+            "segments": current,
+            "loss": loss / samples,
+            "accuracy": correct / samples,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": norm,
+            "tokens_per_s": tokens / seconds,
+            "steps_per_s": 1 / seconds,
+        }
+
+    @property
+    def seed(self) -> int:
+        return self.config.task.seed
+
+    def _correct(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        m = self.unwrapped
+        return answer_correct(logits, batch["labels"], batch["attention_mask"], m.causal, m.content_size, m.alignment)
+
+    @torch.no_grad()
+    def evaluate(self, segments: int | None = None) -> dict:
+        """Accuracy and loss on fresh validation samples (own seed) of `segments` (default: the current stage)."""
+        acc, c = self.accelerator, self.config.curriculum
+        segments = segments or self.stages[self.state.stage]
+        seed = self.config.task.eval_seed
+        seed = self.config.task.seed + EVAL_SEED_OFFSET if seed is None else seed
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()
+        mine = list(range(acc.process_index, c.eval_samples, acc.num_processes))
+        totals = torch.zeros(3, device=acc.device)  # loss sum, correct, samples
+        for i in range(0, len(mine), self.eval_batch):
+            batch = self.batches.batch(mine[i : i + self.eval_batch], segments, seed, vary=False)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():
+                out = model(**batch, logits="last")
+            rows = batch["input_ids"].shape[0]
+            correct = self._correct(out.logits, batch)
+            totals += torch.tensor([float(out.loss) * rows, float(correct.sum()), rows], device=acc.device)
+        model.train(was_training)
+        loss, correct, samples = acc.reduce(totals, reduction="sum").tolist()
+        return {
+            "type": "eval",
+            "step": self.state.step,
+            "stage": self.state.stage,
+            "segments": segments,
+            "loss": loss / samples,
+            "accuracy": correct / samples,
+            "samples": int(samples),
+        }
+
+    def _after_step(self) -> None:
+        """Validation, stage changes and the end of the run, decided at a step's end."""
+        c, s = self.config.curriculum, self.state
+        in_stage = s.step - s.stage_start
+        budget_spent = in_stage >= c.max_steps_per_stage
+        if not (budget_spent or (c.eval_every and in_stage % c.eval_every == 0)):
+            if s.step >= self.config.total_steps:
+                s.done = True
+            return
+        record = self.evaluate()
+        self.log(record)
+        if (s.stage, record["accuracy"]) > tuple(s.best):
+            s.best = (s.stage, record["accuracy"])
+            self.save_model(self.output_dir / "best")
+        passed = record["accuracy"] >= c.threshold
+        last = s.stage == len(self.stages) - 1
+        if passed or budget_spent:
+            reason = "threshold" if passed else "budget"
+            if last and (budget_spent or c.stop_at_threshold):
+                s.done = True
+            elif not last:
+                s.stage, s.stage_start = s.stage + 1, s.step
+                self._apply_lr()  # a per-stage schedule restarts now, not one step late
+            self.log(
+                {
+                    "type": "stage",
+                    "step": s.step,
+                    "reason": reason,
+                    "accuracy": record["accuracy"],
+                    "segments": self.stages[s.stage],
+                    "done": s.done,
+                }
+            )
+        if s.step >= self.config.total_steps:
+            s.done = True
+
+    def train(self, stop_after_steps: int | None = None) -> Path:
+        """Run (or continue) the curriculum; returns the `final` model folder (or the checkpoint when stopped)."""
+        out, s = self.config.output, self.state
+        bar, task = self._progress_bar()
+        try:
+            while not s.done:
+                record = self.train_step()
+                if s.step % out.log_every == 0 or s.step >= self.config.total_steps:
+                    self.log(record)
+                self._after_step()
+                if bar is not None:
+                    bar.update(task, completed=s.step, description=_describe(record, self.stages[s.stage]))
+                for callback in self.callbacks:
+                    callback(self, record)
+                if out.checkpoint_every and s.step % out.checkpoint_every == 0 and not s.done:
+                    self.save_checkpoint()
+                if stop_after_steps is not None and s.step >= stop_after_steps and not s.done:
+                    return self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.stop()
+        self.save_checkpoint()
+        return self.save_model(self.output_dir / "final")
+
+    def _progress_bar(self):
+        if not self.progress:
+            return None, None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+        )
+        task = bar.add_task("", total=self.config.total_steps, completed=self.state.step)
+        bar.start()
+        return bar, task
+
+
+def _describe(record: dict, segments: int) -> str:
+    return (
+        f"loss {record['loss']:.3f} · acc {record['accuracy']:.2f} · {segments} seg · "
+        f"{record['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+def train(
+    config: TrainConfig | str | os.PathLike,
+    overrides: list[str] | dict | None = None,
+    callbacks: list[Callback] | None = None,
+    progress: bool = True,
+    resume: bool | None = None,
+    stop_after_steps: int | None = None,
+) -> Path:
+    """Train from a config (object or TOML path). `resume=None` continues from the output folder's latest
+    checkpoint when there is one; True requires one; False starts afresh (clearing old checkpoints)."""
+    if not isinstance(config, TrainConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        config = load_config(None, _flatten(config.to_dict()) | dict(_items(overrides)))
+    trainer = Trainer(config, callbacks=callbacks, progress=progress, resume=resume)
+    return trainer.train(stop_after_steps=stop_after_steps)
+
+
+def _items(overrides: list[str] | dict):
+    if isinstance(overrides, dict):
+        return overrides.items()
+    return [(".".join(keys), value) for keys, value in map(parse_override, overrides)]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, name + ".")
+        else:
+            flat[name] = value
+    return flat

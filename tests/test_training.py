@@ -1,0 +1,231 @@
+"""The curriculum trainer: stage changes, exact resume, atomic checkpoints, two processes, logs, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memformers as mf
+from memformers import training
+from memformers.training import Trainer, load_config, train
+
+# A 2-layer, 32-wide BERT from scratch on MiniLM's vocabulary: 48-position segments (43 content tokens).
+TINY = {
+    "model": {
+        "backbone": "scratch",
+        "num_memory_tokens": 2,
+        "segment_size": 48,
+        "scratch": {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64, "dropout": 0.1},
+    },
+    "task": {"name": "memorize", "tokenizer": "minilm"},
+    "curriculum": {"segments": [1, 2], "threshold": 1.0, "max_steps_per_stage": 3, "eval_every": 0},
+    "optim": {"lr": 3e-3, "warmup_steps": 1, "batch_size": 4, "cpu": True},
+    "output": {"checkpoint_every": 2, "log_every": 1},
+}
+
+
+def tiny(tmp_path: Path, name: str = "run", **changes) -> training.TrainConfig:
+    """The tiny config writing to tmp_path/name, with dotted-key changes."""
+    overrides = {"output.dir": str(tmp_path / name), "curriculum.eval_samples": 6} | changes
+    return load_config(None, training._flatten(TINY) | overrides)
+
+
+def to_toml(config: training.TrainConfig) -> str:
+    """A config as TOML text (scalars, lists and nested tables are all the trainer uses)."""
+    lines: list[str] = []
+
+    def table(name: str, data: dict) -> None:
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in data.items() if isinstance(v, dict)}
+        for key, value in data.items():
+            if not isinstance(value, dict):
+                lines.append(f"{key} = {json.dumps(value)}")
+        for key, value in nested.items():
+            table(f"{name}.{key}", value)
+
+    for section, values in config.to_dict().items():
+        table(section, values)
+    return "\n".join(lines) + "\n"
+
+
+def records(run: Path, kind: str | None = None) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    out = [json.loads(line) for line in lines]
+    return [r for r in out if kind is None or r["type"] == kind]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return mf.load(path).state_dict()
+
+
+def test_curriculum_advances_on_threshold_and_logs_jsonl(tmp_path):
+    config = tiny(tmp_path, **{"curriculum.threshold": 0.0, "curriculum.eval_every": 1})
+    final = train(config, progress=False)
+    run = config.output_dir
+    stages = records(run, "stage")
+    assert [(r["step"], r["reason"], r["segments"], r["done"]) for r in stages] == [
+        (1, "threshold", 2, False),
+        (2, "threshold", 2, True),
+    ]
+    steps = records(run, "train")
+    assert [(r["step"], r["segments"]) for r in steps] == [(1, 1), (2, 2)]
+    for r in steps:
+        assert {"loss", "accuracy", "lr", "tokens_per_s"} <= set(r) and r["tokens_per_s"] > 0
+    evals = records(run, "eval")
+    assert [(r["step"], r["segments"], r["samples"]) for r in evals] == [(1, 1, 6), (2, 2, 6)]
+    # the final model is loadable and says how to rebuild its samples
+    model = mf.load(final)
+    extra = mf.saving.read_config(final)["extra"]
+    assert extra["task"] == "memorize" and extra["tokenizer"] == "minilm" and extra["segments"] == [1, 2]
+    assert (final / "backbone" / "tokenizer_config.json").exists()
+    assert model.content_size == 48 - 2 - 3
+
+
+def test_curriculum_advances_on_step_budget(tmp_path):
+    config = tiny(tmp_path, **{"curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 0})
+    train(config, progress=False)
+    stages = records(config.output_dir, "stage")
+    assert [(r["step"], r["reason"], r["done"]) for r in stages] == [(2, "budget", False), (4, "budget", True)]
+    assert [r["segments"] for r in records(config.output_dir, "train")] == [1, 1, 2, 2]
+    assert training.latest_checkpoint(config.output_dir).name == "checkpoint-0000004"
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step: int):
+    def callback(trainer: Trainer, record: dict) -> None:
+        if record["step"] == step:
+            raise Killed
+
+    return callback
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    # dropout on and mixed lengths: the RNG states and the data position must both be restored
+    changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 2, 3]}
+    straight = tiny(tmp_path, "straight", **changes)
+    killed = tiny(tmp_path, "killed", **changes)
+    final = train(straight, progress=False)
+    with pytest.raises(Killed):
+        train(killed, callbacks=[kill_at(5)], progress=False)  # checkpoints at 2 and 4; step 5 is lost
+    assert training.latest_checkpoint(killed.output_dir).name == "checkpoint-0000004"
+    resumed = train(killed, progress=False)  # automatic resume from step 4
+    a, b = weights(final), weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    losses = [[r["loss"] for r in records(run.output_dir, "train")] for run in (straight, killed)]
+    assert len(losses[0]) == 9 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    config = tiny(tmp_path)
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if Path(path).name == "trainer.pt" and "0000004" in str(path):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(training.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config, progress=False)
+    monkeypatch.setattr(training.torch, "save", real_save)
+    latest = training.latest_checkpoint(config.output_dir)
+    assert latest.name == "checkpoint-0000002"
+    assert not (config.output_dir / "checkpoint-0000004").exists()
+    assert isinstance(mf.load(latest / "model"), mf.RecurrentMemoryTransformer)
+    trainer = Trainer(config, progress=False)  # resumes from the intact checkpoint
+    assert trainer.resumed_from == latest and trainer.state.step == 2
+    assert not list(config.output_dir.glob(".checkpoint-*"))  # the half-written folder is cleared away
+    trainer.train()
+    assert trainer.state.step == 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    # No dropout: both runs must compute the same function of the same global batches.
+    changes = {"model.scratch.dropout": 0.0, "curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 0}
+    single = tiny(tmp_path, "single", **changes)
+    double = tiny(tmp_path, "double", **changes)
+    path = tmp_path / "double.toml"
+    path.write_text(to_toml(double))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = os.environ | {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [sys.executable, "-m", "memformers.cli", "train", str(path), "--no-progress"]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    final = train(single, progress=False)  # meanwhile, the single-process run
+    for proc in procs:
+        output = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == 0, output
+    # Same samples, same order, same updates: the only difference is float summation order (a batch of 4 versus
+    # two batches of 2 averaged by all-reduce), ~1e-7 relative per gradient. Adam normalises each update to about
+    # lr = 3e-3, so after 4 steps the weights may differ by a small fraction of lr; 1e-5 is 300× tighter than one
+    # update and fails for any batch mismatch (which moves weights by ~lr).
+    a, b = weights(final), weights(double.output_dir / "final")
+    worst = max(float((a[name] - b[name]).abs().max()) for name in a)
+    assert worst < 1e-5, worst
+    one, two = (records(run.output_dir, "train") for run in (single, double))
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-5)
+    assert [r["segments"] for r in two] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.head", "regression", "model.head"),
+        ("model.alignment", "middle", "model.alignment"),
+        ("model.scratch.hidden", 30, "model.scratch.hidden"),
+        ("task.name", "copy", "task.name"),
+        ("curriculum.threshold", 1.5, "curriculum.threshold"),
+        ("curriculum.segments", [2, 1], "curriculum.segments"),
+        ("curriculum.segments", "fibonacci:1:8", "curriculum.segments"),
+        ("curriculum.eval_samples", 0, "curriculum.eval_samples"),
+        ("optim.batch_size", 5, "optim.batch_size"),
+        ("optim.lr", "fast", "optim.lr"),
+        ("optim.schedule", "cosine", "optim.schedule"),
+        ("optim.mixed_precision", "fp8", "optim.mixed_precision"),
+        ("output.log_every", 0, "output.log_every"),
+        ("optim.learning_rate", 1e-3, "optim.learning_rate"),
+    ],
+)
+def test_bad_config_values_name_the_key(tmp_path, key, value, message):
+    changes = {"optim.grad_accum": 2} if key == "optim.batch_size" else {}
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        tiny(tmp_path, **changes, **{key: value})
+
+
+def test_segment_rules_and_overrides(tmp_path):
+    assert training.parse_segments("linear:1:4") == [1, 2, 3, 4]
+    assert training.parse_segments("double:1:16") == [1, 2, 4, 8, 16]
+    assert training.parse_override("curriculum.segments=[1, 3]") == (["curriculum", "segments"], [1, 3])
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(tiny(tmp_path)))
+    config = load_config(path, ["curriculum.max_steps_per_stage=7", "task.name=detect"])
+    assert config.curriculum.max_steps_per_stage == 7 and config.task.name == "detect"
+    with pytest.raises(ValueError, match=r"\[curriculm\]|curriculm"):
+        load_config(path, ["curriculm.threshold=0.5"])
