@@ -111,6 +111,87 @@ def data(
     console.print(f"wrote {written} samples to {out}")
 
 
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A model saved with save_pretrained (e.g. by memformers train)."),
+    task: str = typer.Option("memorize", help="Tasks, comma-separated: memorize, detect, reason, qa1…qa5."),
+    lengths: str = typer.Option("512,4096,65536", help="Input lengths in tokens, comma-separated."),
+    samples: int = typer.Option(100, help="Samples per cell."),
+    batch_size: int = typer.Option(32, help="Samples read side by side."),
+    noise_dir: Path | None = typer.Option(None, help="Folder of .txt books to use as noise instead of Austen."),
+    split: str = typer.Option("test", help="Noise books: 'test' (never trained on) or 'train'."),
+    seed: int = typer.Option(0, help="Seed of the evaluation samples."),
+    json_out: Path | None = typer.Option(None, "--json", help="Results JSON; cells already in it are skipped."),
+    plot: Path | None = typer.Option(None, help="Heatmap PNG (default: beside --json)."),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device."),
+) -> None:
+    """Accuracy on a task × length grid, streaming every sample through the model (memory stays flat)."""
+    import shlex
+
+    from .evaluation import evaluate_grid, markdown_table
+    from .plots import accuracy_heatmap
+    from .saving import load, read_config
+
+    try:
+        config = read_config(checkpoint)
+        tasks = [t.strip() for t in task.split(",") if t.strip()]
+        model = load(checkpoint, device=device)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    tokenizer = config.get("extra", {}).get("tokenizer") or str(Path(checkpoint) / "backbone")
+    meta = {
+        "checkpoint": str(checkpoint),
+        "command": shlex.join(
+            ["memformers", "eval", str(checkpoint), "--task", task, "--lengths", lengths, "--samples", str(samples)]
+            + (["--noise-dir", str(noise_dir)] if noise_dir else [])
+            + ["--split", split, "--seed", str(seed)]
+            + (["--json", str(json_out)] if json_out else [])
+        ),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with progress_bar() as bar:
+        job = bar.add_task("evaluating", total=None, rate="")
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(job, completed=done, total=total)
+
+        def on_cell(cell) -> None:
+            console.print(
+                f"{cell.task:>9} {cell.length:>10,} tokens: {100 * cell.accuracy:5.1f}% "
+                f"[{100 * cell.ci_low:.0f}–{100 * cell.ci_high:.0f}] ({cell.samples} samples, "
+                f"{cell.tokens_per_s:,.0f} tokens/s)"
+            )
+            bar.reset(job, total=None)
+            bar.update(job, description=f"{cell.task} after {cell.length:,}")
+
+        try:
+            cells = evaluate_grid(
+                model,
+                tasks,
+                parse_ints(lengths, "--lengths"),
+                samples,
+                tokenizer,
+                json_out,
+                meta,
+                on_cell,
+                seed=seed,
+                split=split,
+                noise_dir=noise_dir,
+                batch_size=batch_size,
+                device=device,
+                progress=on_progress,
+            )
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+    console.print(markdown_table(cells))
+    if json_out is not None:
+        json_out.with_suffix(".md").write_text(markdown_table(cells) + "\n")
+    target = plot or (json_out.with_suffix(".png") if json_out is not None else None)
+    if target is not None:
+        accuracy_heatmap(cells, target, f"{Path(checkpoint).name}: accuracy (%)")
+        console.print(f"heatmap: {target}")
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Training config (TOML); see memformers.training for its keys."),

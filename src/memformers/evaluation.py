@@ -82,7 +82,9 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == total else min(1.0, centre + half)
+    return low, high
 
 
 def sample_segments(samples: list, content_size: int, alignment: str = "right") -> Iterator[Segment]:

@@ -1,0 +1,187 @@
+"""The accuracy grid is honest: samples stream whole and in order, answers must come through the state, finished
+cells are kept, and the CLI writes what it promises."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import memformers as mf
+from memformers.cli import app
+from memformers.evaluation import (
+    evaluate_cell,
+    evaluate_grid,
+    format_length,
+    markdown_table,
+    sample_segments,
+    wilson_interval,
+)
+from memformers.plots import accuracy_heatmap
+from memformers.recurrence import MemoryModel, StepOutput
+from memformers.tasks import make_sample, task_spec
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return mf.backbones.load_tokenizer("minilm")
+
+
+@dataclass
+class LastFactState:
+    answer: torch.Tensor  # [batch] class index of the latest "<actor> … <place>" fact, -1 before any
+
+    def detach(self):
+        return self
+
+    def reset(self, rows):
+        return LastFactState(torch.where(rows, -1, self.answer))
+
+    def select(self, rows, other):
+        return LastFactState(torch.where(rows, self.answer, other.answer))
+
+
+class LastFactOracle(MemoryModel):
+    """Answers with the place of the latest "<actor> <verb> to the <place>" it has read; `forget` drops the state
+    at every segment, so it can only answer from the segment holding the question."""
+
+    token_level = False
+    causal = False
+    alignment = "right"
+
+    def __init__(self, tokenizer, content_size: int = 100, forget: bool = False) -> None:
+        super().__init__()
+        self.content_size = content_size
+        self.forget = forget
+        self.places = [tokenizer.convert_tokens_to_ids(p) for p in task_spec("memorize").answers]
+        self.actors = set(tokenizer.convert_tokens_to_ids(["mary", "john", "daniel", "sandra"]))
+
+    def init_state(self, batch_size):
+        return LastFactState(torch.full((batch_size,), -1))
+
+    def step(self, segment, state):
+        answer = state.answer.clone() if not self.forget else torch.full_like(state.answer, -1)
+        for row, ids in enumerate(segment.input_ids.tolist()):
+            for i, token in enumerate(ids):
+                if token in self.actors:
+                    window = ids[i + 1 : i + 6]
+                    hits = [self.places.index(t) for t in window if t in self.places]
+                    if hits and "?" not in window:
+                        answer[row] = hits[0]
+        logits = torch.nn.functional.one_hot(answer.clamp(min=0), len(self.places)).float()
+        return StepOutput(logits=logits), LastFactState(answer)
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 100)[0] == 0 and wilson_interval(0, 100)[1] > 0.02
+    low, high = wilson_interval(100, 100)
+    assert high == 1 and 0.95 < low < 1
+    low, high = wilson_interval(50, 100)
+    assert low < 0.5 < high and abs((0.5 - low) - (high - 0.5)) < 1e-9
+    with pytest.raises(ValueError, match="total"):
+        wilson_interval(0, 0)
+
+
+def test_samples_stream_whole_and_right_aligned(tokenizer):
+    samples = [make_sample("detect", 1000, tokenizer, index=i, split="test") for i in range(3)]
+    segments = list(sample_segments(samples, 128, "right"))
+    assert [s.input_ids.shape for s in segments] == [(3, 1000 % 128)] + [(3, 128)] * (1000 // 128)
+    assert segments[-1].is_last.all() and not segments[0].is_last.any()
+    for row, sample in enumerate(samples):
+        np.testing.assert_array_equal(torch.cat([s.input_ids[row] for s in segments]).numpy(), sample.ids)
+
+
+def test_accuracy_needs_the_state(tokenizer):
+    """The oracle answers every memorize sample when it keeps its state, and is at chance when it forgets."""
+    remembers = evaluate_cell(LastFactOracle(tokenizer), "memorize", 2000, 24, tokenizer, batch_size=8)
+    forgets = evaluate_cell(LastFactOracle(tokenizer, forget=True), "memorize", 2000, 24, tokenizer, batch_size=8)
+    assert remembers.accuracy == 1.0 and remembers.correct == 24
+    assert forgets.accuracy < 0.5
+
+
+def test_grid_resumes_from_saved_cells(tokenizer, tmp_path):
+    path = tmp_path / "grid.json"
+    first = evaluate_grid(LastFactOracle(tokenizer), ["memorize"], [300, 600], 4, tokenizer, path, batch_size=4)
+    assert [c.length for c in first] == [300, 600]
+    saved = json.loads(path.read_text())["results"]
+    assert {r["length"] for r in saved} == {300, 600} and all(r["accuracy"] == 1.0 for r in saved)
+
+    class Refuses(LastFactOracle):
+        def step(self, segment, state):
+            raise AssertionError("a finished cell was evaluated again")
+
+    again = evaluate_grid(Refuses(tokenizer), ["memorize"], [300, 600], 4, tokenizer, path, batch_size=4)
+    assert [c.accuracy for c in again] == [1.0, 1.0]
+    table = markdown_table(again)
+    assert "| memorize | 100 | 100 |" in table
+    png = accuracy_heatmap(again, tmp_path / "grid.png")
+    assert png.stat().st_size > 1000
+
+
+def test_format_length():
+    assert [format_length(n) for n in (512, 4096, 65536, 2043904, 1 << 20)] == ["512", "4K", "64K", "1.9M", "1M"]
+
+
+def test_model_without_classification_head_is_refused(tokenizer):
+    config = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2, n_positions=128)
+    model = mf.RecurrentMemoryTransformer(transformers.GPT2LMHeadModel(config), num_memory_tokens=2, segment_size=64)
+    with pytest.raises(ValueError, match="model"):
+        evaluate_cell(model, "memorize", 300, 2, tokenizer)
+
+
+def test_cli_data_and_eval(tokenizer, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "qa1.jsonl"
+    result = runner.invoke(app, ["data", "--task", "qa1", "--lengths", "512,1024", "--samples", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and {r["length"] for r in rows} == {512, 1024}
+    assert all({"task", "length", "input", "question", "target", "fact_positions"} <= set(r) for r in rows)
+
+    bad = runner.invoke(app, ["data", "--task", "qa9", "--lengths", "512", "--out", str(out)])
+    assert bad.exit_code != 0 and "qa9" in bad.output
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=6,
+    )
+    model = mf.RecurrentMemoryTransformer(
+        transformers.BertForSequenceClassification(config),
+        num_memory_tokens=2,
+        segment_size=64,
+        alignment="right",
+        cls_token_id=101,
+        sep_token_id=102,
+    )
+    model.save_pretrained(tmp_path / "tiny", tokenizer)
+    grid = tmp_path / "grid.json"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "tiny"),
+            "--task",
+            "memorize,detect",
+            "--lengths",
+            "256,1024",
+            "--samples",
+            "4",
+            "--json",
+            str(grid),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(grid.read_text())
+    assert len(saved["results"]) == 4 and saved["command"].startswith("memformers eval")
+    assert {"task", "length", "samples", "accuracy"} <= set(saved["results"][0])
+    assert grid.with_suffix(".png").exists() and grid.with_suffix(".md").exists()
