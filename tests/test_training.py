@@ -31,6 +31,15 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than contended two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(tmp_path: Path, name: str = "run", **changes) -> training.TrainConfig:
     """The tiny config writing to tmp_path/name, with dotted-key changes."""
     overrides = {"output.dir": str(tmp_path / name), "curriculum.eval_samples": 6} | changes
@@ -111,7 +120,7 @@ def kill_at(step: int):
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     # dropout on and mixed lengths: the RNG states and the data position must both be restored
-    changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 2, 3]}
+    changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 3]}
     straight = tiny(tmp_path, "straight", **changes)
     killed = tiny(tmp_path, "killed", **changes)
     final = train(straight, progress=False)
@@ -124,7 +133,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     losses = [[r["loss"] for r in records(run.output_dir, "train")] for run in (straight, killed)]
-    assert len(losses[0]) == 9 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
