@@ -118,16 +118,21 @@ def kill_at(step: int):
     return callback
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, how):
     # dropout on and mixed lengths: the RNG states and the data position must both be restored
     changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 3]}
     straight = tiny(tmp_path, "straight", **changes)
     killed = tiny(tmp_path, "killed", **changes)
     final = train(straight, progress=False)
-    with pytest.raises(Killed):
-        train(killed, callbacks=[kill_at(5)], progress=False)  # checkpoints at 2 and 4; step 5 is lost
-    assert training.latest_checkpoint(killed.output_dir).name == "checkpoint-0000004"
-    resumed = train(killed, progress=False)  # automatic resume from step 4
+    if how == "kill":
+        with pytest.raises(Killed):
+            train(killed, callbacks=[kill_at(5)], progress=False)  # checkpoints at 2 and 4; step 5 is lost
+        assert training.latest_checkpoint(killed.output_dir).name == "checkpoint-0000004"
+    else:
+        stopped = train(killed, stop_after_steps=3, progress=False)  # a checkpoint at 3, then a clean exit
+        assert stopped.name == "checkpoint-0000003"
+    resumed = train(killed, progress=False)  # automatic resume from the latest checkpoint
     a, b = weights(final), weights(resumed)
     assert a.keys() == b.keys()
     for name in a:

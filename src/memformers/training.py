@@ -931,6 +931,8 @@ class Trainer:
         bar, task = self._progress_bar()
         try:
             while not s.done:
+                if stop_after_steps is not None and s.step >= stop_after_steps:
+                    return self.save_checkpoint()
                 record = self.train_step()
                 if s.step % out.log_every == 0 or s.step >= self.config.total_steps:
                     self.log(record)
@@ -941,8 +943,6 @@ class Trainer:
                     callback(self, record)
                 if out.checkpoint_every and s.step % out.checkpoint_every == 0 and not s.done:
                     self.save_checkpoint()
-                if stop_after_steps is not None and s.step >= stop_after_steps and not s.done:
-                    return self.save_checkpoint()
         finally:
             if bar is not None:
                 bar.stop()
