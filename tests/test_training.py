@@ -202,6 +202,7 @@ def test_two_processes_match_one(tmp_path):
     # update and fails for any batch mismatch (which moves weights by ~lr).
     a, b = weights(final), weights(double.output_dir / "final")
     worst = max(float((a[name] - b[name]).abs().max()) for name in a)
+    print(f"two processes vs one: max weight difference {worst:.1e}")
     assert worst < 1e-5, worst
     one, two = (records(run.output_dir, "train") for run in (single, double))
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-5)
@@ -243,3 +244,20 @@ def test_segment_rules_and_overrides(tmp_path):
     assert config.curriculum.max_steps_per_stage == 7 and config.task.name == "detect"
     with pytest.raises(ValueError, match=r"\[curriculm\]|curriculm"):
         load_config(path, ["curriculm.threshold=0.5"])
+
+
+@pytest.mark.parametrize(("head", "family"), [("causal-lm", "llama"), ("masked-lm", "bert")])
+def test_token_heads_fill_exact_segments_and_train(tmp_path, head, family):
+    config = tiny(tmp_path, **{"model.head": head, "model.scratch.family": family, "curriculum.segments": [2]})
+    trainer = Trainer(config, progress=False)
+    batch = trainer.batches.batch([0, 1, 2], 2, seed=0)
+    content = trainer.unwrapped.content_size
+    lengths = batch["attention_mask"].sum(1)
+    assert bool((lengths > content).all() and (lengths <= 2 * content).all())  # exactly two segments each
+    answer = batch["labels"] != -100
+    assert bool(answer.any(1).all())  # labels only on the answer tokens
+    if head == "masked-lm":
+        assert bool((batch["input_ids"][answer] == trainer.tokenizer.mask_token_id).all())
+    record = trainer.train_step()
+    assert torch.isfinite(torch.tensor(record["loss"])) and 0 <= record["accuracy"] <= 1
+    assert 0 <= trainer.evaluate()["accuracy"] <= 1
