@@ -88,7 +88,7 @@ def memory_scan(args, device, dtype) -> list[dict]:
         generator = torch.Generator().manual_seed(0)
         length = count * model.content_size
         chunks = (
-            torch.randint(1000, 30000, (min(8192, length - i),), generator=generator) for i in range(0, length, 8192)
+            torch.randint(1000, 30000, (min(1024, length - i),), generator=generator) for i in range(0, length, 1024)
         )
         segments = (segment.to(device) for segment in mf.stream_segments(chunks, model.content_size))
         reset_peak_rss()

@@ -57,14 +57,95 @@ def stream_throughput(model, token_chunks, num_segments: int, description: str) 
     return tokens / (time.perf_counter() - start), meter.peak_bytes, peak_rss_bytes()
 
 
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "rmt-cpu"
+
+
 @app.command()
 def demo(
+    checkpoint: Path = typer.Option(SHIPPED_CHECKPOINT, help="A classification RMT saved by memformers train."),
+    task: str = typer.Option("detect", help="memorize, detect or reason: where the facts hide."),
+    length: int = typer.Option(1_048_576, help="Tokens of Austen around the facts in the showcase samples."),
+    samples: int = typer.Option(3, help="Showcase samples, read side by side."),
+    table_lengths: str = typer.Option("1024,16384,131072", help="Lengths of the closing accuracy table."),
+    table_samples: int = typer.Option(16, help="Samples per cell of the closing table."),
+    seed: int = typer.Option(0, help="Which samples (test books: never seen in training)."),
+) -> None:
+    """Hide facts in a million tokens of Austen, stream them through a trained RMT, and ask about them."""
+    from .evaluation import evaluate_cell, format_length, predict_classes
+    from .profiling import peak_rss_bytes
+    from .saving import load, read_config
+    from .tasks import make_sample
+
+    if not (Path(checkpoint) / "memformers.json").exists():
+        if checkpoint != SHIPPED_CHECKPOINT:
+            raise typer.BadParameter(f"--checkpoint {checkpoint} holds no model saved by memformers")
+        console.print(f"no trained model at {checkpoint}: streaming an untrained RMT instead (speed and memory only)")
+        stream(backbone="minilm", segments="4,16,64,256", segment_size=512, memory_tokens=10)
+        return
+    config = read_config(checkpoint)
+    tokenizer = config.get("extra", {}).get("tokenizer") or str(Path(checkpoint) / "backbone")
+    model = load(checkpoint)
+    console.print(f"[bold]memformers demo[/]: RMT ({model.extra_repr()}) from {checkpoint}")
+    batch = [make_sample(task, length, tokenizer, seed, index, "test") for index in range(samples)]
+    total = -(-length // model.content_size)
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        job = bar.add_task(f"reading {samples} × {length:,} tokens", total=total, rate="")
+
+        def on_segment(done: int, _total, _tokens) -> None:
+            seconds = time.perf_counter() - start
+            rss = (peak_rss_bytes() or 0) / 2**20
+            bar.update(
+                job,
+                completed=done,
+                rate=f"{done * model.content_size * samples / seconds:,.0f} tokens/s · memory {rss:,.0f} MiB",
+            )
+
+        predicted = predict_classes(model, batch, "cpu", on_segment)
+    seconds = time.perf_counter() - start
+    console.print(
+        f"read {samples * length:,} tokens in {seconds:.0f} s ({samples * length / seconds:,.0f} tokens/s), "
+        f"peak resident memory {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB"
+    )
+    for sample, answer in zip(batch, predicted, strict=True):
+        where = ", ".join(f"token {p:,}" for p in sample.fact_positions)
+        console.print(f"\n[bold]facts[/] (at {where} of {sample.num_tokens:,}):")
+        for fact in sample.facts:
+            console.print(f"  {fact}")
+        guess = sample.answers[answer]
+        mark = "[green]right[/]" if answer == sample.label else f"[red]wrong[/] (the answer is {sample.target})"
+        console.print(f"[bold]question[/]: {sample.question}  [bold]model[/]: {guess}  {mark}")
+
+    table = Table(title=f"{task}: accuracy on test books ({table_samples} samples a cell)")
+    for value in ["length"] + [format_length(n) for n in parse_ints(table_lengths, "--table-lengths")]:
+        table.add_column(value, justify="right")
+    row = []
+    with progress_bar() as bar:
+        job = bar.add_task("accuracy table", total=None, rate="")
+        for n in parse_ints(table_lengths, "--table-lengths"):
+            cell = evaluate_cell(
+                model,
+                task,
+                n,
+                table_samples,
+                tokenizer,
+                seed=seed + 1,
+                batch_size=table_samples,
+                progress=lambda done, count: bar.update(job, completed=done, total=count),
+            )
+            row.append(f"{100 * cell.accuracy:.0f}%")
+    table.add_row("accuracy", *row)
+    console.print(table)
+
+
+@app.command()
+def stream(
     backbone: str = typer.Option("minilm", help="'minilm', 'smollm2' or a local Hugging Face model folder."),
     segments: str = typer.Option("4,16,64,256", help="Segment counts to stream, comma-separated."),
     segment_size: int = typer.Option(512, help="Backbone positions per segment, memory included."),
     memory_tokens: int = typer.Option(10, help="Number of memory tokens."),
 ) -> None:
-    """Stream long inputs through an RMT: tokens/s and peak memory against the number of segments."""
+    """Stream long inputs through an (untrained) RMT: tokens/s and peak memory against the number of segments."""
     from . import backbones
     from .rmt import RecurrentMemoryTransformer
 

@@ -183,6 +183,11 @@ class TrainConfig:
         return parse_segments(self.curriculum.segments)
 
     @property
+    def task_names(self) -> list[str]:
+        """`task.name` may list several tasks ("memorize,detect,reason"): sample i is of task i mod their count."""
+        return [name.strip() for name in self.task.name.split(",") if name.strip()]
+
+    @property
     def tokenizer_name(self) -> str:
         if self.task.tokenizer:
             return self.task.tokenizer
@@ -322,8 +327,12 @@ def validate(config: TrainConfig) -> None:
         _fail("model.scratch.dropout", s.dropout, "in [0, 1)")
     if m.backbone == "scratch" and (m.head == "causal-lm") != (s.family == "llama"):
         _fail("model.scratch.family", s.family, "'llama' for head 'causal-lm' and 'bert' for the other heads")
-    if t.name not in TASKS or TASKS[t.name].kind != "babi":
-        _fail("task.name", t.name, f"one of {[k for k, v in TASKS.items() if v.kind == 'babi']}")
+    names = config.task_names
+    if not names or any(name not in TASKS or TASKS[name].kind != "babi" for name in names):
+        babi = [k for k, v in TASKS.items() if v.kind == "babi"]
+        _fail("task.name", t.name, f"one or more (comma-separated) of {babi}")
+    if len({TASKS[name].answers for name in names}) != 1:
+        _fail("task.name", t.name, "tasks that share one answer vocabulary (e.g. memorize,detect,reason)")
     if t.split not in ("train", "test", "all"):
         _fail("task.split", t.split, "one of ('train', 'test', 'all')")
     parse_segments(c.segments)
@@ -399,7 +408,7 @@ def build_model(config: TrainConfig):
 
     m = config.model
     tokenizer = get_tokenizer(config.tokenizer_name)
-    num_labels = len(task_spec(config.task.name).answers)
+    num_labels = len(task_spec(config.task_names[0]).answers)
     _seed_everything(config.optim.seed)
     if m.backbone == "scratch":
         backbone = _scratch_backbone(m, tokenizer, num_labels)
@@ -467,7 +476,7 @@ class TaskBatches:
             self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
             if self.head == "causal-lm" and self.eos_id is None:
                 self.eos_id = tokenizer.sep_token_id
-            answers = task_spec(config.task.name).answers
+            answers = task_spec(config.task_names[0]).answers
             self.reserve = max(len(encode_sentence(tokenizer, a)) for a in answers) + (self.eos_id is not None)
 
     def segments_of(self, index: int, current: int) -> int:
@@ -482,7 +491,8 @@ class TaskBatches:
         t = self.config.task
         length = segments * self.content_size - self.reserve
         try:
-            sample = make_sample(t.name, length, self.tokenizer, seed, index, t.split, t.noise_dir)
+            names = self.config.task_names
+            sample = make_sample(names[index % len(names)], length, self.tokenizer, seed, index, t.split, t.noise_dir)
         except ValueError as error:
             raise ValueError(
                 f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
