@@ -100,8 +100,17 @@ def test_accuracy_needs_the_state(tokenizer):
     """The oracle answers every memorize sample when it keeps its state, and is at chance when it forgets."""
     remembers = evaluate_cell(LastFactOracle(tokenizer), "memorize", 2000, 24, tokenizer, batch_size=8)
     forgets = evaluate_cell(LastFactOracle(tokenizer, forget=True), "memorize", 2000, 24, tokenizer, batch_size=8)
+    truncated = evaluate_cell(LastFactOracle(tokenizer), "memorize", 2000, 24, tokenizer, batch_size=8, window=300)
     assert remembers.accuracy == 1.0 and remembers.correct == 24
-    assert forgets.accuracy < 0.5
+    assert forgets.accuracy < 0.5 and truncated.accuracy < 0.5
+
+
+def test_window_streams_only_the_tail(tokenizer):
+    samples = [make_sample("memorize", 1000, tokenizer, index=i, split="test") for i in range(2)]
+    segments = list(sample_segments(samples, 128, "right", window=300))
+    assert sum(s.input_ids.shape[1] for s in segments) == 300 and segments[-1].input_ids.shape[1] == 128
+    for row, sample in enumerate(samples):
+        np.testing.assert_array_equal(torch.cat([s.input_ids[row] for s in segments]).numpy(), sample.ids[-300:])
 
 
 def test_grid_resumes_from_saved_cells(tokenizer, tmp_path):

@@ -205,6 +205,9 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="Results JSON; cells already in it are skipped."),
     plot: Path | None = typer.Option(None, help="Heatmap PNG (default: beside --json)."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device."),
+    window: int | None = typer.Option(
+        None, help="Read only the last N tokens of each sample (the backbone-alone baseline, truncated to its window)."
+    ),
 ) -> None:
     """Accuracy on a task × length grid, streaming every sample through the model (memory stays flat)."""
     import shlex
@@ -226,6 +229,7 @@ def evaluate(
             ["memformers", "eval", str(checkpoint), "--task", task, "--lengths", lengths, "--samples", str(samples)]
             + (["--noise-dir", str(noise_dir)] if noise_dir else [])
             + ["--split", split, "--seed", str(seed)]
+            + (["--window", str(window)] if window else [])
             + (["--json", str(json_out)] if json_out else [])
         ),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -261,6 +265,7 @@ def evaluate(
                 batch_size=batch_size,
                 device=device,
                 progress=on_progress,
+                window=window,
             )
         except ValueError as error:
             raise typer.BadParameter(str(error)) from None

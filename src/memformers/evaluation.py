@@ -87,29 +87,49 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return low, high
 
 
-def sample_segments(samples: list, content_size: int, alignment: str = "right") -> Iterator[Segment]:
-    """Stream equal-length samples side by side as batched segments; memory O(batch × segment)."""
+def sample_segments(
+    samples: list, content_size: int, alignment: str = "right", window: int | None = None
+) -> Iterator[Segment]:
+    """Stream equal-length samples side by side as batched segments; memory O(batch × segment).
+
+    `window` keeps only each sample's last `window` tokens (a model without memory sees just its window).
+    """
     lengths = {sample.num_tokens for sample in samples}
     if len(lengths) != 1:
         raise ValueError(f"samples must have equal lengths to be streamed together, got {sorted(lengths)}")
     length = lengths.pop()
+    skip = 0 if window is None else max(0, length - window)
+    length -= skip
     first = length % content_size if alignment == "right" else None
     streams = [
-        stream_segments((torch.from_numpy(block) for block in sample.blocks(1 << 16)), content_size, first)
+        stream_segments((torch.from_numpy(block) for block in _skip(sample.blocks(1 << 16), skip)), content_size, first)
         for sample in samples
     ]
     for rows in zip(*streams, strict=True):
         yield stack_segments(list(rows))
 
 
-def predict_classes(model, samples: list, device: torch.device | str = "cpu", callback=None) -> list[int]:
-    """Read each sample through `model` (a classification memory model) and return the predicted classes."""
+def _skip(blocks: Iterator, count: int) -> Iterator:
+    """The blocks of ids without their first `count` tokens."""
+    for block in blocks:
+        if count >= len(block):
+            count -= len(block)
+            continue
+        yield block[count:]
+        count = 0
+
+
+def predict_classes(
+    model, samples: list, device: torch.device | str = "cpu", callback=None, window: int | None = None
+) -> list[int]:
+    """Read each sample (or its last `window` tokens) through `model`, a classification memory model, and return
+    the predicted classes."""
     if getattr(model, "token_level", True):
         raise ValueError(
             "model: accuracy grids score classification heads (an encoder *ForSequenceClassification); "
             f"this model has a {getattr(model, 'info', None) and model.info.head} head"
         )
-    segments = (s.to(device) for s in sample_segments(samples, model.content_size, model.alignment))
+    segments = (s.to(device) for s in sample_segments(samples, model.content_size, model.alignment, window))
     logits = None
     with torch.no_grad():
         for segment, output, _ in model.stream(segments, batch_size=len(samples), callback=callback):
@@ -130,11 +150,13 @@ def evaluate_cell(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress=None,
+    window: int | None = None,
 ) -> Cell:
     """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
 
     Samples come from `memformers.tasks.make_sample` with indices 0..samples-1, so every model sees the same ones.
-    `progress(done_segments, total_segments)` is called after every segment.
+    `progress(done_segments, total_segments)` is called after every segment. `window` reads only the last
+    `window` tokens of each sample: the baseline of a backbone without memory, truncated to its window.
     """
     from .tasks import make_sample, task_spec
 
@@ -152,14 +174,16 @@ def evaluate_cell(
         ]
         done_before = first // batch_size
 
-        def callback(done, _total, _tokens, done_before=done_before, num=batch[0].num_tokens):
+        read = batch[0].num_tokens if window is None else min(window, batch[0].num_tokens)
+
+        def callback(done, _total, _tokens, done_before=done_before, num=read):
             if progress is not None:
                 per_batch = -(-num // model.content_size)
                 progress(done_before * per_batch + done, per_batch * -(-samples // batch_size))
 
-        predicted = predict_classes(model, batch, device, callback)
+        predicted = predict_classes(model, batch, device, callback, window)
         correct += sum(int(p == s.label) for p, s in zip(predicted, batch, strict=True))
-        tokens += sum(s.num_tokens for s in batch)
+        tokens += read * len(batch)
     seconds = time.perf_counter() - start
     low, high = wilson_interval(correct, samples)
     return Cell(
