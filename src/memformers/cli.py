@@ -310,5 +310,72 @@ def train(
     console.print(f"saved {path}")
 
 
+@app.command()
+def flops(
+    config: str = typer.Option("opt-125m", help="opt-125m … opt-175b, or a folder with a Hugging Face config.json."),
+    length: int | None = typer.Option(None, help="One input length in tokens (default: 1K … 2M)."),
+    segment_size: int = typer.Option(512, help="RMT positions per segment, memory included."),
+    memory_tokens: int = typer.Option(10, help="RMT memory tokens."),
+    layout: str = typer.Option("encoder", help="RMT layout: 'encoder' (m + 3 positions) or 'decoder' (2m)."),
+    knn_top_k: int = typer.Option(32, help="kNN memory: retrieved keys per query."),
+    knn_memory_size: int = typer.Option(65_536, help="kNN memory: stored keys per document."),
+    knn_layers: int = typer.Option(1, help="kNN memory: layers that retrieve."),
+    longmem_segment_size: int = typer.Option(1024, help="LongMem: tokens per segment."),
+    longmem_memory_size: int = typer.Option(65_536, help="LongMem: tokens in the memory bank."),
+    longmem_chunk_size: int = typer.Option(4, help="LongMem: tokens per retrieved chunk."),
+    longmem_chunks: int = typer.Option(16, help="LongMem: chunks retrieved per query."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON (one object with --length) instead of a table."),
+    plot: Path | None = typer.Option(None, help="Write a log-log plot of FLOPs against length (PNG)."),
+) -> None:
+    """Forward FLOPs of full attention, RMT, kNN memory and LongMem against the input length."""
+    import json
+
+    from . import flops as model_flops
+    from .evaluation import format_length
+
+    lengths = [length] if length is not None else [1 << p for p in range(10, 22, 2)] + [1 << 21]
+    knn = {
+        "segment_size": segment_size,
+        "top_k": knn_top_k,
+        "memory_size": knn_memory_size,
+        "memory_layers": knn_layers,
+    }
+    longmem = {
+        "segment_size": longmem_segment_size,
+        "memory_size": longmem_memory_size,
+        "chunk_size": longmem_chunk_size,
+        "top_k_chunks": longmem_chunks,
+    }
+    try:
+        spec = model_flops.resolve_spec(config)
+        reports = [
+            model_flops.compare(spec, n, segment_size, memory_tokens, layout, knn=knn, longmem=longmem) for n in lengths
+        ]
+        if plot is not None:
+            plot_lengths = sorted({*lengths, *(1 << p for p in range(9, 22))}) if length is None else lengths
+            model_flops.plot_flops(spec, plot_lengths, plot, segment_size, memory_tokens, knn, longmem)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    if json_output:
+        items = [r.to_dict() for r in reports]
+        typer.echo(json.dumps(items[0] if length is not None else items, indent=2))
+        return
+    table = Table(title=f"{spec.name}: forward FLOPs (RMT {segment_size} positions, {memory_tokens} memory tokens)")
+    for column in ("length", "full attention", "RMT", "full / RMT", "kNN memory", "LongMem"):
+        table.add_column(column, justify="right")
+    for r in reports:
+        table.add_row(
+            format_length(r.length),
+            f"{r.full_attention_flops:.3g}",
+            f"{r.rmt_flops:.3g}",
+            f"×{r.ratio:,.1f}",
+            f"{r.knn_flops:.3g}",
+            f"{r.longmem_flops:.3g}",
+        )
+    console.print(table)
+    if plot is not None:
+        console.print(f"plot: {plot}")
+
+
 if __name__ == "__main__":
     app()
