@@ -7,55 +7,8 @@ next segment count when validation accuracy passes a threshold or the stage's st
 Built on Accelerate: `memformers train CONFIG.toml` runs as is on a CPU or a GPU, and under `accelerate launch`
 (or any torchrun-style RANK/WORLD_SIZE environment) on several processes. `optim.batch_size` is the *global* batch
 per optimizer step; sample `i` of the run is the same sample whatever the number of processes, so a run on k
-processes follows the single-process run up to float rounding.
-
-Config (TOML; every key optional unless marked):
-
-[model]
-  backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2" or a folder
-  head                    "classification" (default; num_labels = the task's answers), "causal-lm", "masked-lm"
-  num_memory_tokens       memory vectors (default 10)
-  segment_size            backbone positions per segment, memory and special tokens included (default 512)
-  bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
-  gradient_checkpointing  recompute each segment in backward (default false)
-  alignment               "right" (default: the question ends the last segment) or "left"
-[model.scratch]           only for backbone = "scratch"; vocabulary = the task tokenizer's
-  family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
-  layers, hidden, heads, intermediate   default 4, 128, 4, 512
-  dropout                 default 0.1
-[task]
-  name                    memorize | detect | reason | qa1 .. qa5 (default "memorize")
-  tokenizer               tokenizer name or folder; default: the backbone's, or "minilm" for a scratch model
-  split                   noise books to train on: "train" (default), "test", "all"
-  seed                    training samples' seed (default 0)
-  eval_seed               validation samples' seed (default seed + 1000003: never a training sample)
-  noise_dir               folder of .txt books instead of the shipped Austen novels (optional)
-[curriculum]
-  segments                list of segment counts, e.g. [1, 2, 3, 5, 7] (default), or a rule string
-                          "linear:START:STOP[:STEP]" or "double:START:STOP"
-  threshold               validation accuracy that ends a stage early (default 0.95)
-  max_steps_per_stage     step budget of a stage (default 1000)
-  vary_segments           also train on 1 .. current segments, drawn per sample (default false)
-  eval_every              steps between validations inside a stage (default 100; 0 = only at the budget's end)
-  eval_samples            validation samples at the stage's length (default 128)
-  eval_batch_size         default: the per-process micro-batch
-  stop_at_threshold       end the run when the last stage passes the threshold (default true)
-[optim]
-  lr (1e-4), weight_decay (0.01), warmup_steps (100)
-  schedule                "global" (default: warm-up, then linear decay over total_steps), "per-stage" (warm-up
-                          and decay restart every stage, over max_steps_per_stage) or "constant" (after warm-up)
-  total_steps             hard cap on optimizer steps; 0 (default) = stages × max_steps_per_stage
-  batch_size              samples per optimizer step, over all processes and accumulation steps (default 32)
-  grad_accum              accumulation steps (default 1); batch_size must divide by grad_accum × processes
-  max_grad_norm           gradient clipping, 0 = off (default 1.0)
-  seed                    model init and dropout seed (default 0)
-  mixed_precision         "no" (default) or "bf16" (autocast on a GPU; ignored on a CPU)
-  cpu                     train on the CPU even when a GPU is there (default false)
-[output]
-  dir                     output folder (default "runs/<task>")
-  checkpoint_every        steps between checkpoints (default 200; 0 = only at the end)
-  keep_checkpoints        how many recent checkpoints to keep (default 2)
-  log_every               steps between metrics lines (default 10)
+processes follows the single-process run up to float rounding. The config's keys are documented in
+`memformers.training_config`.
 
 Output folder: `metrics.jsonl` (one JSON object per logging step, validation and stage change),
 `checkpoint-<step>/` (model/ loadable with `memformers.load`, trainer.pt: optimizer, scheduler, stage, step, data
@@ -67,334 +20,32 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .segments import IGNORE_INDEX, shift_labels
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-HEADS = ("classification", "causal-lm", "masked-lm")
-FAMILIES = ("bert", "llama")
-SCHEDULES = ("global", "per-stage", "constant")
-PRECISIONS = ("no", "bf16")
-ALIGNMENTS = ("left", "right")
-EVAL_SEED_OFFSET = 1_000_003
-CHECKPOINT_PREFIX = "checkpoint-"
-
-# --------------------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class ScratchConfig:
-    family: str = "bert"
-    layers: int = 4
-    hidden: int = 128
-    heads: int = 4
-    intermediate: int = 512
-    dropout: float = 0.1
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "scratch"
-    head: str = "classification"
-    num_memory_tokens: int = 10
-    segment_size: int = 512
-    bptt_depth: int | None = None
-    gradient_checkpointing: bool = False
-    alignment: str = "right"
-    scratch: ScratchConfig = field(default_factory=ScratchConfig)
-
-
-@dataclass
-class TaskConfig:
-    name: str = "memorize"
-    tokenizer: str | None = None
-    split: str = "train"
-    seed: int = 0
-    eval_seed: int | None = None
-    noise_dir: str | None = None
-
-
-@dataclass
-class CurriculumConfig:
-    segments: list[int] | str = field(default_factory=lambda: [1, 2, 3, 5, 7])
-    threshold: float = 0.95
-    max_steps_per_stage: int = 1000
-    vary_segments: bool = False
-    eval_every: int = 100
-    eval_samples: int = 128
-    eval_batch_size: int | None = None
-    stop_at_threshold: bool = True
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    schedule: str = "global"
-    total_steps: int = 0
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"
-    cpu: bool = False
-
-
-@dataclass
-class OutputConfig:
-    dir: str | None = None
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output.dir or f"runs/{self.task.name}")
-
-    @property
-    def stages(self) -> list[int]:
-        return parse_segments(self.curriculum.segments)
-
-    @property
-    def task_names(self) -> list[str]:
-        """`task.name` may list several tasks ("memorize,detect,reason"): sample i is of task i mod their count."""
-        return [name.strip() for name in self.task.name.split(",") if name.strip()]
-
-    @property
-    def tokenizer_name(self) -> str:
-        if self.task.tokenizer:
-            return self.task.tokenizer
-        return "minilm" if self.model.backbone == "scratch" else self.model.backbone
-
-    @property
-    def total_steps(self) -> int:
-        return self.optim.total_steps or len(self.stages) * self.curriculum.max_steps_per_stage
-
-    def to_dict(self) -> dict:
-        """Plain data (TOML/JSON-ready: None values left out)."""
-        return _drop_none(asdict(self))
-
-
-def _drop_none(value):
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    return value
-
-
-def parse_segments(rule: list[int] | str) -> list[int]:
-    """The curriculum's segment counts: a list, or "linear:START:STOP[:STEP]" / "double:START:STOP"."""
-    if isinstance(rule, str):
-        parts = rule.split(":")
-        try:
-            kind, numbers = parts[0], [int(p) for p in parts[1:]]
-        except ValueError:
-            numbers, kind = [], ""
-        if kind == "linear" and len(numbers) in (2, 3) and numbers[0] >= 1 and numbers[-1] >= 1:
-            values = list(range(numbers[0], numbers[1] + 1, numbers[2] if len(numbers) == 3 else 1))
-        elif kind == "double" and len(numbers) == 2 and numbers[0] >= 1:
-            values, n = [], numbers[0]
-            while n <= numbers[1]:
-                values.append(n)
-                n *= 2
-        else:
-            raise ValueError(
-                f"curriculum.segments must be a list of ints or 'linear:START:STOP[:STEP]' / 'double:START:STOP', "
-                f"got {rule!r}"
-            )
-    else:
-        values = list(rule) if isinstance(rule, list | tuple) else []
-    if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
-        raise ValueError(f"curriculum.segments must hold at least one int ≥ 1, got {rule!r}")
-    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError(f"curriculum.segments must be increasing, got {values}")
-    return values
-
-
-def _fail(key: str, value, allowed: str) -> None:
-    raise ValueError(f"{key} must be {allowed}, got {value!r}")
-
-
-def _check_type(key: str, value, kind: type) -> None:
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        _fail(key, value, f"a {kind.__name__}")
-
-
-_TYPES = {
-    "str": str,
-    "int": int,
-    "float": float,
-    "bool": bool,
-    "str | None": str,
-    "int | None": int,
-    "list[int] | str": (list, str),
-}
-
-
-def _section(cls, data: dict, prefix: str):
-    """A config section from a dict: unknown keys and wrong types fail with the key's full name."""
-    if not isinstance(data, dict):
-        _fail(prefix, data, "a table")
-    known = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}"
-        if key not in known:
-            raise ValueError(f"{name}: unknown key; allowed keys of [{prefix}]: {sorted(known)}")
-        kind = known[key].type
-        if kind == "ScratchConfig":
-            values[key] = _section(ScratchConfig, value, name)
-            continue
-        expected = _TYPES[kind]
-        if isinstance(expected, tuple):
-            if not isinstance(value, expected):
-                _fail(name, value, "a list of ints or a rule string")
-        else:
-            _check_type(name, value, expected)
-        values[key] = float(value) if expected is float else value
-    return cls(**values)
-
-
-def config_from_dict(data: dict) -> TrainConfig:
-    """A validated `TrainConfig` from nested dicts (a parsed TOML file)."""
-    sections = {"model": ModelConfig, "task": TaskConfig, "curriculum": CurriculumConfig}
-    sections |= {"optim": OptimConfig, "output": OutputConfig}
-    for key in data:
-        if key not in sections:
-            raise ValueError(f"{key}: unknown config section; allowed: {sorted(sections)}")
-    config = TrainConfig(**{key: _section(cls, data.get(key, {}), key) for key, cls in sections.items()})
-    validate(config)
-    return config
-
-
-def validate(config: TrainConfig) -> None:
-    """Fail early, naming the key, on values the trainer cannot use."""
-    from .tasks import TASKS
-
-    m, s, t, c, o, out = config.model, config.model.scratch, config.task, config.curriculum, config.optim, config.output
-    if m.head not in HEADS:
-        _fail("model.head", m.head, f"one of {HEADS}")
-    if m.num_memory_tokens < 0:
-        _fail("model.num_memory_tokens", m.num_memory_tokens, "an int ≥ 0")
-    if m.segment_size < 2:
-        _fail("model.segment_size", m.segment_size, "an int ≥ 2")
-    if m.bptt_depth is not None and m.bptt_depth < 0:
-        _fail("model.bptt_depth", m.bptt_depth, "an int ≥ 0 (leave it out for full back-propagation)")
-    if m.alignment not in ALIGNMENTS:
-        _fail("model.alignment", m.alignment, f"one of {ALIGNMENTS}")
-    if s.family not in FAMILIES:
-        _fail("model.scratch.family", s.family, f"one of {FAMILIES}")
-    for key in ("layers", "hidden", "heads", "intermediate"):
-        if getattr(s, key) < 1:
-            _fail(f"model.scratch.{key}", getattr(s, key), "an int ≥ 1")
-    if s.hidden % s.heads:
-        _fail("model.scratch.hidden", s.hidden, f"a multiple of model.scratch.heads={s.heads}")
-    if not 0 <= s.dropout < 1:
-        _fail("model.scratch.dropout", s.dropout, "in [0, 1)")
-    if m.backbone == "scratch" and (m.head == "causal-lm") != (s.family == "llama"):
-        _fail("model.scratch.family", s.family, "'llama' for head 'causal-lm' and 'bert' for the other heads")
-    names = config.task_names
-    if not names or any(name not in TASKS or TASKS[name].kind != "babi" for name in names):
-        babi = [k for k, v in TASKS.items() if v.kind == "babi"]
-        _fail("task.name", t.name, f"one or more (comma-separated) of {babi}")
-    if len({TASKS[name].answers for name in names}) != 1:
-        _fail("task.name", t.name, "tasks that share one answer vocabulary (e.g. memorize,detect,reason)")
-    if t.split not in ("train", "test", "all"):
-        _fail("task.split", t.split, "one of ('train', 'test', 'all')")
-    parse_segments(c.segments)
-    if not 0 <= c.threshold <= 1:
-        _fail("curriculum.threshold", c.threshold, "in [0, 1]")
-    for key, value, low in (
-        ("curriculum.max_steps_per_stage", c.max_steps_per_stage, 1),
-        ("curriculum.eval_every", c.eval_every, 0),
-        ("curriculum.eval_samples", c.eval_samples, 1),
-        ("optim.warmup_steps", o.warmup_steps, 0),
-        ("optim.total_steps", o.total_steps, 0),
-        ("optim.batch_size", o.batch_size, 1),
-        ("optim.grad_accum", o.grad_accum, 1),
-        ("output.checkpoint_every", out.checkpoint_every, 0),
-        ("output.keep_checkpoints", out.keep_checkpoints, 1),
-        ("output.log_every", out.log_every, 1),
-    ):
-        if value < low:
-            _fail(key, value, f"an int ≥ {low}")
-    if c.eval_batch_size is not None and c.eval_batch_size < 1:
-        _fail("curriculum.eval_batch_size", c.eval_batch_size, "an int ≥ 1")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        _fail("optim.lr", o.lr, "a positive number")
-    if o.weight_decay < 0:
-        _fail("optim.weight_decay", o.weight_decay, "≥ 0")
-    if o.max_grad_norm < 0:
-        _fail("optim.max_grad_norm", o.max_grad_norm, "≥ 0 (0 = no clipping)")
-    if o.schedule not in SCHEDULES:
-        _fail("optim.schedule", o.schedule, f"one of {SCHEDULES}")
-    if o.mixed_precision not in PRECISIONS:
-        _fail("optim.mixed_precision", o.mixed_precision, f"one of {PRECISIONS}")
-    if o.batch_size % o.grad_accum:
-        _fail("optim.batch_size", o.batch_size, f"a multiple of optim.grad_accum={o.grad_accum}")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'curriculum.max_steps_per_stage=20' → (['curriculum', 'max_steps_per_stage'], 20); values are TOML."""
-    if "=" not in text:
-        raise ValueError(f"override must look like section.key=value, got {text!r}")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word: a string
-    return key.split("."), value
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """Read a TOML config (or start from the defaults) and apply `section.key=value` overrides."""
-    data: dict = {}
-    if path is not None:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
-        keys = key.split(".") if isinstance(key, str) else key
-        node = data
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-        node[keys[-1]] = value
-    return config_from_dict(data)
-
+from .training_config import (  # noqa: F401 (the config API is re-exported here)
+    CHECKPOINT_PREFIX,
+    EVAL_SEED_OFFSET,
+    ModelConfig,
+    TrainConfig,
+    _fail,
+    _flatten,
+    _items,
+    config_from_dict,
+    load_config,
+    parse_override,
+    parse_segments,
+    validate,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # Model and data
@@ -999,20 +650,3 @@ def train(
         config = load_config(None, _flatten(config.to_dict()) | dict(_items(overrides)))
     trainer = Trainer(config, callbacks=callbacks, progress=progress, resume=resume)
     return trainer.train(stop_after_steps=stop_after_steps)
-
-
-def _items(overrides: list[str] | dict):
-    if isinstance(overrides, dict):
-        return overrides.items()
-    return [(".".join(keys), value) for keys, value in map(parse_override, overrides)]
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= _flatten(value, name + ".")
-        else:
-            flat[name] = value
-    return flat
