@@ -1,20 +1,24 @@
 """memformers: any Hugging Face transformer reads millions of tokens through memory."""
 
 from . import backbones
+from .cache import SegmentCacheTransformer
+from .knn import MemorizingTransformer
 from .recurrence import MemoryModel, RecurrentOutput, StepOutput
 from .rmt import MemoryState, RecurrentMemoryTransformer
 from .saving import load, save_pretrained
 from .segments import Segment, split_into_segments, stream_segments
 
-MECHANISMS = {cls.__name__: cls for cls in (RecurrentMemoryTransformer,)}
+MECHANISMS = {cls.__name__: cls for cls in (RecurrentMemoryTransformer, MemorizingTransformer, SegmentCacheTransformer)}
 
 __all__ = [
     "MECHANISMS",
+    "MemorizingTransformer",
     "MemoryModel",
     "MemoryState",
     "RecurrentMemoryTransformer",
     "RecurrentOutput",
     "Segment",
+    "SegmentCacheTransformer",
     "StepOutput",
     "backbones",
     "load",

@@ -232,3 +232,127 @@ def _not_found(name: str, error: Exception) -> BackboneNotFoundError:
         f"backbone {name!r} could not be loaded ({error.__class__.__name__}). Without access to the Hugging Face "
         f"hub, give a local folder saved with save_pretrained, or one of the shipped backbones ({shipped})."
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention adapters: one decoder layer's attention, computed with the layer's own weights
+#
+# Mechanisms that change how a layer attends (kNN memory) replace that attention module's `forward` at runtime and
+# rebuild it from these pieces: queries, keys and values from the layer's own projections, positions applied with
+# the family's own rotary function, and the layer's own output projection.
+
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
+ATTENTION_FAMILIES = LLAMA_FAMILY | {"gpt2"}
+
+
+@dataclass
+class AttentionAdapter:
+    """How to reach and recompute the self-attention of decoder layer `layer` of a Llama-family or GPT-2 model."""
+
+    module: nn.Module  # the attention module itself (LlamaAttention, GPT2Attention, ...)
+    family: str  # "llama" (Llama, Mistral, Qwen2, SmolLM2) or "gpt2"
+    layer: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+    def split_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+        """The hidden states and the keyword arguments of a call to the module, whatever its signature."""
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
+        if rest:  # positional extras, in the order of each family's forward
+            names = ("position_embeddings", "attention_mask") if self.family in LLAMA_FAMILY else ("past_key_values",)
+            if len(rest) > len(names):
+                raise ValueError(f"{type(self.module).__name__} called with {len(args)} positional arguments")
+            kwargs.update(zip(names[: len(rest)], rest, strict=True))
+        return hidden, kwargs
+
+    def project(
+        self, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [b, heads, n, d]; k, v [b, kv_heads, n, d]
+        """Queries, keys and values from the layer's own projections, before any position encoding."""
+        batch, length, _ = hidden.shape
+        if self.family == "gpt2":
+            query, key, value = self.module.c_attn(hidden).split(self.module.split_size, dim=2)
+        else:
+            query, key, value = self.module.q_proj(hidden), self.module.k_proj(hidden), self.module.v_proj(hidden)
+        query = query.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        key = key.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = value.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return query, key, value
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # same shapes
+        """Queries and keys with positions applied as the layer would (rotary for Llama; GPT-2 has none here)."""
+        if self.family == "gpt2":
+            return query, key
+        cos, sin = kwargs["position_embeddings"]
+        apply_rotary = importlib.import_module(type(self.module).__module__).apply_rotary_pos_emb
+        return apply_rotary(query, key, cos, sin)
+
+    def update_cache(
+        self, key: torch.Tensor, value: torch.Tensor, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [b, kv_heads, past + n, d]
+        """Append to the generation cache, when there is one, and return every key and value to attend to."""
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return key, value
+        return cache.update(key, value, self.layer)
+
+    def dropout(self) -> float:
+        """The attention-probability dropout the layer uses in training."""
+        if self.family == "gpt2":
+            return self.module.attn_dropout.p
+        return float(getattr(self.module, "attention_dropout", 0.0))
+
+    def output(self, attention: torch.Tensor) -> torch.Tensor:  # [b, n, heads * d] → [b, n, hidden]
+        """The layer's own output projection (and GPT-2's residual dropout)."""
+        if self.family == "gpt2":
+            return self.module.resid_dropout(self.module.c_proj(attention))
+        return self.module.o_proj(attention)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of a Llama-family or GPT-2 model (with or without its head)."""
+    family = attention_family(model)
+    base = getattr(model, "base_model", model)
+    return base.h if family == "gpt2" else base.layers
+
+
+def attention_family(model: nn.Module) -> str:
+    """ "llama" or "gpt2": which attention adapter a model needs; a clear error for any other family."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ATTENTION_FAMILIES:
+        raise ValueError(
+            f"backbone: attention adapters exist for model types {sorted(ATTENTION_FAMILIES)}, got {model_type!r}"
+        )
+    return "gpt2" if model_type == "gpt2" else "llama"
+
+
+def attention_adapter(model: nn.Module, layer: int) -> AttentionAdapter:
+    """The adapter of decoder layer `layer` (negative counts from the top)."""
+    family = attention_family(model)
+    layers = decoder_layers(model)
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer must be in [{-len(layers)}, {len(layers) - 1}] for this backbone, got {layer}")
+    layer = layer % len(layers)
+    config = model.config
+    if family == "gpt2":
+        module = layers[layer].attn
+        num_heads = num_kv_heads = module.num_heads
+    else:
+        module = layers[layer].self_attn
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    return AttentionAdapter(
+        module=module,
+        family=family,
+        layer=layer,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=module.head_dim,
+        scaling=float(module.scaling),
+    )

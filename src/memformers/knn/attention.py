@@ -1,0 +1,195 @@
+"""kNN-augmented attention (Memorizing Transformers, arXiv 2203.08913) for one decoder layer of a pretrained model.
+
+The layer's attention module keeps its weights; its `forward` is replaced (once, by `KNNAttention.attach`) by one
+that computes, from the layer's own projections:
+- local attention over the segment (rotary applied, the backbone's own mask and generation cache);
+- memory attention: each query's top-k (key, value) pairs from a `KNNStore`, no positions (pre-rotary queries and
+  keys), retrieved before the segment's own keys and values are written;
+- their combination, per head, before the layer's output projection:
+  `out = local·(1 − g) + memory·g`, with
+  - combine="gate" (the paper): `g = mix · sigmoid(gate_bias)`;
+  - combine="joint" (one softmax over [memory ; local]): `g = mix · sigmoid(gate_bias + lse_memory − lse_local)`,
+    which with mix = 1 and gate_bias = 0 is exactly a joint softmax.
+  `mix` is zero-initialised, so g = 0 exactly and the pretrained model's outputs are unchanged until fine-tuning
+  moves it (its gradient is not zero: `mix` learns first, then `gate_bias`, which starts at the paper's 0).
+Queries with nothing in memory use g = 0. Outside a memory step (`context` unset) the module runs its own forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import AttentionAdapter
+from .store import Backend, KNNStore
+
+Combine = Literal["gate", "joint"]
+COMBINES = ("gate", "joint")
+
+
+@dataclass
+class MemoryContext:
+    """What a memory layer needs during one forward pass of the backbone."""
+
+    store: KNNStore
+    write_mask: torch.Tensor | None  # [batch, length] tokens to remember after reading; None = read only
+
+
+class KNNAttention(nn.Module):
+    """The trainable part of one memory layer (gate, mix, temperature) and its replacement attention forward."""
+
+    def __init__(
+        self,
+        adapter: AttentionAdapter,
+        top_k: int = 32,
+        combine: Combine = "gate",
+        normalize_keys: bool = False,
+        search: Backend = "torch",
+    ) -> None:
+        super().__init__()
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+        self.adapter = adapter  # a plain dataclass: the backbone's module is not registered twice
+        self.top_k = top_k
+        self.combine = combine
+        self.normalize_keys = normalize_keys
+        self.search = search
+        heads = adapter.num_heads
+        self.gate_bias = nn.Parameter(torch.zeros(heads))  # the paper's init: sigmoid(0) = 0.5
+        self.mix = nn.Parameter(torch.zeros(heads))  # zero: the pretrained model is unchanged at first
+        # Normalised keys lose their scale; a learned per-head temperature gives it back (init: √head_dim).
+        self.log_temperature = nn.Parameter(torch.full((heads,), 0.5 * math.log(adapter.head_dim)))
+        if not normalize_keys:
+            self.log_temperature.requires_grad_(False)
+        self.context: MemoryContext | None = None
+
+    # --- installing on the backbone ---------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Replace the attention module's forward by ours (which falls back to the original outside a step)."""
+        module = self.adapter.module
+        if "forward" in module.__dict__:
+            raise ValueError(
+                f"backbone: layer {self.adapter.layer}'s attention already has a replaced forward (kNN memory "
+                "attached twice?); build one MemorizingTransformer per backbone, or call detach() on the other"
+            )
+        original = type(module).forward.__get__(module)
+
+        def forward(*args, **kwargs):
+            if self.context is None:
+                return original(*args, **kwargs)
+            return self.attend(*args, **kwargs)
+
+        module.forward = forward
+
+    def detach_from_backbone(self) -> None:
+        """Give the attention module its own forward back."""
+        self.adapter.module.__dict__.pop("forward", None)
+
+    # --- the replaced forward ---------------------------------------------------------------------------------
+
+    def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        adapter = self.adapter
+        hidden, kwargs = adapter.split_call(args, kwargs)
+        query, key, value = adapter.project(hidden)  # pre-rotary: what memory sees
+        local_query, local_key = adapter.rotate(query, key, kwargs)
+        local_key, local_value = adapter.update_cache(local_key, value, kwargs)
+        dropout = adapter.dropout() if adapter.module.training else 0.0  # the backbone decides
+        local, local_lse = local_attention(
+            local_query, local_key, local_value, kwargs.get("attention_mask"), adapter.scaling, dropout
+        )  # [b, heads, n, d], [b, heads, n]
+
+        store = self.context.store
+        memory_key = F.normalize(key, dim=-1) if self.normalize_keys else key
+        memory, memory_lse = self.memory_attention(query, store)
+        g = self.gate(memory_lse, local_lse).to(local.dtype)  # [b, heads, n, 1]
+        out = local + g * (memory - local)  # local·(1 − g) + memory·g; exactly local where g = 0
+        if self.context.write_mask is not None:  # retrieve before write
+            store.write(memory_key, value, self.context.write_mask)
+        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [b, n, heads * d]
+        return adapter.output(out), None
+
+    def memory_attention(
+        self,
+        query: torch.Tensor,  # [b, heads, n, d] pre-rotary
+        store: KNNStore,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # out [b, heads, n, d]; log-sum-exp [b, heads, n] (-inf: no memory)
+        """Attention over each query's top-k memories; the store's heads are the key-value heads (GQA groups)."""
+        batch, heads, length, head_dim = query.shape
+        kv_heads = self.adapter.num_kv_heads
+        group = heads // kv_heads
+        if self.normalize_keys:
+            query = F.normalize(query, dim=-1)
+            scale = self.log_temperature.exp().view(1, kv_heads, group, 1, 1)
+        else:
+            scale = self.adapter.scaling
+        grouped = query.reshape(batch, kv_heads, group * length, head_dim)  # heads of one group share a store
+        _, slots = store.search(grouped.detach(), self.top_k, self.search)  # [b, kv_heads, group * n, k]
+        keys, values = store.gather(slots)  # [b, kv_heads, group * n, k, d], no graph
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
+        logits = torch.einsum("bhqd,bhqkd->bhqk", grouped, keys)  # gradients reach the queries only
+        logits = logits.view(batch, kv_heads, group, length, -1) * scale
+        logits = logits.float().masked_fill((slots < 0).view_as(logits), float("-inf"))
+        lse = logits.logsumexp(dim=-1)  # [b, kv_heads, group, n]
+        weights = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0).to(values.dtype)  # rows with no memory: 0
+        out = torch.einsum("bhgqk,bhgqkd->bhgqd", weights, values.view(batch, kv_heads, group, length, -1, head_dim))
+        return out.reshape(batch, heads, length, head_dim), lse.reshape(batch, heads, length)
+
+    def gate(self, memory_lse: torch.Tensor, local_lse: torch.Tensor) -> torch.Tensor:  # [b, heads, n, 1]
+        """The share g of memory in each head's output (0 where a query has no memory)."""
+        bias = self.gate_bias.view(1, -1, 1)
+        if self.combine == "joint":
+            bias = bias + (memory_lse - local_lse).nan_to_num(neginf=-torch.inf)
+        g = self.mix.view(1, -1, 1) * torch.sigmoid(bias)
+        g = torch.where(torch.isfinite(memory_lse), g, torch.zeros_like(g))
+        return g.unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.adapter.layer}, top_k={self.top_k}, combine={self.combine!r}, "
+            f"normalize_keys={self.normalize_keys}, search={self.search!r}"
+        )
+
+
+def local_attention(
+    query: torch.Tensor,  # [b, heads, n, d] rotary applied
+    key: torch.Tensor,  # [b, kv_heads, m, d]
+    value: torch.Tensor,  # [b, kv_heads, m, d]
+    attention_mask: torch.Tensor | None,  # the backbone's: None (causal), bool [b, 1, n, m] or additive float
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [b, heads, n, d], log-sum-exp [b, heads, n]
+    """Plain softmax attention that also returns each query's log-sum-exp (needed by the joint softmax)."""
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [b, heads, n, m]
+    scores = scores + mask_bias(attention_mask, scores.shape[-2], scores.shape[-1], scores.device)
+    lse = scores.logsumexp(dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0).to(value.dtype)
+    return torch.matmul(weights, value), lse
+
+
+def mask_bias(
+    attention_mask: torch.Tensor | None, queries: int, keys: int, device: torch.device
+) -> torch.Tensor:  # [b or 1, 1, queries, keys] additive float
+    """The backbone's attention mask, whatever its form, as an additive bias (0 = attend, -inf = not)."""
+    if attention_mask is None:  # causal; queries are the last `queries` of the keys (generation cache)
+        q = torch.arange(queries, device=device).view(-1, 1) + (keys - queries)
+        allowed = torch.arange(keys, device=device).view(1, -1) <= q
+        return torch.zeros((), device=device).masked_fill(~allowed, float("-inf")).view(1, 1, queries, keys)
+    if attention_mask.dim() != 4:
+        raise ValueError(
+            f"attention_mask: kNN attention needs the backbone's 4-D mask (eager or sdpa attention), got shape "
+            f"{tuple(attention_mask.shape)}; load the backbone with attn_implementation='sdpa' or 'eager'"
+        )
+    attention_mask = attention_mask[..., :keys]
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros(attention_mask.shape, device=device).masked_fill(~attention_mask, float("-inf"))
+    return attention_mask.float()

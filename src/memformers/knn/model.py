@@ -1,0 +1,273 @@
+"""Memorizing Transformer (arXiv 2203.08913) around a pretrained Hugging Face decoder.
+
+Chosen attention layers also attend to a non-differentiable store of the keys and values of past segments.
+The state carried from segment to segment is one `KNNStore` per memory layer; each segment is otherwise read on its
+own (positions restart at 0), so the backbone never sees more than `segment_size` positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from .. import backbones
+from ..recurrence import MemoryModel, StepOutput
+from ..rmt import as_segment
+from ..segments import Alignment, Segment, check_input_ids, split_into_segments
+from .attention import COMBINES, Combine, KNNAttention, MemoryContext
+from .store import BACKENDS, Backend, KNNStore
+
+MAX_MEMORY_SIZE = 1 << 20
+
+
+@dataclass
+class KNNMemoryState:
+    """The stores of every memory layer. They are written in place (like a generation cache) and hold no graph."""
+
+    stores: list[KNNStore]
+
+    def detach(self) -> KNNMemoryState:
+        return self  # nothing in a store carries gradients
+
+    def reset(self, rows: torch.Tensor) -> KNNMemoryState:
+        for store in self.stores:
+            store.reset(rows)
+        return self
+
+    def select(self, rows: torch.Tensor, other: KNNMemoryState) -> KNNMemoryState:
+        # The driver's rows without tokens wrote nothing, so a state selected against itself is itself.
+        return KNNMemoryState(
+            [mine.select(rows, theirs) for mine, theirs in zip(self.stores, other.stores, strict=True)]
+        )
+
+    def nbytes(self) -> int:
+        return sum(store.nbytes() for store in self.stores)
+
+
+class MemorizingTransformer(MemoryModel):
+    """kNN memory in `memory_layers` of a Llama-family (Llama, Mistral, Qwen2, SmolLM2) or GPT-2 decoder.
+
+    `memory_size` (key, value) pairs per batch row, head and memory layer, FIFO; each query attends to its `top_k`
+    nearest by inner product. `combine` is "gate" (the paper's per-head sigmoid gate) or "joint" (one softmax over
+    memory and local keys); either way a zero-initialised per-head mix keeps the pretrained outputs unchanged at
+    first. `normalize_keys` L2-normalises memory queries and keys with a learned per-head temperature. `search` is
+    "torch" (exact blockwise top-k, CPU or GPU) or "faiss" (exact, CPU stores).
+    """
+
+    def __init__(
+        self,
+        backbone: transformers.PreTrainedModel | str,
+        memory_layers: Sequence[int] = (-4,),
+        memory_size: int = 65_536,
+        top_k: int = 32,
+        segment_size: int = 512,
+        combine: Combine = "gate",
+        normalize_keys: bool = False,
+        search: Backend = "torch",
+        alignment: Alignment = "left",
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone, _ = backbones.load(backbone)
+        self.info = backbones.describe(backbone)
+        if not self.info.is_decoder:
+            raise ValueError(
+                f"backbone: kNN memory needs a decoder (Llama family or GPT-2), got {self.info.class_name}"
+            )
+        if not isinstance(memory_size, int) or not 1 <= memory_size <= MAX_MEMORY_SIZE:
+            raise ValueError(f"memory_size must be an int in [1, {MAX_MEMORY_SIZE}], got {memory_size!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int ≥ 1, got {top_k!r}")
+        if not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
+        if self.info.max_positions is not None and segment_size > self.info.max_positions:
+            raise ValueError(f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions")
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+        if search not in BACKENDS:
+            raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
+        if alignment not in ("left", "right"):
+            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
+        memory_layers = tuple(memory_layers)
+        if not memory_layers:
+            raise ValueError("memory_layers must name at least one layer, got ()")
+        num_layers = len(backbones.decoder_layers(backbone))
+        resolved = [layer % num_layers if -num_layers <= layer < num_layers else None for layer in memory_layers]
+        if None in resolved or len(set(resolved)) != len(resolved):
+            raise ValueError(
+                f"memory_layers must be distinct layers in [{-num_layers}, {num_layers - 1}], got {memory_layers}"
+            )
+        self.backbone = backbone
+        self.memory_layers = memory_layers
+        self.memory_size = memory_size
+        self.top_k = top_k
+        self.segment_size = segment_size
+        self.content_size = segment_size
+        self.combine = combine
+        self.normalize_keys = normalize_keys
+        self.search = search
+        self.alignment = alignment
+        self.token_level = self.info.head == "token"
+        self.causal = True
+        self.layers = nn.ModuleList(
+            KNNAttention(backbones.attention_adapter(backbone, layer), top_k, combine, normalize_keys, search)
+            for layer in resolved
+        )
+        for layer in self.layers:
+            layer.attach()
+
+    # --- the two methods the driver needs --------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> KNNMemoryState:
+        """Empty stores on the backbone's device, in its dtype."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+        reference = self.backbone.get_input_embeddings().weight
+        stores = [
+            KNNStore(
+                batch_size,
+                layer.adapter.num_kv_heads,
+                layer.adapter.head_dim,
+                self.memory_size,
+                device=reference.device,
+                dtype=reference.dtype,
+            )
+            for layer in self.layers
+        ]
+        return KNNMemoryState(stores)
+
+    def step(self, segment: Segment | torch.Tensor, state: KNNMemoryState) -> tuple[StepOutput, KNNMemoryState]:
+        """One segment through the backbone: memory layers read their stores, then write the segment's tokens."""
+        segment = as_segment(segment)
+        if segment.input_ids.shape[1] > self.content_size:
+            raise ValueError(f"segment has {segment.input_ids.shape[1]} tokens; this model takes {self.content_size}")
+        if len(state.stores) != len(self.layers) or state.stores[0].batch_size != segment.batch_size:
+            raise ValueError(
+                f"state: {len(state.stores)} stores of batch {state.stores[0].batch_size} do not fit "
+                f"{len(self.layers)} memory layers and a segment of batch {segment.batch_size}"
+            )
+        with self.memory(state, write_mask=segment.attention_mask):
+            embeds = self.backbone.get_input_embeddings()(segment.input_ids)
+            logits, hidden = backbones.run_backbone(self.backbone, embeds, segment.attention_mask)
+        return StepOutput(logits=logits, hidden=hidden), state
+
+    def memory(self, state: KNNMemoryState, write_mask: torch.Tensor | None = None) -> _MemoryScope:
+        """`with model.memory(state): backbone(...)`: the memory layers read (and, given a mask, write) `state`."""
+        return _MemoryScope(self, state, write_mask)
+
+    def reset(self, state: KNNMemoryState, rows: torch.Tensor | None = None) -> KNNMemoryState:
+        """Clear the rows marked (every row when None): a new document starts there."""
+        if rows is None:
+            rows = torch.ones(state.stores[0].batch_size, dtype=torch.bool)
+        return state.reset(rows)
+
+    def detach_from_backbone(self) -> None:
+        """Give the backbone's attention modules their own forward back (the model is unusable afterwards)."""
+        for layer in self.layers:
+            layer.detach_from_backbone()
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,  # [batch, length] the long context
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        state: KNNMemoryState | None = None,
+        callback=None,
+        **generate_kwargs,
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """Read a long context into memory, then generate from its last segment with memory attention.
+
+        Every segment but each row's last is written to memory (continuing `state` when given); the last is the
+        prompt, read locally while every generated token also retrieves from memory. Keyword arguments go to the
+        backbone's `generate`. Returns only the new tokens.
+        """
+        if self.info.head != "token":
+            raise ValueError(f"generate needs a causal-LM head, got {self.info.class_name}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        attention_mask = check_input_ids(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
+        state = self.init_state(batch) if state is None else state
+        prompts: list[torch.Tensor | None] = [None] * batch
+        for segment in segments:
+            last = segment.is_last
+            for row in last.nonzero().flatten().tolist():
+                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
+            reading = segment.active & ~last
+            if bool(reading.any()):  # rows on their prompt segment write nothing
+                self.step(Segment(segment.input_ids, segment.attention_mask * reading[:, None], None), state)
+            if callback is not None:
+                callback(segment.index + 1, len(segments), 0)
+        width = max(len(p) for p in prompts)
+        if self.info.max_positions is not None and width + max_new_tokens > self.info.max_positions:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens}: the prompt segment ({width} tokens) and the new tokens exceed "
+                f"the backbone's {self.info.max_positions} positions"
+            )
+        pad = _pad_id(self.backbone.config)
+        ids = torch.full((batch, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
+        for row, prompt in enumerate(prompts):  # left padding, as generate expects
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+        generate_kwargs.setdefault("pad_token_id", pad)
+        with self.memory(state):
+            out = self.backbone.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
+            )
+        return out[:, width:]
+
+    # --- saving -----------------------------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return (
+            f"memory_layers={self.memory_layers}, memory_size={self.memory_size}, top_k={self.top_k}, "
+            f"segment_size={self.segment_size}, combine={self.combine!r}, search={self.search!r}"
+        )
+
+    def config_dict(self) -> dict:
+        """The constructor arguments, for `save_pretrained`."""
+        return {
+            "memory_layers": list(self.memory_layers),
+            "memory_size": self.memory_size,
+            "top_k": self.top_k,
+            "segment_size": self.segment_size,
+            "combine": self.combine,
+            "normalize_keys": self.normalize_keys,
+            "search": self.search,
+            "alignment": self.alignment,
+        }
+
+
+class _MemoryScope:
+    """Sets each memory layer's context for the duration of a `with` block, and always clears it."""
+
+    def __init__(self, model: MemorizingTransformer, state: KNNMemoryState, write_mask: torch.Tensor | None) -> None:
+        self.model, self.state, self.write_mask = model, state, write_mask
+
+    def __enter__(self) -> KNNMemoryState:
+        for layer, store in zip(self.model.layers, self.state.stores, strict=True):
+            layer.context = MemoryContext(store, self.write_mask)
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.model.layers:
+            layer.context = None
+
+
+def _pad_id(config) -> int:
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
