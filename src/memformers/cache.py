@@ -1,0 +1,180 @@
+"""The segment-cache baseline (Transformer-XL style) around any Hugging Face decoder.
+
+Each segment attends to itself and to the previous segment's keys and values, kept detached, through the
+backbone's own `past_key_values` (a `transformers.DynamicCache`): no backbone code is touched. It is the baseline a
+memory mechanism has to beat: a window of two segments, with no memory beyond it.
+
+Positions. The cached keys are the ones the backbone computes for the previous segment *on its own*, at positions
+[0, len_prev); the current segment reads them at positions [len_prev, len_prev + n). So every step is exactly the
+bare backbone run on [previous ; current] (seen from the current tokens), for rotary (Llama family: the relative
+offsets are right because cached keys were rotated at the very positions they are read at) and absolute (GPT-2,
+OPT: positions stay below 2·segment_size) families alike, and positions never grow with the input's length.
+The price is a second, cache-free pass over each segment (under `no_grad`, without the head) to produce those keys:
+the keys computed while attending to the cache would carry older segments into the window and sit at positions
+the next segment cannot read them at without re-rotation. So information flows exactly one segment back; a
+Transformer-XL whose cache holds states computed with their own cache reaches further, but needs relative
+position encodings that pretrained Hugging Face decoders do not have.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import DynamicCache
+
+from . import backbones
+from .recurrence import MemoryModel, StepOutput
+from .rmt import as_segment
+from .segments import Alignment, Segment
+
+
+@dataclass
+class CacheState:
+    """The previous segment's keys and values per layer, and which of its positions hold real tokens."""
+
+    keys: tuple[torch.Tensor, ...]  # per layer [batch, kv_heads, width, head_dim]; () before the first segment
+    values: tuple[torch.Tensor, ...]  # per layer [batch, kv_heads, width, head_dim]
+    mask: torch.Tensor  # [batch, width] long, 1 = a real cached token (right-padded)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def detach(self) -> CacheState:
+        return CacheState(tuple(k.detach() for k in self.keys), tuple(v.detach() for v in self.values), self.mask)
+
+    def reset(self, rows: torch.Tensor) -> CacheState:
+        """A new document sees no cache: its cached positions are masked out."""
+        return CacheState(self.keys, self.values, self.mask.masked_fill(rows.view(-1, 1), 0))
+
+    def select(self, rows: torch.Tensor, other: CacheState) -> CacheState:
+        width = max(self.width, other.width)
+        a, b = self._padded(width), other._padded(width)
+        if not a.keys and not b.keys:  # neither side has a cache yet
+            return CacheState((), (), torch.where(rows.view(-1, 1), a.mask, b.mask))
+        a, b = a._shaped_like(b), b._shaped_like(a)
+        pick = rows.view(-1, 1, 1, 1)
+        return CacheState(
+            tuple(torch.where(pick, x, y) for x, y in zip(a.keys, b.keys, strict=True)),
+            tuple(torch.where(pick, x, y) for x, y in zip(a.values, b.values, strict=True)),
+            torch.where(rows.view(-1, 1), a.mask, b.mask),
+        )
+
+    def _shaped_like(self, other: CacheState) -> CacheState:
+        """An empty cache as zeros (all masked) in the shape of `other`'s; a filled one unchanged."""
+        if self.keys or not other.keys:
+            return self
+        zeros = lambda tensors: tuple(torch.zeros_like(t) for t in tensors)  # noqa: E731
+        return CacheState(zeros(other.keys), zeros(other.values), self.mask)
+
+    def _padded(self, width: int) -> CacheState:
+        """Zero keys and masked positions on the right up to `width` (an empty cache takes its shape from none)."""
+        extra = width - self.width
+        if extra == 0:
+            return self
+        mask = F.pad(self.mask, (0, extra))
+        if not self.keys:
+            return CacheState((), (), mask)
+        pad = lambda t: F.pad(t, (0, 0, 0, extra))  # noqa: E731
+        return CacheState(tuple(map(pad, self.keys)), tuple(map(pad, self.values)), mask)
+
+
+class SegmentCacheTransformer(MemoryModel):
+    """A decoder reading segment by segment, each segment attending also to the previous one (detached cache).
+
+    `backbone` is a decoder `transformers.PreTrainedModel` (causal-LM head or base model) or a name for
+    `memformers.backbones.load`. `segment_size` tokens of input per segment; attention spans up to twice that,
+    so `2·segment_size` must fit the backbone's positions.
+    """
+
+    def __init__(
+        self,
+        backbone: transformers.PreTrainedModel | str,
+        segment_size: int = 512,
+        gradient_checkpointing: bool = False,
+        alignment: Alignment = "left",
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone, _ = backbones.load(backbone)
+        self.info = backbones.describe(backbone)
+        if not self.info.is_decoder or self.info.head not in ("token", "none"):
+            raise ValueError(
+                f"backbone: the segment cache needs a decoder with a causal-LM head or none, got "
+                f"{self.info.class_name} ({self.info.kind}, head {self.info.head!r})"
+            )
+        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
+        if self.info.max_positions is not None and 2 * segment_size > self.info.max_positions:
+            raise ValueError(
+                f"segment_size={segment_size}: a segment and its cache span {2 * segment_size} positions, more than "
+                f"the backbone's {self.info.max_positions}; use segment_size ≤ {self.info.max_positions // 2}"
+            )
+        if alignment not in ("left", "right"):
+            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
+        self.backbone = backbone
+        self.segment_size = segment_size
+        self.content_size = segment_size
+        self.gradient_checkpointing = gradient_checkpointing
+        self.alignment = alignment
+        self.token_level = self.info.head == "token"
+        self.causal = True
+        self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    def init_state(self, batch_size: int) -> CacheState:
+        """No cache before the first segment."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        device = self.backbone.get_input_embeddings().weight.device
+        return CacheState((), (), torch.zeros(batch_size, 0, dtype=torch.long, device=device))
+
+    def step(self, segment: Segment | torch.Tensor, state: CacheState) -> tuple[StepOutput, CacheState]:
+        """The segment behind the previous one's cache; its own cache-free keys and values become the next cache."""
+        segment = as_segment(segment)
+        ids, mask = segment.input_ids, segment.attention_mask  # [batch, n], right-padded
+        batch, n = ids.shape
+        if n > self.content_size:
+            raise ValueError(f"segment has {n} tokens; this model takes at most {self.content_size}")
+        if state.mask.shape[0] != batch:
+            raise ValueError(f"state has {state.mask.shape[0]} rows, the segment {batch}")
+        # Padding sits at the end of each row, so under the causal mask no real token can see it: every query
+        # gets a visible key (no all-masked softmax rows) and real tokens are unaffected.
+        ones = torch.ones_like(mask)
+        arange = torch.arange(n, device=ids.device).unsqueeze(0).expand(batch, -1)  # [batch, n]
+        kwargs: dict = {"output_hidden_states": True, "return_dict": True}
+        if state.keys:
+            past = DynamicCache(ddp_cache_data=list(zip(state.keys, state.values, strict=True)))
+            kwargs.update(past_key_values=past, attention_mask=torch.cat([state.mask, ones], dim=1), use_cache=True)
+            positions = state.mask.sum(dim=1, keepdim=True) + arange  # after the row's cached tokens
+        else:
+            kwargs.update(attention_mask=ones, use_cache=False)
+            positions = arange
+        if self._takes_positions:
+            kwargs["position_ids"] = positions
+        out = self.backbone(input_ids=ids, **kwargs)
+        hidden = out.hidden_states[-1]  # [batch, n, hidden]
+        logits = getattr(out, "logits", None) if self.token_level else None
+
+        with torch.no_grad():  # the next cache: this segment alone at positions [0, n), detached by construction
+            alone: dict = {"attention_mask": ones, "use_cache": True, "return_dict": True}
+            if self._takes_positions:
+                alone["position_ids"] = arange
+            cache = self.backbone.base_model(input_ids=ids, **alone).past_key_values
+        keys = tuple(layer.keys for layer in cache.layers)
+        values = tuple(layer.values for layer in cache.layers)
+        return StepOutput(logits=logits, hidden=hidden), CacheState(keys, values, mask)
+
+    def extra_repr(self) -> str:
+        return f"segment_size={self.segment_size}"
+
+    def config_dict(self) -> dict:
+        """The constructor arguments, for `save_pretrained`."""
+        return {
+            "segment_size": self.segment_size,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "alignment": self.alignment,
+        }
