@@ -167,3 +167,14 @@ def test_bad_input_raises():
     model = tiny_cache("gpt2")
     with pytest.raises(ValueError, match="at most 16"):
         model.step(random_ids(1, S + 1), model.init_state(1))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain = tiny_cache("llama").train()
+    checkpointed = tiny_cache("llama", gradient_checkpointing=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = random_ids(2, 3 * S - 4)
+    for model in (plain, checkpointed):
+        model(ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
