@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent  # commands are recorded as run from the repository root
 
 
 def machine() -> dict:
@@ -31,7 +32,7 @@ def write_result(name: str, payload: dict) -> Path:
     """Write `results/NAME.json` with the machine, the command line and the date."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "command": "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         **payload,
