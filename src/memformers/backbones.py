@@ -303,10 +303,39 @@ class AttentionAdapter:
         return cache.update(key, value, self.layer)
 
     def dropout(self) -> float:
-        """The attention-probability dropout the layer uses in training."""
+        """The attention-probability dropout the layer uses (0 in eval mode)."""
+        if not self.module.training:
+            return 0.0
         if self.family == "gpt2":
             return self.module.attn_dropout.p
         return float(getattr(self.module, "attention_dropout", 0.0))
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict
+    ) -> torch.Tensor:  # [b, heads, n, d]
+        """The layer's own attention function (eager, sdpa, flash… as the backbone is configured), so that its
+        output is bit-identical to the layer's; query and key with positions applied, key and value from the cache."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        eager = importlib.import_module(type(self.module).__module__).eager_attention_forward
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.module.config._attn_implementation, eager)
+        extra = {name: v for name, v in kwargs.items() if name not in ("position_embeddings", "past_key_values")}
+        extra.pop("attention_mask", None)
+        if hasattr(self.module, "sliding_window"):
+            extra["sliding_window"] = self.module.sliding_window
+        elif self.family in LLAMA_FAMILY and getattr(self.module.config, "sliding_window", None) is not None:
+            extra["sliding_window"] = self.module.config.sliding_window  # Mistral keeps it on the config
+        out, _ = interface(
+            self.module,
+            query,
+            key,
+            value,
+            kwargs.get("attention_mask"),
+            dropout=self.dropout(),
+            scaling=self.scaling,
+            **extra,
+        )
+        return out.transpose(1, 2)  # [b, n, heads, d] → [b, heads, n, d]
 
     def output(self, attention: torch.Tensor) -> torch.Tensor:  # [b, n, heads * d] → [b, n, hidden]
         """The layer's own output projection (and GPT-2's residual dropout)."""

@@ -1,6 +1,6 @@
 """kNN memory (Memorizing Transformers): a store of past keys and values read by chosen attention layers."""
 
-from .attention import KNNAttention, local_attention
+from .attention import KNNAttention, attention_lse
 from .model import KNNMemoryState, MemorizingTransformer
 from .store import KNNStore, faiss_search, torch_search
 
@@ -9,7 +9,7 @@ __all__ = [
     "KNNMemoryState",
     "KNNStore",
     "MemorizingTransformer",
+    "attention_lse",
     "faiss_search",
-    "local_attention",
     "torch_search",
 ]

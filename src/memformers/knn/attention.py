@@ -2,7 +2,8 @@
 
 The layer's attention module keeps its weights; its `forward` is replaced (once, by `KNNAttention.attach`) by one
 that computes, from the layer's own projections:
-- local attention over the segment (rotary applied, the backbone's own mask and generation cache);
+- local attention over the segment with the layer's own attention function (rotary, mask and generation cache as
+  the backbone has them), so that with the gate closed the layer's output is bit-identical;
 - memory attention: each query's top-k (key, value) pairs from a `KNNStore`, no positions (pre-rotary queries and
   keys), retrieved before the segment's own keys and values are written;
 - their combination, per head, before the layer's output projection:
@@ -99,10 +100,10 @@ class KNNAttention(nn.Module):
         query, key, value = adapter.project(hidden)  # pre-rotary: what memory sees
         local_query, local_key = adapter.rotate(query, key, kwargs)
         local_key, local_value = adapter.update_cache(local_key, value, kwargs)
-        dropout = adapter.dropout() if adapter.module.training else 0.0  # the backbone decides
-        local, local_lse = local_attention(
-            local_query, local_key, local_value, kwargs.get("attention_mask"), adapter.scaling, dropout
-        )  # [b, heads, n, d], [b, heads, n]
+        local = adapter.attend(local_query, local_key, local_value, kwargs)  # [b, heads, n, d], the layer's own
+        local_lse = None
+        if self.combine == "joint":  # [b, heads, n]
+            local_lse = attention_lse(local_query, local_key, kwargs.get("attention_mask"), adapter.scaling)
 
         store = self.context.store
         memory_key = F.normalize(key, dim=-1) if self.normalize_keys else key
@@ -140,10 +141,10 @@ class KNNAttention(nn.Module):
         out = torch.einsum("bhgqk,bhgqkd->bhgqd", weights, values.view(batch, kv_heads, group, length, -1, head_dim))
         return out.reshape(batch, heads, length, head_dim), lse.reshape(batch, heads, length)
 
-    def gate(self, memory_lse: torch.Tensor, local_lse: torch.Tensor) -> torch.Tensor:  # [b, heads, n, 1]
+    def gate(self, memory_lse: torch.Tensor, local_lse: torch.Tensor | None) -> torch.Tensor:  # [b, heads, n, 1]
         """The share g of memory in each head's output (0 where a query has no memory)."""
         bias = self.gate_bias.view(1, -1, 1)
-        if self.combine == "joint":
+        if local_lse is not None:
             bias = bias + (memory_lse - local_lse).nan_to_num(neginf=-torch.inf)
         g = self.mix.view(1, -1, 1) * torch.sigmoid(bias)
         g = torch.where(torch.isfinite(memory_lse), g, torch.zeros_like(g))
@@ -156,24 +157,18 @@ class KNNAttention(nn.Module):
         )
 
 
-def local_attention(
+def attention_lse(
     query: torch.Tensor,  # [b, heads, n, d] rotary applied
     key: torch.Tensor,  # [b, kv_heads, m, d]
-    value: torch.Tensor,  # [b, kv_heads, m, d]
     attention_mask: torch.Tensor | None,  # the backbone's: None (causal), bool [b, 1, n, m] or additive float
     scaling: float,
-    dropout: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:  # out [b, heads, n, d], log-sum-exp [b, heads, n]
-    """Plain softmax attention that also returns each query's log-sum-exp (needed by the joint softmax)."""
+) -> torch.Tensor:  # [b, heads, n]
+    """Each query's log-sum-exp over its local scores: how much a joint softmax gives to local keys."""
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
-    value = value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [b, heads, n, m]
     scores = scores + mask_bias(attention_mask, scores.shape[-2], scores.shape[-1], scores.device)
-    lse = scores.logsumexp(dim=-1)
-    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    weights = F.dropout(weights, p=dropout, training=dropout > 0).to(value.dtype)
-    return torch.matmul(weights, value), lse
+    return scores.logsumexp(dim=-1)
 
 
 def mask_bias(
@@ -186,8 +181,8 @@ def mask_bias(
         return torch.zeros((), device=device).masked_fill(~allowed, float("-inf")).view(1, 1, queries, keys)
     if attention_mask.dim() != 4:
         raise ValueError(
-            f"attention_mask: kNN attention needs the backbone's 4-D mask (eager or sdpa attention), got shape "
-            f"{tuple(attention_mask.shape)}; load the backbone with attn_implementation='sdpa' or 'eager'"
+            f"attention_mask: the joint softmax needs the backbone's 4-D mask (eager or sdpa attention), got shape "
+            f"{tuple(attention_mask.shape)}; use combine='gate', or attn_implementation='sdpa' or 'eager'"
         )
     attention_mask = attention_mask[..., :keys]
     if attention_mask.dtype == torch.bool:
