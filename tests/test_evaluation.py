@@ -194,3 +194,44 @@ def test_cli_data_and_eval(tokenizer, tmp_path):
     assert len(saved["results"]) == 4 and saved["command"].startswith("memformers eval")
     assert {"task", "length", "samples", "accuracy"} <= set(saved["results"][0])
     assert grid.with_suffix(".png").exists() and grid.with_suffix(".md").exists()
+
+
+def test_cli_demo_answers_questions_with_a_saved_model(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=6,
+    )
+    model = mf.RecurrentMemoryTransformer(
+        transformers.BertForSequenceClassification(config),
+        num_memory_tokens=2,
+        segment_size=64,
+        alignment="right",
+        cls_token_id=101,
+        sep_token_id=102,
+    )
+    model.save_pretrained(tmp_path / "tiny", tokenizer)
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--checkpoint",
+            str(tmp_path / "tiny"),
+            "--length",
+            "3000",
+            "--samples",
+            "2",
+            "--table-lengths",
+            "256,512",
+            "--table-samples",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("question: ") == 2 and "model: " in result.output and "accuracy" in result.output
+    missing = CliRunner().invoke(app, ["demo", "--checkpoint", str(tmp_path / "nothing")])
+    assert missing.exit_code != 0 and "checkpoint" in missing.output
