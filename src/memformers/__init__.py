@@ -3,15 +3,19 @@
 from . import backbones
 from .cache import SegmentCacheTransformer
 from .knn import MemorizingTransformer
+from .longmem import LongMem
 from .recurrence import MemoryModel, RecurrentOutput, StepOutput
 from .rmt import MemoryState, RecurrentMemoryTransformer
 from .saving import load, save_pretrained
 from .segments import Segment, split_into_segments, stream_segments
 
-MECHANISMS = {cls.__name__: cls for cls in (RecurrentMemoryTransformer, MemorizingTransformer, SegmentCacheTransformer)}
+MECHANISMS = {
+    cls.__name__: cls for cls in (RecurrentMemoryTransformer, MemorizingTransformer, LongMem, SegmentCacheTransformer)
+}
 
 __all__ = [
     "MECHANISMS",
+    "LongMem",
     "MemorizingTransformer",
     "MemoryModel",
     "MemoryState",

@@ -32,15 +32,19 @@ class KNNStore:
         capacity: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        value_dim: int | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be ≥ 1, got {capacity}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.capacity = capacity
-        shape = (batch_size, num_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # [batch, heads, capacity, head_dim]
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # [batch, heads, capacity, head_dim]
+        if value_dim is not None and value_dim < 1:
+            raise ValueError(f"value_dim must be None or ≥ 1, got {value_dim}")
+        # Values default to the keys' width; a wider value holds a payload searched by its key (e.g. a chunk).
+        value_dim = head_dim if value_dim is None else value_dim
+        self.keys = torch.zeros(batch_size, num_heads, capacity, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(batch_size, num_heads, capacity, value_dim, device=device, dtype=dtype)
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # [batch] written since reset
 
     @property
@@ -88,11 +92,12 @@ class KNNStore:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at `slots` [batch, heads, queries, k] (-1 gives zeros): each [..., k, head_dim]."""
+        """Keys and values at `slots` [batch, heads, queries, k] (-1 reads slot 0; mask it): [..., k, width]."""
         batch, heads, queries, k = slots.shape
-        flat = slots.clamp(min=0).reshape(batch, heads, queries * k, 1).expand(-1, -1, -1, self.keys.shape[-1])
-        keys = self.keys.gather(2, flat).view(batch, heads, queries, k, -1)
-        values = self.values.gather(2, flat).view(batch, heads, queries, k, -1)
+        flat = slots.clamp(min=0).reshape(batch, heads, queries * k, 1)
+        keys = self.keys.gather(2, flat.expand(-1, -1, -1, self.keys.shape[-1])).view(batch, heads, queries, k, -1)
+        values = self.values.gather(2, flat.expand(-1, -1, -1, self.values.shape[-1]))
+        values = values.view(batch, heads, queries, k, -1)
         return keys, values
 
     @torch.no_grad()

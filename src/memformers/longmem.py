@@ -1,0 +1,494 @@
+"""LongMem (arXiv 2306.07174): a frozen backbone, a trainable SideNet and a chunked memory bank.
+
+One segment, in four moves:
+1. The frozen backbone reads the segment without a graph. Hooks record the input of its first block, H[0], the
+   output of every block j − 1 as H[j] (j = 1..L; hooks rather than `output_hidden_states`, whose last entry has the
+   final norm applied), and the pre-rotary keys and the values of `memory_layer` (memories carry no positions).
+2. The SideNet reads H[0]. It has S layers; with r = L / S (the paper: r = 2), SideNet layer i (0-based) starts as a
+   copy of backbone block r·i + r − 1, and its output gets the cross-network residual
+       x[i + 1] = layer_i(x[i]) + (H[r·(i + 1)] − H[r·i]),
+   the change the backbone's blocks r·i … r·i + r − 1 made. For r = 2 and l = i + 1 (1-based) this is the paper's
+   H[2l] − H[2l − 2]. SideNet layers that returned their input would give x[S] = H[L] exactly.
+   The backbone's frozen final norm and LM head turn x[S] into logits; the embeddings are the backbone's too.
+3. SideNet layer `fusion_layer` attends jointly: its local attention and, for every query, attention over the tokens
+   of the `top_k_chunks` chunks of the bank whose mean key has the largest inner product with the pre-rotary query,
+   mixed per head by `out = local·(1 − g) + memory·g`, g = sigmoid(gate_bias). Queries with no memory keep local.
+4. Only then is the segment written to the bank (write after read: a segment never retrieves its own tokens).
+
+The bank is the state the driver carries: a `KNNStore` per batch row and key-value head whose keys are chunk-mean
+keys and whose values are the chunk's token keys, values and a validity flag, FIFO over `memory_size // chunk_size`
+chunks. Rows never share slots, so a row can only retrieve its own past.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from . import backbones
+from .knn.store import BACKENDS, Backend, KNNStore
+from .recurrence import MemoryModel, StepOutput
+from .rmt import as_segment
+from .segments import Alignment, Segment, check_input_ids, split_into_segments
+
+MAX_MEMORY_SIZE = 1 << 22
+
+
+@dataclass
+class MemoryBank:
+    """The LongMem state: each row's most recent chunks of the memory layer's keys and values, FIFO.
+
+    `store.keys` [batch, kv_heads, chunks, head_dim] are chunk-mean keys (the search index); `store.values`
+    [batch, kv_heads, chunks, chunk_size · (2·head_dim + 1)] hold per token its key, its value and a 1 (0 = empty
+    place in a chunk that was cut short by the end of a segment). Written in place, with no graph.
+    """
+
+    store: KNNStore
+    chunk_size: int
+
+    def detach(self) -> MemoryBank:
+        return self  # nothing in the bank carries gradients
+
+    def reset(self, rows: torch.Tensor) -> MemoryBank:
+        self.store.reset(rows)
+        return self
+
+    def select(self, rows: torch.Tensor, other: MemoryBank) -> MemoryBank:
+        return MemoryBank(self.store.select(rows, other.store), self.chunk_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.store.keys.shape[-1]
+
+    @torch.no_grad()
+    def write(
+        self,
+        keys: torch.Tensor,  # [batch, kv_heads, length, head_dim] pre-rotary
+        values: torch.Tensor,  # [batch, kv_heads, length, head_dim]
+        mask: torch.Tensor,  # [batch, length] 1 = a real token to remember
+    ) -> None:
+        """Cut each row's real tokens, in order, into chunks of `chunk_size` and append them."""
+        batch, heads, length, d = keys.shape
+        c = self.chunk_size
+        mask = mask.to(keys.device).bool()
+        rank = mask.long().cumsum(dim=1) - 1  # [batch, length] place among the row's real tokens
+        num_chunks = -(-length // c)
+        payload = keys.new_zeros(batch, heads, num_chunks, c, 2 * d + 1)
+        rows, tokens = mask.nonzero(as_tuple=True)  # [entries]
+        chunk, place = rank[rows, tokens] // c, rank[rows, tokens] % c
+        # Advanced indices around a slice: both sides are [entries, heads, d].
+        payload[rows, :, chunk, place, :d] = keys.detach()[rows, :, tokens]
+        payload[rows, :, chunk, place, d : 2 * d] = values.detach()[rows, :, tokens]
+        payload[rows, :, chunk, place, 2 * d] = 1
+        valid = payload[..., 2 * d]  # [batch, heads, chunks, c]
+        mean_keys = payload[..., :d].sum(dim=3) / valid.sum(dim=3, keepdim=True).clamp(min=1)
+        chunk_mask = valid[:, 0].any(dim=-1)  # [batch, chunks]
+        self.store.write(mean_keys, payload.flatten(-2), chunk_mask)
+
+    @torch.no_grad()
+    def retrieve(
+        self,
+        queries: torch.Tensor,  # [batch, kv_heads, queries, head_dim]
+        top_k_chunks: int,
+        backend: Backend = "torch",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # keys, values [b, kv, q, k·c, d]; valid [b, kv, q, k·c]
+        """The tokens of each query's `top_k_chunks` chunks by inner product with their mean keys."""
+        batch, heads, num_queries, d = queries.shape
+        _, slots = self.store.search(queries, top_k_chunks, backend)  # [b, kv, q, k]; -1 = nothing there
+        _, payload = self.store.gather(slots)  # [b, kv, q, k, c · (2d + 1)]
+        payload = payload.view(batch, heads, num_queries, slots.shape[-1], self.chunk_size, 2 * d + 1)
+        valid = (payload[..., 2 * d] > 0) & (slots >= 0).unsqueeze(-1)  # [b, kv, q, k, c]
+        keys = payload[..., :d].flatten(3, 4)
+        values = payload[..., d : 2 * d].flatten(3, 4)
+        return keys, values, valid.flatten(3, 4)
+
+    def chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A row's chunks, oldest first: keys, values [kv_heads, chunks, c, d], valid [chunks, c] (for tests)."""
+        _, payload = self.store.entries(row)
+        heads, n, _ = payload.shape
+        payload = payload.view(heads, n, self.chunk_size, -1)
+        d = self.head_dim
+        return payload[..., :d], payload[..., d : 2 * d], payload[0, ..., 2 * d] > 0
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+
+class JointAttention(nn.Module):
+    """The fusion layer's attention: local attention and memory attention over retrieved chunks, gated per head.
+
+    Replaces the `forward` of the SideNet's own copy of an attention module (never the backbone's); the copy's
+    projections compute queries, keys and values, its own attention function the local part.
+    """
+
+    def __init__(self, adapter: backbones.AttentionAdapter, top_k_chunks: int, search: Backend = "torch") -> None:
+        super().__init__()
+        self.adapter = adapter  # a plain dataclass: the attention module is registered by its SideNet layer
+        self.top_k_chunks = top_k_chunks
+        self.search = search
+        # sigmoid(0) = 0.5: memory and local attention weighted equally at first, as in Memorizing Transformers.
+        self.gate_bias = nn.Parameter(torch.zeros(adapter.num_heads))
+        self.bank: MemoryBank | None = None
+        module = adapter.module
+        original = type(module).forward.__get__(module)
+
+        def forward(*args, **kwargs):
+            if self.bank is None:
+                return original(*args, **kwargs)
+            return self.attend(*args, **kwargs)
+
+        module.forward = forward
+
+    def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        adapter = self.adapter
+        hidden, kwargs = adapter.split_call(args, kwargs)
+        query, key, value = adapter.project(hidden)  # pre-rotary: what memory sees
+        local_query, local_key = adapter.rotate(query, key, kwargs)
+        local = adapter.attend(local_query, local_key, value, kwargs)  # [b, heads, n, d]
+        memory, found = self.memory_attention(query, self.bank)
+        g = torch.sigmoid(self.gate_bias).view(1, -1, 1, 1) * found.unsqueeze(-1)  # [b, heads, n, 1]
+        out = local + g.to(local.dtype) * (memory - local)  # local·(1 − g) + memory·g
+        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [b, n, heads · d]
+        return adapter.output(out), None
+
+    def memory_attention(
+        self,
+        query: torch.Tensor,  # [b, heads, n, d] pre-rotary
+        bank: MemoryBank,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # out [b, heads, n, d]; found [b, heads, n] float 0/1
+        """Softmax attention over the tokens of each query's retrieved chunks; heads of a GQA group share a bank."""
+        batch, heads, length, d = query.shape
+        kv_heads = self.adapter.num_kv_heads
+        grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * length, d)
+        keys, values, valid = bank.retrieve(grouped.detach(), self.top_k_chunks, self.search)
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
+        logits = torch.einsum("bhqd,bhqmd->bhqm", grouped, keys) * self.adapter.scaling  # [b, kv, q, k·c]
+        logits = logits.float().masked_fill(~valid, float("-inf"))
+        weights = logits.softmax(dim=-1).nan_to_num(0.0).to(values.dtype)  # queries with no memory: all 0
+        out = torch.einsum("bhqm,bhqmd->bhqd", weights, values)
+        found = valid.any(dim=-1).to(query.dtype)
+        return out.reshape(batch, heads, length, d), found.reshape(batch, heads, length)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.adapter.num_heads}, top_k_chunks={self.top_k_chunks}, search={self.search!r}"
+
+
+@dataclass
+class _Capture:
+    """What the backbone's hooks record during one forward pass."""
+
+    hidden: list[torch.Tensor] = dataclasses.field(default_factory=list)  # H[0..L], each [b, n, hidden]
+    block_args: tuple = ()  # the positional arguments after the hidden states that block 0 received
+    block_kwargs: dict = dataclasses.field(default_factory=dict)
+    keys: torch.Tensor | None = None  # [b, kv_heads, n, d] pre-rotary, of the memory layer
+    values: torch.Tensor | None = None
+
+
+class LongMem(MemoryModel):
+    """LongMem around a frozen Llama-family (Llama, Mistral, Qwen2, SmolLM2) or GPT-2 causal LM.
+
+    `sidenet_layers` (default L/2) must divide the backbone's L blocks. `memory_layer` is the backbone block whose
+    keys and values the bank holds (default: block 3L/4 − 1, the paper's 18th of 24); `fusion_layer` the SideNet
+    layer that reads the bank (default S/2, the middle). The bank keeps the most recent `memory_size` tokens per row
+    in chunks of `chunk_size`; each query reads the tokens of its `top_k_chunks` best chunks. Only the SideNet (and
+    its gate) is trainable; the backbone and its embeddings, final norm and LM head stay frozen and in eval mode.
+    """
+
+    def __init__(
+        self,
+        backbone: transformers.PreTrainedModel | str,
+        sidenet_layers: int | None = None,
+        memory_layer: int | None = None,
+        fusion_layer: int | None = None,
+        memory_size: int = 65_536,
+        chunk_size: int = 4,
+        top_k_chunks: int = 16,
+        segment_size: int = 512,
+        search: Backend = "torch",
+        alignment: Alignment = "left",
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone, _ = backbones.load(backbone)
+        self.info = backbones.describe(backbone)
+        if not self.info.is_decoder or self.info.head != "token":
+            raise ValueError(f"backbone: LongMem needs a causal LM (Llama family or GPT-2), got {self.info.class_name}")
+        blocks = backbones.decoder_layers(backbone)  # also rejects families without an attention adapter
+        num_blocks = len(blocks)
+        if sidenet_layers is None:
+            sidenet_layers = max(1, num_blocks // 2)
+        if not isinstance(sidenet_layers, int) or not 1 <= sidenet_layers <= num_blocks:
+            raise ValueError(f"sidenet_layers must be an int in [1, {num_blocks}], got {sidenet_layers!r}")
+        if num_blocks % sidenet_layers:
+            raise ValueError(
+                f"sidenet_layers must divide the backbone's {num_blocks} blocks (each SideNet layer stands for an "
+                f"equal run of blocks), got {sidenet_layers}"
+            )
+        if memory_layer is None:
+            memory_layer = max(0, 3 * num_blocks // 4 - 1)
+        if not isinstance(memory_layer, int) or not -num_blocks <= memory_layer < num_blocks:
+            raise ValueError(f"memory_layer must be an int in [{-num_blocks}, {num_blocks - 1}], got {memory_layer!r}")
+        if fusion_layer is None:
+            fusion_layer = sidenet_layers // 2
+        if not isinstance(fusion_layer, int) or not -sidenet_layers <= fusion_layer < sidenet_layers:
+            raise ValueError(
+                f"fusion_layer must be an int in [{-sidenet_layers}, {sidenet_layers - 1}], got {fusion_layer!r}"
+            )
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int ≥ 1, got {chunk_size!r}")
+        if (
+            not isinstance(memory_size, int)
+            or not chunk_size <= memory_size <= MAX_MEMORY_SIZE
+            or memory_size % chunk_size
+        ):
+            raise ValueError(
+                f"memory_size must be an int multiple of chunk_size={chunk_size} in [{chunk_size}, {MAX_MEMORY_SIZE}], "
+                f"got {memory_size!r}"
+            )
+        if not isinstance(top_k_chunks, int) or top_k_chunks < 1:
+            raise ValueError(f"top_k_chunks must be an int ≥ 1, got {top_k_chunks!r}")
+        if not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
+        if self.info.max_positions is not None and segment_size > self.info.max_positions:
+            raise ValueError(f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions")
+        if search not in BACKENDS:
+            raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
+        if alignment not in ("left", "right"):
+            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
+
+        self.backbone = backbone
+        self.sidenet_layers = sidenet_layers
+        self.stride = num_blocks // sidenet_layers  # r: backbone blocks per SideNet layer
+        self.memory_layer = memory_layer % num_blocks
+        self.fusion_layer = fusion_layer % sidenet_layers
+        self.memory_size = memory_size
+        self.chunk_size = chunk_size
+        self.top_k_chunks = top_k_chunks
+        self.segment_size = segment_size
+        self.content_size = segment_size
+        self.search = search
+        self.alignment = alignment
+        self.token_level = True
+        self.causal = True
+
+        # The SideNet: copies made before any hook is put on the backbone, so they carry none.
+        self.sidenet = nn.ModuleList(
+            copy.deepcopy(blocks[self.stride * i + self.stride - 1]) for i in range(sidenet_layers)
+        )
+        for module in self.sidenet.modules():  # hooks another mechanism put on the backbone stay there
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+            module.__dict__.pop("forward", None)
+        backbone.requires_grad_(False)
+        backbone.eval()
+        self.sidenet.requires_grad_(True)
+        fused_block = self.stride * self.fusion_layer + self.stride - 1
+        fused = self.sidenet[self.fusion_layer]
+        adapter = dataclasses.replace(
+            backbones.attention_adapter(backbone, fused_block),
+            module=fused.attn if hasattr(fused, "attn") else fused.self_attn,
+        )
+        self.fusion = JointAttention(adapter, top_k_chunks, search)
+        self.memory_adapter = backbones.attention_adapter(backbone, self.memory_layer)
+        self._capture: _Capture | None = None
+        self._install_hooks(blocks)
+
+    # --- reading the frozen backbone --------------------------------------------------------------------------
+
+    def _install_hooks(self, blocks: nn.ModuleList) -> None:
+        def before_first(module, args, kwargs):
+            if self._capture is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._capture.hidden.append(hidden)
+                self._capture.block_args = tuple(args[1:])
+                self._capture.block_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        def after_block(module, args, output):
+            if self._capture is not None:
+                self._capture.hidden.append(output[0] if isinstance(output, tuple) else output)
+
+        def before_memory_attention(module, args, kwargs):
+            if self._capture is not None:
+                hidden, _ = self.memory_adapter.split_call(args, kwargs)
+                _, self._capture.keys, self._capture.values = self.memory_adapter.project(hidden)
+
+        blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)
+        for block in blocks:
+            block.register_forward_hook(after_block)
+        self.memory_adapter.module.register_forward_pre_hook(before_memory_attention, with_kwargs=True)
+
+    @torch.no_grad()
+    def read_backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Capture:
+        """The frozen backbone over one segment: H[0..L], block 0's call arguments, the memory layer's keys/values."""
+        self._capture = capture = _Capture()
+        try:
+            self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self._capture = None
+        return capture
+
+    # --- the SideNet ------------------------------------------------------------------------------------------
+
+    def side_forward(
+        self,
+        input_ids: torch.Tensor,  # [batch, length]
+        attention_mask: torch.Tensor,  # [batch, length]
+        bank: MemoryBank | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, _Capture]:  # logits [b, n, vocab], hidden [b, n, hidden], capture
+        """Backbone, then SideNet with cross-network residuals and the fusion layer reading `bank` (never writing)."""
+        capture = self.read_backbone(input_ids, attention_mask)
+        hidden_states = capture.hidden  # H[0..L]
+        r = self.stride
+        x = hidden_states[0]
+        self.fusion.bank = bank
+        try:
+            for i, layer in enumerate(self.sidenet):
+                out = layer(x, *capture.block_args, **capture.block_kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                x = out + (hidden_states[r * (i + 1)] - hidden_states[r * i])  # cross-network residual
+        finally:
+            self.fusion.bank = None
+        hidden = self.final_norm(x)
+        return self.backbone.get_output_embeddings()(hidden), hidden, capture
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The backbone's own (frozen) final norm."""
+        base = self.backbone.base_model
+        return base.ln_f if hasattr(base, "ln_f") else base.norm
+
+    def train(self, mode: bool = True) -> LongMem:
+        """Train the SideNet; the frozen backbone stays in eval mode (no dropout), as it only encodes."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # --- the two methods the driver needs --------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> MemoryBank:
+        """An empty bank on the backbone's device, in its dtype."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+        reference = self.backbone.get_input_embeddings().weight
+        adapter = self.memory_adapter
+        store = KNNStore(
+            batch_size,
+            adapter.num_kv_heads,
+            adapter.head_dim,
+            self.memory_size // self.chunk_size,
+            device=reference.device,
+            dtype=reference.dtype,
+            value_dim=self.chunk_size * (2 * adapter.head_dim + 1),
+        )
+        return MemoryBank(store, self.chunk_size)
+
+    def step(self, segment: Segment | torch.Tensor, state: MemoryBank) -> tuple[StepOutput, MemoryBank]:
+        """One segment: read the bank (earlier segments only), then write this segment's chunks to it."""
+        segment = as_segment(segment)
+        if segment.input_ids.shape[1] > self.content_size:
+            raise ValueError(f"segment has {segment.input_ids.shape[1]} tokens; this model takes {self.content_size}")
+        if state.store.batch_size != segment.batch_size or state.chunk_size != self.chunk_size:
+            raise ValueError(
+                f"state: a bank of batch {state.store.batch_size} and chunk size {state.chunk_size} does not fit a "
+                f"segment of batch {segment.batch_size} and chunk_size={self.chunk_size}"
+            )
+        logits, hidden, capture = self.side_forward(segment.input_ids, segment.attention_mask, state)
+        state.write(capture.keys, capture.values, segment.attention_mask)  # after the read
+        return StepOutput(logits=logits, hidden=hidden), state
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,  # [batch, length] the long context
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | None = None,
+        callback=None,
+    ) -> torch.Tensor:  # [batch, max_new_tokens]
+        """Read a long context into the bank, then generate from its last segment, which reads the bank.
+
+        Every segment but each row's last is written to the bank; the last one (as the driver would cut it) is the
+        prompt. The SideNet makes the logits, so generation is our own loop (greedy, or sampling at `temperature`),
+        recomputing the prompt window per token. After `eos_token_id` a row repeats it.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        attention_mask = check_input_ids(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
+        state = self.init_state(batch)
+        prompts: list[torch.Tensor | None] = [None] * batch
+        for segment in segments:
+            last = segment.is_last
+            for row in last.nonzero().flatten().tolist():
+                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
+            reading = segment.active & ~last
+            if bool(reading.any()):  # rows on their prompt segment write nothing
+                self.step(Segment(segment.input_ids, segment.attention_mask * reading[:, None], None), state)
+            if callback is not None:
+                callback(segment.index + 1, len(segments), 0)
+        lengths = torch.tensor([len(p) for p in prompts], device=input_ids.device)
+        width = int(lengths.max()) + max_new_tokens
+        if self.info.max_positions is not None and width > self.info.max_positions:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens}: the prompt segment ({width - max_new_tokens} tokens) and the new "
+                f"tokens exceed the backbone's {self.info.max_positions} positions"
+            )
+        # Right padding: positions stay those of training, and causal attention never sees the padding.
+        ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        rows = torch.arange(batch, device=input_ids.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            end = int(lengths.max())
+            mask = (torch.arange(end, device=ids.device).view(1, -1) < lengths.view(-1, 1)).long()
+            logits, _, _ = self.side_forward(ids[:, :end], mask, state)
+            scores = logits[rows, lengths - 1].float()  # [batch, vocab]
+            if do_sample:
+                token = torch.multinomial(torch.softmax(scores / temperature, dim=-1), 1).squeeze(1)
+            else:
+                token = scores.argmax(dim=-1)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            ids[rows, lengths] = token.to(ids.dtype)
+            lengths = lengths + 1
+            new_tokens.append(token)
+        return torch.stack(new_tokens, dim=1).to(input_ids.dtype)
+
+    # --- saving -----------------------------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return (
+            f"sidenet_layers={self.sidenet_layers}, memory_layer={self.memory_layer}, "
+            f"fusion_layer={self.fusion_layer}, "
+            f"memory_size={self.memory_size}, chunk_size={self.chunk_size}, top_k_chunks={self.top_k_chunks}, "
+            f"segment_size={self.segment_size}"
+        )
+
+    def config_dict(self) -> dict:
+        """The constructor arguments, for `save_pretrained`."""
+        return {
+            "sidenet_layers": self.sidenet_layers,
+            "memory_layer": self.memory_layer,
+            "fusion_layer": self.fusion_layer,
+            "memory_size": self.memory_size,
+            "chunk_size": self.chunk_size,
+            "top_k_chunks": self.top_k_chunks,
+            "segment_size": self.segment_size,
+            "search": self.search,
+            "alignment": self.alignment,
+        }
