@@ -224,3 +224,42 @@ def test_bad_backbones_and_states() -> None:
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, SEGMENT, dtype=torch.long), max_new_tokens=0)
     assert isinstance(model.init_state(1), MemoryBank)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_attention_is_exact_over_the_retrieved_chunks(family: str) -> None:
+    model = make(family, memory_size=32, chunk_size=4, top_k_chunks=8)
+    adapter = model.fusion.adapter
+    bank = model.init_state(1)
+    kv, d, group = adapter.num_kv_heads, adapter.head_dim, adapter.num_heads // adapter.num_kv_heads
+    keys, values = torch.randn(1, kv, 30, d), torch.randn(1, kv, 30, d)  # 8 chunks, the last one of 2 tokens
+    bank.write(keys, values, torch.ones(1, 30))
+    query = torch.randn(1, adapter.num_heads, 5, d)
+    out, found = model.fusion.memory_attention(query, bank)  # every chunk retrieved: exact attention over all 30
+    full_keys, full_values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    expected = (query @ full_keys.transpose(-1, -2) * adapter.scaling).softmax(-1) @ full_values
+    torch.testing.assert_close(out, expected)
+    assert bool(found.all())
+    # With one chunk per query, it is the chunk whose mean key scores best.
+    model.fusion.top_k_chunks = 1
+    out, _ = model.fusion.memory_attention(query, bank)
+    mean_keys = torch.stack([chunk.mean(2) for chunk in keys.split(4, dim=2)], 2)  # [1, kv, 8, d]
+    best = (query.view(1, kv, group * 5, d) @ mean_keys.transpose(-1, -2)).argmax(-1)  # [1, kv, group * 5]
+    head, q = 1, 3  # one query of the second query head: kv head 0 (group 2)
+    chunk = int(best[0, head // group, (head % group) * 5 + q])
+    k, v = keys[0, head // group, 4 * chunk : 4 * chunk + 4], values[0, head // group, 4 * chunk : 4 * chunk + 4]
+    torch.testing.assert_close(out[0, head, q], (query[0, head, q] @ k.T * adapter.scaling).softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_rows_equal_their_unpadded_selves(family: str) -> None:
+    model = make(family)
+    open_gate(model)
+    ids = torch.randint(0, VOCAB, (2, 3 * SEGMENT))
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0  # row 1 is 41 tokens long: its last chunks are partial
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        alone = model(ids[1:, :-7]).logits
+    torch.testing.assert_close(out.logits[1, :-7], alone[0], atol=1e-5, rtol=1e-5)
+    assert out.state.store.count.tolist() == [12, 11]
