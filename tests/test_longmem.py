@@ -224,6 +224,9 @@ def test_bad_backbones_and_states() -> None:
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, SEGMENT, dtype=torch.long), max_new_tokens=0)
     assert isinstance(model.init_state(1), MemoryBank)
+    model.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        model(torch.zeros(1, SEGMENT, dtype=torch.long))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -390,6 +390,11 @@ class LongMem(MemoryModel):
     def step(self, segment: Segment | torch.Tensor, state: MemoryBank) -> tuple[StepOutput, MemoryBank]:
         """One segment: read the bank (earlier segments only), then write this segment's chunks to it."""
         segment = as_segment(segment)
+        if self.gradient_checkpointing:
+            raise ValueError(
+                "gradient_checkpointing=True: recomputing a LongMem step would write its segment to the bank twice; "
+                "leave it False for LongMem (its backbone pass keeps no activations already)"
+            )
         if segment.input_ids.shape[1] > self.content_size:
             raise ValueError(f"segment has {segment.input_ids.shape[1]} tokens; this model takes {self.content_size}")
         if state.store.batch_size != segment.batch_size or state.chunk_size != self.chunk_size:
