@@ -30,152 +30,15 @@ import torch
 import transformers
 from torch import nn
 
-from . import backbones
-from .knn.store import BACKENDS, Backend, KNNStore
-from .recurrence import MemoryModel, StepOutput
-from .rmt import as_segment
-from .segments import Alignment, Segment, check_input_ids, split_into_segments
+from .. import backbones
+from ..knn.store import BACKENDS, Backend, KNNStore
+from ..recurrence import MemoryModel, StepOutput
+from ..rmt import as_segment
+from ..segments import Alignment, Segment, check_input_ids, split_into_segments
+from .attention import JointAttention
+from .bank import MemoryBank
 
 MAX_MEMORY_SIZE = 1 << 22
-
-
-@dataclass
-class MemoryBank:
-    """The LongMem state: each row's most recent chunks of the memory layer's keys and values, FIFO.
-
-    `store.keys` [batch, kv_heads, chunks, head_dim] are chunk-mean keys (the search index); `store.values`
-    [batch, kv_heads, chunks, chunk_size · (2·head_dim + 1)] hold per token its key, its value and a 1 (0 = empty
-    place in a chunk that was cut short by the end of a segment). Written in place, with no graph.
-    """
-
-    store: KNNStore
-    chunk_size: int
-
-    def detach(self) -> MemoryBank:
-        return self  # nothing in the bank carries gradients
-
-    def reset(self, rows: torch.Tensor) -> MemoryBank:
-        self.store.reset(rows)
-        return self
-
-    def select(self, rows: torch.Tensor, other: MemoryBank) -> MemoryBank:
-        return MemoryBank(self.store.select(rows, other.store), self.chunk_size)
-
-    @property
-    def head_dim(self) -> int:
-        return self.store.keys.shape[-1]
-
-    @torch.no_grad()
-    def write(
-        self,
-        keys: torch.Tensor,  # [batch, kv_heads, length, head_dim] pre-rotary
-        values: torch.Tensor,  # [batch, kv_heads, length, head_dim]
-        mask: torch.Tensor,  # [batch, length] 1 = a real token to remember
-    ) -> None:
-        """Cut each row's real tokens, in order, into chunks of `chunk_size` and append them."""
-        batch, heads, length, d = keys.shape
-        c = self.chunk_size
-        mask = mask.to(keys.device).bool()
-        rank = mask.long().cumsum(dim=1) - 1  # [batch, length] place among the row's real tokens
-        num_chunks = -(-length // c)
-        payload = keys.new_zeros(batch, heads, num_chunks, c, 2 * d + 1)
-        rows, tokens = mask.nonzero(as_tuple=True)  # [entries]
-        chunk, place = rank[rows, tokens] // c, rank[rows, tokens] % c
-        # Advanced indices around a slice: both sides are [entries, heads, d].
-        payload[rows, :, chunk, place, :d] = keys.detach()[rows, :, tokens]
-        payload[rows, :, chunk, place, d : 2 * d] = values.detach()[rows, :, tokens]
-        payload[rows, :, chunk, place, 2 * d] = 1
-        valid = payload[..., 2 * d]  # [batch, heads, chunks, c]
-        mean_keys = payload[..., :d].sum(dim=3) / valid.sum(dim=3, keepdim=True).clamp(min=1)
-        chunk_mask = valid[:, 0].any(dim=-1)  # [batch, chunks]
-        self.store.write(mean_keys, payload.flatten(-2), chunk_mask)
-
-    @torch.no_grad()
-    def retrieve(
-        self,
-        queries: torch.Tensor,  # [batch, kv_heads, queries, head_dim]
-        top_k_chunks: int,
-        backend: Backend = "torch",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # keys, values [b, kv, q, k·c, d]; valid [b, kv, q, k·c]
-        """The tokens of each query's `top_k_chunks` chunks by inner product with their mean keys."""
-        batch, heads, num_queries, d = queries.shape
-        _, slots = self.store.search(queries, top_k_chunks, backend)  # [b, kv, q, k]; -1 = nothing there
-        _, payload = self.store.gather(slots)  # [b, kv, q, k, c · (2d + 1)]
-        payload = payload.view(batch, heads, num_queries, slots.shape[-1], self.chunk_size, 2 * d + 1)
-        valid = (payload[..., 2 * d] > 0) & (slots >= 0).unsqueeze(-1)  # [b, kv, q, k, c]
-        keys = payload[..., :d].flatten(3, 4)
-        values = payload[..., d : 2 * d].flatten(3, 4)
-        return keys, values, valid.flatten(3, 4)
-
-    def chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A row's chunks, oldest first: keys, values [kv_heads, chunks, c, d], valid [chunks, c] (for tests)."""
-        _, payload = self.store.entries(row)
-        heads, n, _ = payload.shape
-        payload = payload.view(heads, n, self.chunk_size, -1)
-        d = self.head_dim
-        return payload[..., :d], payload[..., d : 2 * d], payload[0, ..., 2 * d] > 0
-
-    def nbytes(self) -> int:
-        return self.store.nbytes()
-
-
-class JointAttention(nn.Module):
-    """The fusion layer's attention: local attention and memory attention over retrieved chunks, gated per head.
-
-    Replaces the `forward` of the SideNet's own copy of an attention module (never the backbone's); the copy's
-    projections compute queries, keys and values, its own attention function the local part.
-    """
-
-    def __init__(self, adapter: backbones.AttentionAdapter, top_k_chunks: int, search: Backend = "torch") -> None:
-        super().__init__()
-        self.adapter = adapter  # a plain dataclass: the attention module is registered by its SideNet layer
-        self.top_k_chunks = top_k_chunks
-        self.search = search
-        # sigmoid(0) = 0.5: memory and local attention weighted equally at first, as in Memorizing Transformers.
-        self.gate_bias = nn.Parameter(torch.zeros(adapter.num_heads))
-        self.bank: MemoryBank | None = None
-        module = adapter.module
-        original = type(module).forward.__get__(module)
-
-        def forward(*args, **kwargs):
-            if self.bank is None:
-                return original(*args, **kwargs)
-            return self.attend(*args, **kwargs)
-
-        module.forward = forward
-
-    def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        adapter = self.adapter
-        hidden, kwargs = adapter.split_call(args, kwargs)
-        query, key, value = adapter.project(hidden)  # pre-rotary: what memory sees
-        local_query, local_key = adapter.rotate(query, key, kwargs)
-        local = adapter.attend(local_query, local_key, value, kwargs)  # [b, heads, n, d]
-        memory, found = self.memory_attention(query, self.bank)
-        g = torch.sigmoid(self.gate_bias).view(1, -1, 1, 1) * found.unsqueeze(-1)  # [b, heads, n, 1]
-        out = local + g.to(local.dtype) * (memory - local)  # local·(1 − g) + memory·g
-        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [b, n, heads · d]
-        return adapter.output(out), None
-
-    def memory_attention(
-        self,
-        query: torch.Tensor,  # [b, heads, n, d] pre-rotary
-        bank: MemoryBank,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # out [b, heads, n, d]; found [b, heads, n] float 0/1
-        """Softmax attention over the tokens of each query's retrieved chunks; heads of a GQA group share a bank."""
-        batch, heads, length, d = query.shape
-        kv_heads = self.adapter.num_kv_heads
-        grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * length, d)
-        keys, values, valid = bank.retrieve(grouped.detach(), self.top_k_chunks, self.search)
-        keys, values = keys.to(query.dtype), values.to(query.dtype)
-        logits = torch.einsum("bhqd,bhqmd->bhqm", grouped, keys) * self.adapter.scaling  # [b, kv, q, k·c]
-        logits = logits.float().masked_fill(~valid, float("-inf"))
-        weights = logits.softmax(dim=-1).nan_to_num(0.0).to(values.dtype)  # queries with no memory: all 0
-        out = torch.einsum("bhqm,bhqmd->bhqd", weights, values)
-        found = valid.any(dim=-1).to(query.dtype)
-        return out.reshape(batch, heads, length, d), found.reshape(batch, heads, length)
-
-    def extra_repr(self) -> str:
-        return f"heads={self.adapter.num_heads}, top_k_chunks={self.top_k_chunks}, search={self.search!r}"
 
 
 @dataclass
