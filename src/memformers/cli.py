@@ -66,7 +66,7 @@ def demo(
     task: str = typer.Option("detect", help="memorize, detect or reason: where the facts hide."),
     length: int = typer.Option(1_048_576, help="Tokens of Austen around the facts in the showcase samples."),
     samples: int = typer.Option(3, help="Showcase samples, read side by side."),
-    table_lengths: str = typer.Option("1024,16384,131072", help="Lengths of the closing accuracy table."),
+    table_lengths: str = typer.Option("1024,4096,16384,131072", help="Lengths of the closing accuracy table."),
     table_samples: int = typer.Option(16, help="Samples per cell of the closing table."),
     seed: int = typer.Option(0, help="Which samples (test books: never seen in training)."),
 ) -> None:
@@ -86,6 +86,11 @@ def demo(
     tokenizer = config.get("extra", {}).get("tokenizer") or str(Path(checkpoint) / "backbone")
     model = load(checkpoint)
     console.print(f"[bold]memformers demo[/]: RMT ({model.extra_repr()}) from {checkpoint}")
+    trained = config.get("extra", {}).get("segments")
+    if trained:
+        console.print(
+            f"trained on inputs of up to {max(trained) * model.content_size:,} tokens ({max(trained)} segments)"
+        )
     batch = [make_sample(task, length, tokenizer, seed, index, "test") for index in range(samples)]
     total = -(-length // model.content_size)
     start = time.perf_counter()
