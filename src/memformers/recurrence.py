@@ -267,6 +267,38 @@ class MemoryModel(nn.Module):
             state = self.init_state(batch_size)
         yield from iterate(self, segments, state, None, self.bptt_depth, self.gradient_checkpointing, callback)
 
+    def read_context(
+        self,
+        input_ids: torch.Tensor,  # [batch, length] a long context
+        attention_mask: torch.Tensor | None = None,
+        state: State | None = None,
+        callback: ProgressCallback | None = None,
+    ) -> tuple[State, list[torch.Tensor]]:
+        """Read every segment but each row's last into the state; return it with those last segments (the prompts).
+
+        What generation starts from, for every mechanism: the prompt is the row's last segment as the driver cuts
+        it, so a model generates from the same kind of segment it was trained to answer in.
+        """
+        attention_mask = check_input_ids(input_ids, attention_mask)
+        segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
+        prompts: list[torch.Tensor | None] = [None] * input_ids.shape[0]
+        for segment in segments:
+            for row in segment.is_last.nonzero().flatten().tolist():
+                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
+        if state is None:
+            state = self.init_state(input_ids.shape[0])
+
+        def reading():  # rows on their prompt segment are inactive: the driver keeps their state
+            for segment in segments:
+                rows = segment.active & ~segment.is_last
+                if bool(rows.any()):
+                    yield Segment(segment.input_ids, segment.attention_mask * rows[:, None], None, segment.index)
+
+        read = state
+        for _, _, read in iterate(self, reading(), state, None, None, False, callback):
+            pass
+        return read, prompts
+
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically."""
         from .saving import save_pretrained

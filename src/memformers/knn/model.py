@@ -17,7 +17,7 @@ from torch import nn
 from .. import backbones
 from ..recurrence import MemoryModel, StepOutput
 from ..rmt import as_segment
-from ..segments import Alignment, Segment, check_input_ids, split_into_segments
+from ..segments import Alignment, Segment
 from .attention import COMBINES, Combine, KNNAttention, MemoryContext
 from .store import BACKENDS, Backend, KNNStore
 
@@ -192,20 +192,8 @@ class MemorizingTransformer(MemoryModel):
             raise ValueError(f"generate needs a causal-LM head, got {self.info.class_name}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        attention_mask = check_input_ids(input_ids, attention_mask)
+        state, prompts = self.read_context(input_ids, attention_mask, state, callback)
         batch = input_ids.shape[0]
-        segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
-        state = self.init_state(batch) if state is None else state
-        prompts: list[torch.Tensor | None] = [None] * batch
-        for segment in segments:
-            last = segment.is_last
-            for row in last.nonzero().flatten().tolist():
-                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
-            reading = segment.active & ~last
-            if bool(reading.any()):  # rows on their prompt segment write nothing
-                self.step(Segment(segment.input_ids, segment.attention_mask * reading[:, None], None), state)
-            if callback is not None:
-                callback(segment.index + 1, len(segments), 0)
         width = max(len(p) for p in prompts)
         if self.info.max_positions is not None and width + max_new_tokens > self.info.max_positions:
             raise ValueError(

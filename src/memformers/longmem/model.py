@@ -34,7 +34,7 @@ from .. import backbones
 from ..knn.store import BACKENDS, Backend, KNNStore
 from ..recurrence import MemoryModel, StepOutput
 from ..rmt import as_segment
-from ..segments import Alignment, Segment, check_input_ids, split_into_segments
+from ..segments import Alignment, Segment
 from .attention import JointAttention
 from .bank import MemoryBank
 
@@ -292,20 +292,8 @@ class LongMem(MemoryModel):
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        attention_mask = check_input_ids(input_ids, attention_mask)
+        state, prompts = self.read_context(input_ids, attention_mask, callback=callback)
         batch = input_ids.shape[0]
-        segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
-        state = self.init_state(batch)
-        prompts: list[torch.Tensor | None] = [None] * batch
-        for segment in segments:
-            last = segment.is_last
-            for row in last.nonzero().flatten().tolist():
-                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
-            reading = segment.active & ~last
-            if bool(reading.any()):  # rows on their prompt segment write nothing
-                self.step(Segment(segment.input_ids, segment.attention_mask * reading[:, None], None), state)
-            if callback is not None:
-                callback(segment.index + 1, len(segments), 0)
         lengths = torch.tensor([len(p) for p in prompts], device=input_ids.device)
         width = int(lengths.max()) + max_new_tokens
         if self.info.max_positions is not None and width > self.info.max_positions:
