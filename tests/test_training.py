@@ -261,3 +261,19 @@ def test_token_heads_fill_exact_segments_and_train(tmp_path, head, family):
     record = trainer.train_step()
     assert torch.isfinite(torch.tensor(record["loss"])) and 0 <= record["accuracy"] <= 1
     assert 0 <= trainer.evaluate()["accuracy"] <= 1
+
+
+def test_training_continues_from_a_saved_model(tmp_path):
+    first = train(tiny(tmp_path, "first"), progress=False)
+    before = weights(first)
+    second_config = tiny(tmp_path, "second", **{"model.backbone": str(first), "curriculum.segments": [2]})
+    assert second_config.tokenizer_name == "minilm"  # read from the saved model
+    second = train(second_config, progress=False)
+    after = weights(second)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained further, from the saved weights
+    still = train(tiny(tmp_path, "still", **{"model.backbone": str(first), "optim.lr": 1e-12}), progress=False)
+    for key, value in weights(still).items():  # a vanishing learning rate leaves the saved weights as they were
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="model.num_memory_tokens"):
+        train(tiny(tmp_path, "bad", **{"model.backbone": str(first), "model.num_memory_tokens": 3}), progress=False)

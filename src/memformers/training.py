@@ -61,6 +61,8 @@ def build_model(config: TrainConfig):
     tokenizer = get_tokenizer(config.tokenizer_name)
     num_labels = len(task_spec(config.task_names[0]).answers)
     _seed_everything(config.optim.seed)
+    if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
+        return _continue_from(m, Path(m.backbone)), tokenizer
     if m.backbone == "scratch":
         backbone = _scratch_backbone(m, tokenizer, num_labels)
     else:
@@ -79,6 +81,20 @@ def build_model(config: TrainConfig):
         **special,
     )
     return model, tokenizer
+
+
+def _continue_from(m: ModelConfig, path: Path):
+    """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config."""
+    from .saving import load
+
+    model = load(path)
+    saved = model.config_dict()
+    for key in ("num_memory_tokens", "segment_size", "alignment"):
+        if saved.get(key) != getattr(m, key):
+            raise ValueError(f"model.{key} = {getattr(m, key)!r}, but the model saved in {path} has {saved.get(key)!r}")
+    model.bptt_depth = m.bptt_depth
+    model.gradient_checkpointing = m.gradient_checkpointing
+    return model
 
 
 def _scratch_backbone(m: ModelConfig, tokenizer, num_labels: int):

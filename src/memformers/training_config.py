@@ -3,7 +3,8 @@
 Config (TOML; every key optional unless marked):
 
 [model]
-  backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2" or a folder
+  backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2", a Hugging
+                          Face model folder, or a folder saved by memformers (training continues from that model)
   head                    "classification" (default; num_labels = the task's answers), "causal-lm", "masked-lm"
   num_memory_tokens       memory vectors (default 10)
   segment_size            backbone positions per segment, memory and special tokens included (default 512)
@@ -52,6 +53,7 @@ Config (TOML; every key optional unless marked):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -167,7 +169,12 @@ class TrainConfig:
     def tokenizer_name(self) -> str:
         if self.task.tokenizer:
             return self.task.tokenizer
-        return "minilm" if self.model.backbone == "scratch" else self.model.backbone
+        if self.model.backbone == "scratch":
+            return "minilm"
+        saved = Path(self.model.backbone) / "memformers.json"
+        if saved.exists():  # a saved memformers model records its tokenizer
+            return json.loads(saved.read_text()).get("extra", {}).get("tokenizer") or str(saved.parent / "backbone")
+        return self.model.backbone
 
     @property
     def total_steps(self) -> int:
