@@ -145,6 +145,38 @@ def test_model_without_classification_head_is_refused(tokenizer):
 
 def save_tiny_classifier(path, tokenizer) -> None:
     """A 1-layer, 32-wide BERT classifier RMT on MiniLM's vocabulary, saved like a trained model."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=6,
+    )
+    model = mf.RecurrentMemoryTransformer(
+        transformers.BertForSequenceClassification(config),
+        num_memory_tokens=2,
+        segment_size=64,
+        alignment="right",
+        cls_token_id=101,
+        sep_token_id=102,
+    )
+    model.save_pretrained(path, tokenizer)
+
+
+def test_cli_data_and_eval(tokenizer, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "qa1.jsonl"
+    result = runner.invoke(app, ["data", "--task", "qa1", "--lengths", "512,1024", "--samples", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and {r["length"] for r in rows} == {512, 1024}
+    assert all({"task", "length", "input", "question", "target", "fact_positions"} <= set(r) for r in rows)
+
+    bad = runner.invoke(app, ["data", "--task", "qa9", "--lengths", "512", "--out", str(out)])
+    assert bad.exit_code != 0 and "qa9" in bad.output
+
     save_tiny_classifier(tmp_path / "tiny", tokenizer)
     grid = tmp_path / "grid.json"
     result = runner.invoke(
