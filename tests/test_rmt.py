@@ -317,7 +317,7 @@ def test_bad_input_names_the_argument():
         classifier = tiny_rmt("bert", head="classification")
         classifier(random_ids(2, 10), labels=random_ids(2, 10))
     with pytest.raises(ValueError, match="cls_token_id"):
-        mf.RecurrentMemoryTransformer(tiny_backbone("bert"))
+        mf.RecurrentMemoryTransformer(tiny_backbone("bert"), segment_size=32)
     with pytest.raises(ValueError, match="backbone"):  # wrong backbone kind for the head
         import transformers
         from conftest import tiny_config

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache
 
-from . import backbones
 from .recurrence import MemoryModel, StepOutput
 from .rmt import as_segment
 from .segments import Alignment, Segment
@@ -99,28 +98,15 @@ class SegmentCacheTransformer(MemoryModel):
         alignment: Alignment = "left",
     ) -> None:
         super().__init__()
-        if isinstance(backbone, str):
-            backbone, _ = backbones.load(backbone)
-        self.info = backbones.describe(backbone)
+        backbone = self._take_backbone(backbone, segment_size, alignment, span=2)  # a segment and its cache
         if not self.info.is_decoder or self.info.head not in ("token", "none"):
             raise ValueError(
                 f"backbone: the segment cache needs a decoder with a causal-LM head or none, got "
                 f"{self.info.class_name} ({self.info.kind}, head {self.info.head!r})"
             )
-        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
-            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
-        if self.info.max_positions is not None and 2 * segment_size > self.info.max_positions:
-            raise ValueError(
-                f"segment_size={segment_size}: a segment and its cache span {2 * segment_size} positions, more than "
-                f"the backbone's {self.info.max_positions}; use segment_size ≤ {self.info.max_positions // 2}"
-            )
-        if alignment not in ("left", "right"):
-            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
         self.backbone = backbone
-        self.segment_size = segment_size
         self.content_size = segment_size
         self.gradient_checkpointing = gradient_checkpointing
-        self.alignment = alignment
         self.token_level = self.info.head == "token"
         self.causal = True
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters

@@ -232,6 +232,29 @@ class MemoryModel(nn.Module):
     bptt_depth: int | None = None
     gradient_checkpointing: bool = False
 
+    def _take_backbone(self, backbone, segment_size: int, alignment: str, kind: str | None = None, span: int = 1):
+        """What every mechanism checks first: a name is loaded, the backbone described, `span` segments of
+        `segment_size` positions must fit its window, and the alignment must be known. Returns the backbone."""
+        from . import backbones
+
+        if isinstance(backbone, str):
+            backbone, _ = backbones.load(backbone)
+        self.info = backbones.describe(backbone, kind)
+        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
+        limit = self.info.max_positions
+        if limit is not None and span * segment_size > limit:
+            held = "a segment" if span == 1 else f"{span} segments"
+            raise ValueError(
+                f"segment_size={segment_size}: {held} span {span * segment_size} positions, more than the backbone's "
+                f"{limit}; use segment_size ≤ {limit // span}"
+            )
+        if alignment not in ("left", "right"):
+            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
+        self.segment_size = segment_size
+        self.alignment = alignment
+        return backbone
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [batch, length]

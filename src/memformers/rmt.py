@@ -70,21 +70,15 @@ class RecurrentMemoryTransformer(MemoryModel):
         sep_token_id: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(backbone, str):
-            backbone, _ = backbones.load(backbone)
-        self.info = backbones.describe(backbone, kind)
+        backbone = self._take_backbone(backbone, segment_size, alignment, kind)
         if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
             raise ValueError(f"num_memory_tokens must be an int ≥ 0, got {num_memory_tokens!r}")
         if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 0):
             raise ValueError(f"bptt_depth must be None (full back-propagation) or an int ≥ 0, got {bptt_depth!r}")
-        if alignment not in ("left", "right"):
-            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
         self.backbone = backbone
         self.num_memory_tokens = num_memory_tokens
-        self.segment_size = segment_size
         self.bptt_depth = bptt_depth
         self.gradient_checkpointing = gradient_checkpointing
-        self.alignment = alignment
         self.token_level = self.info.head == "token"
         self.causal = self.info.is_decoder
         m = num_memory_tokens
@@ -104,8 +98,6 @@ class RecurrentMemoryTransformer(MemoryModel):
                 f"segment_size={segment_size} leaves no room for content: {self.info.kind} RMT with "
                 f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
             )
-        if self.info.max_positions is not None and segment_size > self.info.max_positions:
-            raise ValueError(f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions")
         embeddings = backbone.get_input_embeddings().weight
         self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
 

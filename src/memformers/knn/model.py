@@ -71,9 +71,7 @@ class MemorizingTransformer(MemoryModel):
         alignment: Alignment = "left",
     ) -> None:
         super().__init__()
-        if isinstance(backbone, str):
-            backbone, _ = backbones.load(backbone)
-        self.info = backbones.describe(backbone)
+        backbone = self._take_backbone(backbone, segment_size, alignment)
         if not self.info.is_decoder:
             raise ValueError(
                 f"backbone: kNN memory needs a decoder (Llama family or GPT-2), got {self.info.class_name}"
@@ -82,16 +80,10 @@ class MemorizingTransformer(MemoryModel):
             raise ValueError(f"memory_size must be an int in [1, {MAX_MEMORY_SIZE}], got {memory_size!r}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int ≥ 1, got {top_k!r}")
-        if not isinstance(segment_size, int) or segment_size < 1:
-            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
-        if self.info.max_positions is not None and segment_size > self.info.max_positions:
-            raise ValueError(f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions")
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
         if search not in BACKENDS:
             raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
-        if alignment not in ("left", "right"):
-            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
         memory_layers = tuple(memory_layers)
         if not memory_layers:
             raise ValueError("memory_layers must name at least one layer, got ()")
@@ -105,12 +97,10 @@ class MemorizingTransformer(MemoryModel):
         self.memory_layers = memory_layers
         self.memory_size = memory_size
         self.top_k = top_k
-        self.segment_size = segment_size
         self.content_size = segment_size
         self.combine = combine
         self.normalize_keys = normalize_keys
         self.search = search
-        self.alignment = alignment
         self.token_level = self.info.head == "token"
         self.causal = True
         self.layers = nn.ModuleList(

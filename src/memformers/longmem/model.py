@@ -76,9 +76,7 @@ class LongMem(MemoryModel):
         alignment: Alignment = "left",
     ) -> None:
         super().__init__()
-        if isinstance(backbone, str):
-            backbone, _ = backbones.load(backbone)
-        self.info = backbones.describe(backbone)
+        backbone = self._take_backbone(backbone, segment_size, alignment)
         if not self.info.is_decoder or self.info.head != "token":
             raise ValueError(f"backbone: LongMem needs a causal LM (Llama family or GPT-2), got {self.info.class_name}")
         blocks = backbones.decoder_layers(backbone)  # also rejects families without an attention adapter
@@ -115,14 +113,8 @@ class LongMem(MemoryModel):
             )
         if not isinstance(top_k_chunks, int) or top_k_chunks < 1:
             raise ValueError(f"top_k_chunks must be an int ≥ 1, got {top_k_chunks!r}")
-        if not isinstance(segment_size, int) or segment_size < 1:
-            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
-        if self.info.max_positions is not None and segment_size > self.info.max_positions:
-            raise ValueError(f"segment_size={segment_size} exceeds the backbone's {self.info.max_positions} positions")
         if search not in BACKENDS:
             raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
-        if alignment not in ("left", "right"):
-            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
 
         self.backbone = backbone
         self.sidenet_layers = sidenet_layers
@@ -132,10 +124,8 @@ class LongMem(MemoryModel):
         self.memory_size = memory_size
         self.chunk_size = chunk_size
         self.top_k_chunks = top_k_chunks
-        self.segment_size = segment_size
         self.content_size = segment_size
         self.search = search
-        self.alignment = alignment
         self.token_level = True
         self.causal = True
 
