@@ -1,7 +1,7 @@
 """Long-context memory tasks: bAbI-style stories (qa1..qa5), the RMT paper's memorize / detect / reason, facts
 hidden in book noise at an exact token length, algorithmic tasks, torch datasets and JSONL export."""
 
-from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, make_algorithmic
+from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, algorithmic_tokenizer, make_algorithmic
 from memformers.tasks.babi import ANSWERS, Story, World, generate_story
 from memformers.tasks.datasets import StreamingTaskDataset, TaskDataset, collate, make_collate, sample_item
 from memformers.tasks.haystack import NoiseSpan, Sample, build_haystack, encode_sentence
@@ -9,6 +9,7 @@ from memformers.tasks.noise import Book, TokenizedNoise, load_noise, split_sente
 from memformers.tasks.registry import (
     TASKS,
     TaskSpec,
+    algorithmic_tokenizer_name,
     export_jsonl,
     get_tokenizer,
     make_algorithmic_sample,
@@ -30,6 +31,8 @@ __all__ = [
     "TaskSpec",
     "TokenizedNoise",
     "World",
+    "algorithmic_tokenizer",
+    "algorithmic_tokenizer_name",
     "build_haystack",
     "collate",
     "encode_sentence",

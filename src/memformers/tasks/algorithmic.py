@@ -46,6 +46,23 @@ class AlgorithmicSample:
         return np.concatenate([np.full(len(self.source) + 1, IGNORE_INDEX), self.target]).astype(np.int64)
 
 
+def algorithmic_tokenizer(vocab_size: int = 16):
+    """A word-level tokenizer over the tasks' own ids (so a model trained on them saves and loads like any other).
+
+    Id 0 is "[PAD]", id 1 the separator "|", ids 2 .. 1 + vocab_size the symbols; `to_text` output encodes back to
+    the same ids.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or not 2 <= vocab_size <= len(SYMBOLS):
+        raise ValueError(f"vocab_size must be an int between 2 and {len(SYMBOLS)}, got {vocab_size!r}")
+    vocab = {"[PAD]": PAD_ID, "|": SEP_ID} | {s: FIRST_SYMBOL_ID + i for i, s in enumerate(SYMBOLS[:vocab_size])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", sep_token="|")
+
+
 def to_text(ids: np.ndarray) -> str:
     """Data ids as space-separated symbols (the text form used in exported JSONL)."""
     return " ".join(SYMBOLS[int(i) - FIRST_SYMBOL_ID] if i >= FIRST_SYMBOL_ID else "|" for i in ids)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, make_algorithmic, to_text
+from memformers.tasks.algorithmic import (
+    ALGORITHMIC_TASKS,
+    AlgorithmicSample,
+    algorithmic_tokenizer,
+    make_algorithmic,
+    to_text,
+)
 from memformers.tasks.babi import ANSWERS, generate_story
 from memformers.tasks.haystack import Sample, build_haystack
 from memformers.tasks.noise import SPLITS
@@ -63,13 +69,24 @@ def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
 
 TokenizerLike = str | Path | PreTrainedTokenizerBase  # an object, or a name/path for load_tokenizer
 _TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
+ALGORITHMIC_TOKENIZER = "algorithmic:"  # "algorithmic:16": the algorithmic tasks' own ids, 16 symbols
+
+
+def algorithmic_tokenizer_name(vocab_size: int) -> str:
+    """The name `get_tokenizer` turns into the algorithmic tasks' tokenizer of `vocab_size` symbols."""
+    return f"{ALGORITHMIC_TOKENIZER}{vocab_size}"
 
 
 def get_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
-    """A tokenizer object, loading names ("minilm", "smollm2", a path) once per process."""
+    """A tokenizer object, loading names ("minilm", "smollm2", a path, "algorithmic:N") once per process."""
     if not isinstance(tokenizer, str | Path):
         return tokenizer
     name = str(tokenizer)
+    if name.startswith(ALGORITHMIC_TOKENIZER) and name not in _TOKENIZERS:
+        size = name.removeprefix(ALGORITHMIC_TOKENIZER)
+        if not size.isdigit():
+            raise ValueError(f"tokenizer: {name!r} must be {ALGORITHMIC_TOKENIZER}<number of symbols>")
+        _TOKENIZERS[name] = algorithmic_tokenizer(int(size))
     if name not in _TOKENIZERS:
         from memformers.backbones import load_tokenizer
 
