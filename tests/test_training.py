@@ -277,3 +277,114 @@ def test_training_continues_from_a_saved_model(tmp_path):
         torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="model.num_memory_tokens"):
         train(tiny(tmp_path, "bad", **{"model.backbone": str(first), "model.num_memory_tokens": 3}), progress=False)
+
+
+@pytest.mark.parametrize("task", ["copy", "reverse", "associative"])
+def test_algorithmic_tasks_fill_their_segments_and_train(tmp_path, task):
+    flat = training._flatten(TINY) | {"output.dir": str(tmp_path / "run"), "curriculum.eval_samples": 6}
+    flat = {k: v for k, v in flat.items() if k != "task.tokenizer"} | {"task.name": task, "task.vocab_size": 8}
+    llama = {"model.head": "causal-lm", "model.scratch.family": "llama", "model.segment_size": 16}
+    config = load_config(None, flat | llama)
+    assert config.tokenizer_name == "algorithmic:8"
+    trainer = Trainer(config, progress=False)
+    assert len(trainer.tokenizer) == 10  # padding, separator, 8 symbols
+    content = trainer.unwrapped.content_size
+    batch = trainer.batches.batch([0, 1], 2, seed=0)
+    target = batch["labels"] != -100
+    separator = (batch["input_ids"] == 1).float().argmax(1)  # = the source's length
+    if task == "associative":  # whole key-value pairs and the query: at most the two segments, nearly all of them
+        assert bool((separator <= 2 * content).all() and (separator > 2 * content - 3).all())
+    else:
+        assert separator.tolist() == [2 * content, 2 * content]
+    assert int(target.sum(1)[0]) == {"copy": 4 * content, "reverse": 2 * content, "associative": 1}[task]
+    assert bool(target[:, : int(separator.min()) + 1].eq(False).all())  # no loss on the source or separator
+    assert bool((batch["input_ids"][target] >= 2).all())  # targets are data symbols
+    final = train(config, progress=False)
+    assert mf.load(final).backbone.config.vocab_size == 10
+    with pytest.raises(ValueError, match="model.head"):
+        load_config(None, flat)
+
+
+# --- every mechanism in the trainer ---------------------------------------------------------------------------
+
+MECHANISM_CHANGES = {
+    "rmt": {},
+    "cache": {},
+    "knn": {"model.knn.memory_layers": [-1], "model.knn.memory_size": 256, "model.knn.top_k": 8},
+    "longmem": {"model.longmem.memory_size": 256, "model.longmem.top_k_chunks": 4},
+}
+
+
+def decoder(tmp_path: Path, mechanism: str, name: str = "run", **changes) -> training.TrainConfig:
+    """The tiny config as a scratch Llama (causal LM, no dropout) run by `mechanism`."""
+    base = {"model.head": "causal-lm", "model.scratch.family": "llama", "model.scratch.dropout": 0.0}
+    base |= {"model.mechanism": mechanism, "curriculum.segments": [2], "curriculum.max_steps_per_stage": 12}
+    base |= {"optim.warmup_steps": 0, "output.checkpoint_every": 0}
+    return tiny(tmp_path, name, **base | MECHANISM_CHANGES[mechanism] | changes)
+
+
+@pytest.mark.parametrize("mechanism", ["rmt", "cache", "knn", "longmem"])
+def test_every_mechanism_trains_saves_reloads_and_continues(tmp_path, mechanism):
+    config = decoder(tmp_path, mechanism)
+    trainer = Trainer(config, progress=False)
+    model = trainer.unwrapped
+    expected = {"rmt": "RecurrentMemoryTransformer", "cache": "SegmentCacheTransformer"}
+    expected |= {"knn": "MemorizingTransformer", "longmem": "LongMem"}
+    assert type(model).__name__ == expected[mechanism]
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    backbone = {id(p) for p in model.backbone.parameters()}
+    if mechanism == "longmem":  # the frozen backbone is not in the optimizer; the SideNet is
+        assert not trained & backbone and trained
+    else:
+        assert backbone <= trained
+    final = trainer.train()
+    losses = [r["loss"] for r in records(config.output_dir, "train")]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learns (the answer tokens of memorize)
+
+    reloaded = mf.load(final)
+    assert type(reloaded) is type(model)
+    ids = torch.randint(5, 1000, (2, 3 * model.content_size - 7))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+    more = train(decoder(tmp_path, mechanism, "more", **{"model.backbone": str(final)}), progress=False)
+    again = weights(more)
+    before = weights(final)
+    assert before.keys() == again.keys()
+    assert any(not torch.equal(before[k], again[k]) for k in before)  # trained further from the saved weights
+    if mechanism == "longmem":  # ... but never its backbone
+        assert all(torch.equal(before[k], again[k]) for k in before if k.startswith("backbone."))
+
+
+def test_a_saved_backbone_goes_into_another_mechanism(tmp_path):
+    base = train(decoder(tmp_path, "rmt", "base", **{"model.num_memory_tokens": 0}), progress=False)
+    with pytest.raises(ValueError, match="model.mechanism"):
+        Trainer(decoder(tmp_path, "knn", "bad", **{"model.backbone": str(base)}), progress=False)
+    trainer = Trainer(decoder(tmp_path, "knn", "knn", **{"model.backbone": str(base / "backbone")}), progress=False)
+    saved = mf.load(base).backbone.state_dict()
+    for name, value in trainer.unwrapped.backbone.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.mechanism", "lstm", "model.mechanism"),
+        ("model.knn.memory_size", 0, "model.knn.memory_size"),
+        ("model.knn.combine", "sum", "model.knn.combine"),
+        ("model.knn.memory_layers", [-1.5], "model.knn.memory_layers"),
+        ("model.knn.memory_layers", [9], r"model\.knn.*memory_layers"),
+        ("model.knn.depth", 2, "model.knn.depth"),
+        ("model.longmem.memory_size", 250, "model.longmem.memory_size"),
+        ("model.longmem.sidenet_layers", 3, r"model\.longmem.*sidenet_layers"),
+        ("model.gradient_checkpointing", True, "model.gradient_checkpointing"),
+    ],
+)
+def test_bad_mechanism_values_name_the_key(tmp_path, key, value, message):
+    mechanism = key.split(".")[1] if key.split(".")[1] in ("knn", "longmem") else "longmem"
+    with pytest.raises(ValueError, match=message.replace("model.", r"model\.") if "*" not in message else message):
+        Trainer(decoder(tmp_path, mechanism, **{key: value}), progress=False)
+    with pytest.raises(ValueError, match="model.head"):
+        tiny(tmp_path, **{"model.mechanism": "cache"})  # the segment cache needs a decoder

@@ -52,9 +52,8 @@ from .training_config import (  # noqa: F401 (the config API is re-exported here
 
 
 def build_model(config: TrainConfig):
-    """The RMT and tokenizer a config describes (weights drawn from `optim.seed` where they are new)."""
+    """The mechanism and tokenizer a config describes (weights drawn from `optim.seed` where they are new)."""
     from . import backbones
-    from .rmt import RecurrentMemoryTransformer
     from .tasks import get_tokenizer, task_spec
 
     m = config.model
@@ -71,27 +70,66 @@ def build_model(config: TrainConfig):
     special = {}
     if m.head != "causal-lm":
         special = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
-    model = RecurrentMemoryTransformer(
-        backbone,
-        num_memory_tokens=m.num_memory_tokens,
-        segment_size=m.segment_size,
-        bptt_depth=m.bptt_depth,
-        gradient_checkpointing=m.gradient_checkpointing,
-        alignment=m.alignment,
-        **special,
-    )
+    cls, kwargs = mechanism_arguments(m)
+    try:
+        model = cls(backbone, **kwargs, **(special if m.mechanism == "rmt" else {}))
+    except ValueError as error:
+        raise ValueError(f"[model.{m.mechanism}] {error}") from None
+    model.bptt_depth = m.bptt_depth  # the driver's knobs, for every mechanism
+    model.gradient_checkpointing = m.gradient_checkpointing
     return model, tokenizer
 
 
+def mechanism_arguments(m: ModelConfig) -> tuple[type, dict]:
+    """The mechanism class of `model.mechanism` and its constructor arguments from the config (no backbone)."""
+    from . import LongMem, MemorizingTransformer, RecurrentMemoryTransformer, SegmentCacheTransformer
+
+    common = {"segment_size": m.segment_size, "alignment": m.alignment}
+    if m.mechanism == "rmt":
+        return RecurrentMemoryTransformer, common | {"num_memory_tokens": m.num_memory_tokens}
+    if m.mechanism == "cache":
+        return SegmentCacheTransformer, common
+    if m.mechanism == "knn":
+        k = m.knn
+        knobs = {"memory_layers": tuple(k.memory_layers), "memory_size": k.memory_size, "top_k": k.top_k}
+        knobs |= {"combine": k.combine, "normalize_keys": k.normalize_keys, "search": k.search}
+        return MemorizingTransformer, common | knobs
+    lm = m.longmem
+    knobs = {key: getattr(lm, key) for key in ("sidenet_layers", "memory_layer", "fusion_layer")}
+    knobs = {key: value for key, value in knobs.items() if value is not None}
+    knobs |= {"memory_size": lm.memory_size, "chunk_size": lm.chunk_size, "top_k_chunks": lm.top_k_chunks}
+    return LongMem, common | knobs
+
+
 def _continue_from(m: ModelConfig, path: Path):
-    """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config."""
+    """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config.
+
+    kNN/LongMem `memory_size` (only the state's capacity) follows the config; the knobs that shape weights or
+    segments must equal the saved ones; the others stay as saved. To put a saved backbone into another mechanism, give
+    its `backbone/` folder instead.
+    """
     from .saving import load
 
     model = load(path)
+    cls, wanted = mechanism_arguments(m)
+    if not isinstance(model, cls):
+        raise ValueError(
+            f"model.mechanism = {m.mechanism!r}, but {path} holds a {type(model).__name__}; to wrap its backbone in "
+            f"another mechanism set model.backbone = {str(path / 'backbone')!r}"
+        )
     saved = model.config_dict()
-    for key in ("num_memory_tokens", "segment_size", "alignment"):
-        if saved.get(key) != getattr(m, key):
-            raise ValueError(f"model.{key} = {getattr(m, key)!r}, but the model saved in {path} has {saved.get(key)!r}")
+    fixed = ("num_memory_tokens", "segment_size", "alignment", "memory_layers", "sidenet_layers", "memory_layer")
+    fixed += ("fusion_layer", "combine", "normalize_keys", "chunk_size")
+    for key in fixed:
+        if key not in wanted or key not in saved:
+            continue
+        value = list(wanted[key]) if isinstance(wanted[key], tuple) else wanted[key]
+        if saved[key] != value:
+            section = f"{m.mechanism}." if m.mechanism in ("knn", "longmem") and key != "segment_size" else ""
+            section = "" if key == "alignment" else section
+            raise ValueError(f"model.{section}{key} = {value!r}, but the model saved in {path} has {saved[key]!r}")
+    if m.mechanism in ("knn", "longmem"):  # no weight depends on the store's capacity
+        model.memory_size = wanted["memory_size"]
     model.bptt_depth = m.bptt_depth
     model.gradient_checkpointing = m.gradient_checkpointing
     return model
@@ -107,7 +145,7 @@ def _scratch_backbone(m: ModelConfig, tokenizer, num_labels: int):
         num_hidden_layers=s.layers,
         num_attention_heads=s.heads,
         intermediate_size=s.intermediate,
-        max_position_embeddings=m.segment_size,
+        max_position_embeddings=m.segment_size * (1 if s.family == "bert" else 2),  # a decoder's cache: 2 segments
         pad_token_id=tokenizer.pad_token_id,
     )
     if s.family == "bert":
@@ -129,7 +167,9 @@ class TaskBatches:
 
     So a batch can be rebuilt after a restart from the data position alone, and split over processes in any way.
     Classification samples are exactly n × content_size tokens; LM samples leave room for the answer tokens
-    appended to them (n × content_size at most), so they too fill exactly n segments.
+    appended to them (n × content_size at most), so they too fill exactly n segments. Algorithmic samples are
+    the other way round: their source fills n segments and the target (as long as the source, twice for copy)
+    is written in the segments after it, as in the RMT paper's copy and reverse.
     """
 
     def __init__(self, config: TrainConfig, tokenizer, content_size: int) -> None:
@@ -139,7 +179,7 @@ class TaskBatches:
         self.head = config.model.head
         self.eos_id = None
         self.reserve = 0
-        if self.head != "classification":
+        if self.head != "classification" and not config.algorithmic:  # algorithmic targets have a fixed length
             self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
             if self.head == "causal-lm" and self.eos_id is None:
                 self.eos_id = tokenizer.sep_token_id
@@ -156,6 +196,17 @@ class TaskBatches:
         from .tasks import make_sample, sample_item
 
         t = self.config.task
+        if self.config.algorithmic:  # the source fills `segments` segments; the target follows
+            from .tasks import make_algorithmic_sample
+
+            name = self.config.task_names[index % len(self.config.task_names)]
+            options = {"vocab_size": t.vocab_size}
+            if name == "associative":
+                options |= {"key_size": t.key_size, "value_size": t.value_size}
+            problem = make_algorithmic_sample(
+                name, segments * self.content_size, seed, index, segment_size=self.content_size, **options
+            )
+            return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
         length = segments * self.content_size - self.reserve
         try:
             names = self.config.task_names

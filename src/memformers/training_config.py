@@ -3,10 +3,16 @@
 Config (TOML; every key optional unless marked):
 
 [model]
+  mechanism               "rmt" (default; RecurrentMemoryTransformer), "cache" (SegmentCacheTransformer), "knn"
+                          (MemorizingTransformer, knobs in [model.knn]) or "longmem" (LongMem, knobs in
+                          [model.longmem]: only its SideNet trains, the backbone stays frozen); all but "rmt" need a
+                          decoder (head "causal-lm"). rmt with num_memory_tokens = 0 is the backbone alone on the
+                          same segments (the no-memory baseline)
   backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2", a Hugging
-                          Face model folder, or a folder saved by memformers (training continues from that model)
+                          Face model folder (e.g. the backbone/ of a saved model, to wrap it in another mechanism),
+                          or a folder saved by memformers with the same mechanism (training continues from it)
   head                    "classification" (default; num_labels = the task's answers), "causal-lm", "masked-lm"
-  num_memory_tokens       memory vectors (default 10)
+  num_memory_tokens       memory vectors (default 10; rmt only)
   segment_size            backbone positions per segment, memory and special tokens included (default 512)
   bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
   gradient_checkpointing  recompute each segment in backward (default false)
@@ -15,13 +21,25 @@ Config (TOML; every key optional unless marked):
   family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
   layers, hidden, heads, intermediate   default 4, 128, 4, 512
   dropout                 default 0.1
+[model.knn]               only for mechanism = "knn"; defaults from MemorizingTransformer
+  memory_layers           decoder layers with kNN memory, negative = from the end (default [-4])
+  memory_size, top_k      stored (key, value) pairs per row, head and layer (65536); neighbours per query (32)
+  combine                 "gate" (default) or "joint"
+  normalize_keys          L2-normalised keys with a learned temperature (default false)
+  search                  "torch" (default) or "faiss"
+[model.longmem]           only for mechanism = "longmem"; defaults from LongMem (None = the backbone's default)
+  sidenet_layers, memory_layer, fusion_layer   ints (default L/2, 3L/4 − 1, S/2)
+  memory_size, chunk_size, top_k_chunks        default 65536, 4, 16
 [task]
-  name                    memorize | detect | reason | qa1 .. qa5 (default "memorize")
+  name                    memorize | detect | reason | qa1 .. qa5 (default "memorize") | copy | reverse | associative
+                          (the source fills the curriculum's segment count; the target follows it)
   tokenizer               tokenizer name or folder; default: the backbone's, or "minilm" for a scratch model
   split                   noise books to train on: "train" (default), "test", "all"
   seed                    training samples' seed (default 0)
   eval_seed               validation samples' seed (default seed + 1000003: never a training sample)
   noise_dir               folder of .txt books instead of the shipped Austen novels (optional)
+  vocab_size, key_size, value_size   algorithmic tasks (copy, reverse, associative): symbols, and the associative
+                          task's key and value lengths (default 16, 2, 1); their own tokenizer, head "causal-lm"
 [curriculum]
   segments                list of segment counts, e.g. [1, 2, 3, 5, 7] (default), or a rule string
                           "linear:START:STOP[:STEP]" or "double:START:STOP"
@@ -66,6 +84,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 HEADS = ("classification", "causal-lm", "masked-lm")
+MECHANISMS = ("rmt", "cache", "knn", "longmem")
 FAMILIES = ("bert", "llama")
 SCHEDULES = ("global", "per-stage", "constant")
 PRECISIONS = ("no", "bf16")
@@ -88,7 +107,28 @@ class ScratchConfig:
 
 
 @dataclass
+class KnnConfig:
+    memory_layers: list[int] = field(default_factory=lambda: [-4])
+    memory_size: int = 65_536
+    top_k: int = 32
+    combine: str = "gate"
+    normalize_keys: bool = False
+    search: str = "torch"
+
+
+@dataclass
+class LongMemConfig:
+    sidenet_layers: int | None = None
+    memory_layer: int | None = None
+    fusion_layer: int | None = None
+    memory_size: int = 65_536
+    chunk_size: int = 4
+    top_k_chunks: int = 16
+
+
+@dataclass
 class ModelConfig:
+    mechanism: str = "rmt"
     backbone: str = "scratch"
     head: str = "classification"
     num_memory_tokens: int = 10
@@ -97,6 +137,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     alignment: str = "right"
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    longmem: LongMemConfig = field(default_factory=LongMemConfig)
 
 
 @dataclass
@@ -107,6 +149,9 @@ class TaskConfig:
     seed: int = 0
     eval_seed: int | None = None
     noise_dir: str | None = None
+    vocab_size: int = 16  # algorithmic tasks: data symbols
+    key_size: int = 2  # associative: symbols per key
+    value_size: int = 1  # associative: symbols per value
 
 
 @dataclass
@@ -166,9 +211,20 @@ class TrainConfig:
         return [name.strip() for name in self.task.name.split(",") if name.strip()]
 
     @property
+    def algorithmic(self) -> bool:
+        """Copy / reverse / associative: own vocabulary, a decoder writes the target after the source."""
+        from .tasks import TASKS
+
+        return all(name in TASKS and TASKS[name].kind == "algorithmic" for name in self.task_names)
+
+    @property
     def tokenizer_name(self) -> str:
         if self.task.tokenizer:
             return self.task.tokenizer
+        if self.algorithmic:
+            from .tasks import algorithmic_tokenizer_name
+
+            return algorithmic_tokenizer_name(self.task.vocab_size)
         if self.model.backbone == "scratch":
             return "minilm"
         saved = Path(self.model.backbone) / "memformers.json"
@@ -245,7 +301,9 @@ _TYPES = {
     "str | None": str,
     "int | None": int,
     "list[int] | str": (list, str),
+    "list[int]": (list,),
 }
+_SUBSECTIONS = {"ScratchConfig": ScratchConfig, "KnnConfig": KnnConfig, "LongMemConfig": LongMemConfig}
 
 
 def _section(cls, data: dict, prefix: str):
@@ -259,13 +317,14 @@ def _section(cls, data: dict, prefix: str):
         if key not in known:
             raise ValueError(f"{name}: unknown key; allowed keys of [{prefix}]: {sorted(known)}")
         kind = known[key].type
-        if kind == "ScratchConfig":
-            values[key] = _section(ScratchConfig, value, name)
+        if kind in _SUBSECTIONS:
+            values[key] = _section(_SUBSECTIONS[kind], value, name)
             continue
         expected = _TYPES[kind]
         if isinstance(expected, tuple):
-            if not isinstance(value, expected):
-                _fail(name, value, "a list of ints or a rule string")
+            ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if not isinstance(value, expected) or (kind == "list[int]" and not ints):
+                _fail(name, value, "a list of ints" if kind == "list[int]" else "a list of ints or a rule string")
         else:
             _check_type(name, value, expected)
         values[key] = float(value) if expected is float else value
@@ -293,6 +352,7 @@ def validate(config: TrainConfig) -> None:
         _fail("model.head", m.head, f"one of {HEADS}")
     if m.num_memory_tokens < 0:
         _fail("model.num_memory_tokens", m.num_memory_tokens, "an int ≥ 0")
+    _validate_mechanism(m)
     if m.segment_size < 2:
         _fail("model.segment_size", m.segment_size, "an int ≥ 2")
     if m.bptt_depth is not None and m.bptt_depth < 0:
@@ -311,11 +371,20 @@ def validate(config: TrainConfig) -> None:
     if m.backbone == "scratch" and (m.head == "causal-lm") != (s.family == "llama"):
         _fail("model.scratch.family", s.family, "'llama' for head 'causal-lm' and 'bert' for the other heads")
     names = config.task_names
-    if not names or any(name not in TASKS or TASKS[name].kind != "babi" for name in names):
-        babi = [k for k, v in TASKS.items() if v.kind == "babi"]
-        _fail("task.name", t.name, f"one or more (comma-separated) of {babi}")
-    if len({TASKS[name].answers for name in names}) != 1:
-        _fail("task.name", t.name, "tasks that share one answer vocabulary (e.g. memorize,detect,reason)")
+    if not names or any(name not in TASKS for name in names):
+        _fail("task.name", t.name, f"one or more (comma-separated) of {list(TASKS)}")
+    if len({TASKS[name].kind for name in names}) != 1 or len({TASKS[name].answers for name in names}) != 1:
+        _fail("task.name", t.name, "tasks of one kind and one answer vocabulary (memorize,detect,reason; copy,reverse)")
+    if config.algorithmic:
+        if m.head != "causal-lm":
+            _fail("model.head", m.head, f"'causal-lm' for the algorithmic task {t.name!r} (its target is a sequence)")
+        from .tasks.algorithmic import SYMBOLS
+
+        if not 2 <= t.vocab_size <= len(SYMBOLS):
+            _fail("task.vocab_size", t.vocab_size, f"an int in [2, {len(SYMBOLS)}]")
+        for key in ("key_size", "value_size"):
+            if getattr(t, key) < 1:
+                _fail(f"task.{key}", getattr(t, key), "an int ≥ 1")
     if t.split not in ("train", "test", "all"):
         _fail("task.split", t.split, "one of ('train', 'test', 'all')")
     parse_segments(c.segments)
@@ -349,6 +418,39 @@ def validate(config: TrainConfig) -> None:
         _fail("optim.mixed_precision", o.mixed_precision, f"one of {PRECISIONS}")
     if o.batch_size % o.grad_accum:
         _fail("optim.batch_size", o.batch_size, f"a multiple of optim.grad_accum={o.grad_accum}")
+
+
+def _validate_mechanism(m: ModelConfig) -> None:
+    """The mechanism's name and its own knobs, each error naming its key."""
+    from .knn.attention import COMBINES
+    from .knn.store import BACKENDS
+
+    if m.mechanism not in MECHANISMS:
+        _fail("model.mechanism", m.mechanism, f"one of {MECHANISMS}")
+    if m.mechanism != "rmt" and m.head != "causal-lm":
+        _fail("model.head", m.head, f"'causal-lm' for mechanism {m.mechanism!r} (it needs a decoder)")
+    k, lm = m.knn, m.longmem
+    if m.mechanism == "knn":
+        if not k.memory_layers:
+            _fail("model.knn.memory_layers", k.memory_layers, "a non-empty list of layer indices")
+        if k.memory_size < 1:
+            _fail("model.knn.memory_size", k.memory_size, "an int ≥ 1")
+        if k.top_k < 1:
+            _fail("model.knn.top_k", k.top_k, "an int ≥ 1")
+        if k.combine not in COMBINES:
+            _fail("model.knn.combine", k.combine, f"one of {COMBINES}")
+        if k.search not in BACKENDS:
+            _fail("model.knn.search", k.search, f"one of {BACKENDS}")
+    if m.mechanism == "longmem":
+        for key in ("sidenet_layers", "chunk_size", "top_k_chunks"):
+            value = getattr(lm, key)
+            if value is not None and value < 1:
+                _fail(f"model.longmem.{key}", value, "an int ≥ 1")
+        if lm.memory_size < lm.chunk_size or lm.memory_size % lm.chunk_size:
+            allowed = f"a multiple of model.longmem.chunk_size={lm.chunk_size}"
+            _fail("model.longmem.memory_size", lm.memory_size, allowed)
+        if m.gradient_checkpointing:
+            _fail("model.gradient_checkpointing", True, "false for LongMem (its frozen backbone keeps no activations)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
