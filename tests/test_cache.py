@@ -178,3 +178,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(ids, labels=ids).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_continues_behind_the_previous_segment(family):
+    """Greedy generation equals the bare backbone's on [previous segment ; last segment], row by row in a batch
+    whose rows have 3, 2 and 1 segments (the last with no cache at all)."""
+    model = tiny_cache(family).eval()
+    lengths = (2 * S + 3, S + 5, 6)
+    ids = torch.zeros(3, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows = [random_ids(1, n, seed=n)[0] for n in lengths]
+    for row, tokens in enumerate(rows):
+        ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+    new = model.generate(ids, mask, max_new_tokens=4, do_sample=False)
+    pad = model.backbone.config.pad_token_id or 0
+    for row, tokens in enumerate(rows):
+        window = tokens[(len(tokens) - 1) // S * S - S :] if len(tokens) > S else tokens
+        alone = model.backbone.generate(window[None], max_new_tokens=4, do_sample=False, pad_token_id=pad)
+        assert new[row].tolist() == alone[0, len(window) :].tolist()

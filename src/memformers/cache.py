@@ -27,7 +27,7 @@ import transformers
 from transformers import DynamicCache
 
 from .recurrence import MemoryModel, StepOutput
-from .rmt import as_segment
+from .rmt import _special_id, as_segment
 from .segments import Alignment, Segment
 
 
@@ -153,6 +153,45 @@ class SegmentCacheTransformer(MemoryModel):
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
         return StepOutput(logits=logits, hidden=hidden), CacheState(keys, values, mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,  # [batch, length] the long context
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        callback=None,
+        **generate_kwargs,
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """Read a long context, then generate from its last segment behind the previous segment's cache.
+
+        The prompt sees exactly what a training step would: the previous segment's cache-free keys and values at
+        positions [0, len_prev), then itself. The backbone's own `generate` continues from that cache (its input
+        starts with placeholder ids where the cached tokens stand, which it never reads again); keyword arguments
+        go to it. Returns only the new tokens.
+        """
+        if self.info.head != "token":
+            raise ValueError(f"generate needs a causal-LM head, got {self.info.class_name}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        state, prompts = self.read_context(input_ids, attention_mask, callback=callback)
+        batch, cached = state.mask.shape
+        width = max(len(p) for p in prompts)
+        pad = _special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
+        ids = torch.full((batch, cached + width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.cat([state.mask, torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)], 1)
+        for row, prompt in enumerate(prompts):  # [cache, right-padded][prompt, left-padded]
+            ids[row, cached + width - len(prompt) :] = prompt
+            mask[row, cached + width - len(prompt) :] = 1
+        if state.keys:
+            generate_kwargs["past_key_values"] = DynamicCache(
+                ddp_cache_data=list(zip(state.keys, state.values, strict=True))
+            )
+        generate_kwargs.setdefault("pad_token_id", pad)
+        out = self.backbone.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
+        )
+        return out[:, cached + width :]
 
     def extra_repr(self) -> str:
         return f"segment_size={self.segment_size}"
