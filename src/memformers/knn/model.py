@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import backbones
 from ..recurrence import MemoryModel, StepOutput
-from ..rmt import as_segment
+from ..rmt import _special_id, as_segment
 from ..segments import Alignment, Segment
 from .attention import COMBINES, Combine, KNNAttention, MemoryContext
 from .store import BACKENDS, Backend, KNNStore
@@ -190,7 +190,7 @@ class MemorizingTransformer(MemoryModel):
                 f"max_new_tokens={max_new_tokens}: the prompt segment ({width} tokens) and the new tokens exceed "
                 f"the backbone's {self.info.max_positions} positions"
             )
-        pad = _pad_id(self.backbone.config)
+        pad = _special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
         ids = torch.full((batch, width), pad, dtype=input_ids.dtype, device=input_ids.device)
         mask = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
         for row, prompt in enumerate(prompts):  # left padding, as generate expects
@@ -239,13 +239,3 @@ class _MemoryScope:
     def __exit__(self, *exc) -> None:
         for layer in self.model.layers:
             layer.context = None
-
-
-def _pad_id(config) -> int:
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
