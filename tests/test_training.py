@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -388,3 +389,21 @@ def test_bad_mechanism_values_name_the_key(tmp_path, key, value, message):
         Trainer(decoder(tmp_path, mechanism, **{key: value}), progress=False)
     with pytest.raises(ValueError, match="model.head"):
         tiny(tmp_path, **{"model.mechanism": "cache"})  # the segment cache needs a decoder
+
+
+def test_lm_task_trains_on_book_windows_and_reports_perplexity(tmp_path):
+    config = decoder(tmp_path, "rmt", **{"task.name": "lm", "optim.lr": 1e-2, "curriculum.max_steps_per_stage": 10})
+    trainer = Trainer(config, progress=False)
+    batch = trainer.batches.batch([0, 1], 2, seed=0)
+    content = trainer.unwrapped.content_size
+    assert batch["input_ids"].shape == (2, 2 * content) and bool(batch["attention_mask"].all())
+    assert torch.equal(batch["labels"], batch["input_ids"])  # every token a target (shifted by the driver)
+    assert torch.equal(trainer.batches.batch([1], 2, seed=0)["input_ids"][0], batch["input_ids"][1])
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
+    assert after["perplexity"] < 0.5 * before["perplexity"], (before, after)  # from ~vocab size towards unigrams
+    assert 0 <= before["accuracy"] < after["accuracy"] <= 1  # token accuracy, for the curriculum's threshold
+    with pytest.raises(ValueError, match="model.head"):
+        tiny(tmp_path, **{"task.name": "lm"})

@@ -179,7 +179,8 @@ class TaskBatches:
         self.head = config.model.head
         self.eos_id = None
         self.reserve = 0
-        if self.head != "classification" and not config.algorithmic:  # algorithmic targets have a fixed length
+        self.lm = config.task_names == ["lm"]  # language modelling: every token is a target, no answer
+        if self.head != "classification" and not config.algorithmic and not self.lm:  # algorithmic: fixed length
             self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
             if self.head == "causal-lm" and self.eos_id is None:
                 self.eos_id = tokenizer.sep_token_id
@@ -196,6 +197,13 @@ class TaskBatches:
         from .tasks import make_sample, sample_item
 
         t = self.config.task
+        if self.lm:  # a window of exactly `segments` segments of one book; labels = the input (shifted by the driver)
+            from .tasks import lm_window
+
+            ids = torch.from_numpy(
+                lm_window(self.tokenizer, segments * self.content_size, seed, index, t.split, t.noise_dir)
+            )
+            return {"input_ids": ids, "labels": ids.clone()}
         if self.config.algorithmic:  # the source fills `segments` segments; the target follows
             from .tasks import make_algorithmic_sample
 
@@ -583,6 +591,11 @@ class Trainer:
 
     def _correct(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         m = self.unwrapped
+        if self.batches.lm:  # per row, the fraction of its last segment's next tokens predicted by argmax
+            targets = shift_labels(batch["labels"], batch["attention_mask"])[:, -logits.shape[1] :]
+            scored = targets != IGNORE_INDEX
+            hits = (logits.argmax(-1) == targets) & scored
+            return hits.sum(1) / scored.sum(1).clamp(min=1)
         return answer_correct(logits, batch["labels"], batch["attention_mask"], m.causal, m.content_size, m.alignment)
 
     @torch.no_grad()
@@ -596,6 +609,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         mine = list(range(acc.process_index, c.eval_samples, acc.num_processes))
+        if self.batches.lm:
+            return self._evaluate_lm(mine, segments, seed, was_training)
         totals = torch.zeros(3, device=acc.device)  # loss sum, correct, samples
         for i in range(0, len(mine), self.eval_batch):
             batch = self.batches.batch(mine[i : i + self.eval_batch], segments, seed, vary=False)
@@ -615,6 +630,36 @@ class Trainer:
             "loss": loss / samples,
             "accuracy": correct / samples,
             "samples": int(samples),
+        }
+
+    def _evaluate_lm(self, mine: list[int], segments: int, seed: int, was_training: bool) -> dict:
+        """Task lm: loss and perplexity per token over all segments, and token accuracy as "accuracy" (so the
+        curriculum's threshold still applies); also the perplexity of the first and the last segment."""
+        from .perplexity import SegmentScores, score_documents
+
+        acc, model = self.accelerator, self.unwrapped
+        scores = SegmentScores()
+        for i in range(0, len(mine), self.eval_batch):
+            batch = self.batches.batch(mine[i : i + self.eval_batch], segments, seed, vary=False)
+            with acc.autocast():
+                score_documents(
+                    model, batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device), scores
+                )
+        model.train(was_training)
+        first, last = (torch.tensor(scores.pooled(k, k), device=acc.device, dtype=torch.float64) for k in (1, segments))
+        every = torch.tensor(scores.pooled(), device=acc.device, dtype=torch.float64)  # nll, tokens, correct
+        first, last, every = (acc.reduce(t, reduction="sum").tolist() for t in (first, last, every))
+        return {
+            "type": "eval",
+            "step": self.state.step,
+            "stage": self.state.stage,
+            "segments": segments,
+            "loss": every[0] / every[1],
+            "perplexity": float(np.exp(every[0] / every[1])),
+            "perplexity_first_segment": float(np.exp(first[0] / first[1])),
+            "perplexity_last_segment": float(np.exp(last[0] / last[1])),
+            "accuracy": every[2] / every[1],
+            "samples": len(mine) * acc.num_processes,
         }
 
     def _after_step(self) -> None:

@@ -375,6 +375,12 @@ def validate(config: TrainConfig) -> None:
         _fail("task.name", t.name, f"one or more (comma-separated) of {list(TASKS)}")
     if len({TASKS[name].kind for name in names}) != 1 or len({TASKS[name].answers for name in names}) != 1:
         _fail("task.name", t.name, "tasks of one kind and one answer vocabulary (memorize,detect,reason; copy,reverse)")
+    if "lm" in names and (names != ["lm"] or m.head != "causal-lm"):
+        _fail(
+            "task.name" if names != ["lm"] else "model.head",
+            t.name if names != ["lm"] else m.head,
+            "task 'lm' alone, with head 'causal-lm'",
+        )
     if config.algorithmic:
         if m.head != "causal-lm":
             _fail("model.head", m.head, f"'causal-lm' for the algorithmic task {t.name!r} (its target is a sequence)")

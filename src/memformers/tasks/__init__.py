@@ -1,10 +1,12 @@
 """Long-context memory tasks: bAbI-style stories (qa1..qa5), the RMT paper's memorize / detect / reason, facts
-hidden in book noise at an exact token length, algorithmic tasks, torch datasets and JSONL export."""
+hidden in book noise at an exact token length, algorithmic tasks, language modelling on long book windows, torch
+datasets and JSONL export."""
 
 from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, algorithmic_tokenizer, make_algorithmic
 from memformers.tasks.babi import ANSWERS, Story, World, generate_story
 from memformers.tasks.datasets import StreamingTaskDataset, TaskDataset, collate, make_collate, sample_item
 from memformers.tasks.haystack import NoiseSpan, Sample, build_haystack, encode_sentence
+from memformers.tasks.lm import lm_documents, lm_window
 from memformers.tasks.noise import Book, TokenizedNoise, load_noise, split_sentences, tokenized_noise
 from memformers.tasks.registry import (
     TASKS,
@@ -39,6 +41,8 @@ __all__ = [
     "export_jsonl",
     "generate_story",
     "get_tokenizer",
+    "lm_documents",
+    "lm_window",
     "load_noise",
     "make_algorithmic",
     "make_algorithmic_sample",

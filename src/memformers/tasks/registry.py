@@ -1,7 +1,8 @@
 """The task registry: one name per task, one way to make a sample of it, and export to JSONL.
 
 Task names: qa1 .. qa5 (bAbI-style, facts scattered in noise as in BABILong), memorize, detect, reason (the RMT
-paper's three tasks; answer one of 6 places) and copy, reverse, associative (algorithmic, own vocabulary).
+paper's three tasks; answer one of 6 places), copy, reverse, associative (algorithmic, own vocabulary) and lm
+(language modelling on windows of the noise books: `memformers.tasks.lm`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("copy", "algorithmic", "", (), "copy: the source written twice"),
         TaskSpec("reverse", "algorithmic", "", (), "reverse: the source backwards"),
         TaskSpec("associative", "algorithmic", "", (), "associative retrieval: the value of a query key"),
+        TaskSpec("lm", "lm", "", (), "language modelling: next-token loss on every token of long book windows"),
     )
 }
 assert set(ALGORITHMIC_TASKS) <= set(TASKS)
