@@ -10,6 +10,7 @@ from conftest import VOCAB, tiny_backbone, tiny_config
 
 import memformers as mf
 from memformers.longmem import MemoryBank
+from memformers.profiling import PeakMemory
 
 FAMILIES = ("llama", "gpt2")
 SEGMENT = 16
@@ -204,6 +205,7 @@ def test_save_and_load_round_trip(family: str, tmp_path) -> None:
         ({"top_k_chunks": 0}, "top_k_chunks"),
         ({"segment_size": 1000}, "segment_size"),
         ({"search": "annoy"}, "search"),
+        ({"query_block": 0}, "query_block"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
@@ -266,3 +268,61 @@ def test_padded_rows_equal_their_unpadded_selves(family: str) -> None:
         alone = model(ids[1:, :-7]).logits
     torch.testing.assert_close(out.logits[1, :-7], alone[0], atol=1e-5, rtol=1e-5)
     assert out.state.store.count.tolist() == [12, 11]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gate", ["open", "initial"])
+def test_cached_generation_equals_recomputing_and_rows_equal_their_own_generation(family: str, gate: str) -> None:
+    """The key-value caches (backbone and SideNet) give the very tokens of recomputing the window per token, and a
+    batch with rows of different lengths gives each row what it gives alone."""
+    model = make(family)
+    if gate == "open":
+        open_gate(model)
+    ids = torch.randint(0, VOCAB, (3, 3 * SEGMENT))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0  # row 1: a shorter prompt segment
+    mask[2, -SEGMENT - 3 :] = 0  # row 2: one segment fewer in the bank
+    cached = model.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=12, use_cache=False))
+    for row in range(3):
+        alone = ids[row : row + 1, : int(mask[row].sum())]
+        assert torch.equal(cached[row : row + 1], model.generate(alone, max_new_tokens=12))
+    assert len(set(map(tuple, cached.tolist()))) == 3  # the rows differ: nothing was shared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocked_retrieval_equals_all_at_once(family: str) -> None:
+    model = make(family, memory_size=64, top_k_chunks=3)
+    open_gate(model)
+    ids = torch.randint(0, VOCAB, (2, 3 * SEGMENT))
+    outputs, grads = [], []
+    for block in (None, 1, 7, 10_000):
+        model.fusion.query_block = block
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outputs.append(out.logits.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.sidenet.parameters()]))
+    for logits, grad in zip(outputs[1:], grads[1:], strict=True):
+        torch.testing.assert_close(logits, outputs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_blocked_retrieval_bounds_peak_memory() -> None:
+    """Without a graph, the retrieved keys and values exist for one block of queries at a time."""
+    model = make(memory_size=256, chunk_size=4, top_k_chunks=16)
+    adapter = model.fusion.adapter
+    bank = model.init_state(1)
+    kv, d = adapter.num_kv_heads, adapter.head_dim
+    bank.write(torch.randn(1, kv, 256, d), torch.randn(1, kv, 256, d), torch.ones(1, 256))
+    query = torch.randn(1, adapter.num_heads, 64, d)
+    peaks, outs = {}, {}
+    for block in (None, 16):
+        model.fusion.query_block = block
+        with torch.no_grad(), PeakMemory() as meter:
+            outs[block], _ = model.fusion.memory_attention(query, bank)
+        peaks[block] = meter.peak_bytes
+    torch.testing.assert_close(outs[16], outs[None])
+    # Unblocked: the keys and values of 16 chunks of 4 tokens for 128 grouped queries per kv head.
+    retrieved = kv * 128 * 16 * 4 * d * 4
+    assert peaks[None] > retrieved and peaks[16] < peaks[None] / 3

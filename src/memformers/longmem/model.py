@@ -58,8 +58,9 @@ class LongMem(MemoryModel):
     `sidenet_layers` (default L/2) must divide the backbone's L blocks. `memory_layer` is the backbone block whose
     keys and values the bank holds (default: block 3L/4 − 1, the paper's 18th of 24); `fusion_layer` the SideNet
     layer that reads the bank (default S/2, the middle). The bank keeps the most recent `memory_size` tokens per row
-    in chunks of `chunk_size`; each query reads the tokens of its `top_k_chunks` best chunks. Only the SideNet (and
-    its gate) is trainable; the backbone and its embeddings, final norm and LM head stay frozen and in eval mode.
+    in chunks of `chunk_size`; each query reads the tokens of its `top_k_chunks` best chunks, `query_block` queries
+    per key-value head at a time (bounding retrieval memory; None: all at once). Only the SideNet (and its gate) is
+    trainable; the backbone and its embeddings, final norm and LM head stay frozen and in eval mode.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class LongMem(MemoryModel):
         segment_size: int = 512,
         search: Backend = "torch",
         alignment: Alignment = "left",
+        query_block: int | None = 512,
     ) -> None:
         super().__init__()
         backbone = self._take_backbone(backbone, segment_size, alignment)
@@ -115,6 +117,8 @@ class LongMem(MemoryModel):
             raise ValueError(f"top_k_chunks must be an int ≥ 1, got {top_k_chunks!r}")
         if search not in BACKENDS:
             raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
+        if query_block is not None and (not isinstance(query_block, int) or query_block < 1):
+            raise ValueError(f"query_block must be None (all queries at once) or an int ≥ 1, got {query_block!r}")
 
         self.backbone = backbone
         self.sidenet_layers = sidenet_layers
@@ -146,7 +150,7 @@ class LongMem(MemoryModel):
             backbones.attention_adapter(backbone, fused_block),
             module=fused.attn if hasattr(fused, "attn") else fused.self_attn,
         )
-        self.fusion = JointAttention(adapter, top_k_chunks, search)
+        self.fusion = JointAttention(adapter, top_k_chunks, search, query_block)
         self.memory_adapter = backbones.attention_adapter(backbone, self.memory_layer)
         self._capture: _Capture | None = None
         self._install_hooks(blocks)
@@ -176,11 +180,26 @@ class LongMem(MemoryModel):
         self.memory_adapter.module.register_forward_pre_hook(before_memory_attention, with_kwargs=True)
 
     @torch.no_grad()
-    def read_backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Capture:
-        """The frozen backbone over one segment: H[0..L], block 0's call arguments, the memory layer's keys/values."""
+    def read_backbone(
+        self,
+        input_ids: torch.Tensor,  # [batch, length]
+        attention_mask: torch.Tensor,  # [batch, past + length] with a cache, else [batch, length]
+        position_ids: torch.Tensor | None = None,  # [batch, length]
+        cache: transformers.Cache | None = None,
+    ) -> _Capture:
+        """The frozen backbone over one segment: H[0..L], block 0's call arguments, the memory layer's keys/values.
+
+        With a `cache` (generation) the backbone reads only the new tokens and appends their keys and values to it.
+        """
         self._capture = capture = _Capture()
         try:
-            self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.backbone.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
         finally:
             self._capture = None
         return capture
@@ -190,18 +209,29 @@ class LongMem(MemoryModel):
     def side_forward(
         self,
         input_ids: torch.Tensor,  # [batch, length]
-        attention_mask: torch.Tensor,  # [batch, length]
+        attention_mask: torch.Tensor,  # [batch, length], or [batch, past + length] with caches
         bank: MemoryBank | None,
+        position_ids: torch.Tensor | None = None,  # [batch, length]
+        caches: tuple[transformers.Cache, transformers.Cache] | None = None,  # (backbone's, SideNet's)
     ) -> tuple[torch.Tensor, torch.Tensor, _Capture]:  # logits [b, n, vocab], hidden [b, n, hidden], capture
-        """Backbone, then SideNet with cross-network residuals and the fusion layer reading `bank` (never writing)."""
-        capture = self.read_backbone(input_ids, attention_mask)
+        """Backbone, then SideNet with cross-network residuals and the fusion layer reading `bank` (never writing).
+
+        With `caches` only the new tokens are read: the backbone appends to the first cache, the SideNet (whose
+        layers keep their blocks' indices, all distinct) to the second.
+        """
+        backbone_cache, side_cache = caches if caches is not None else (None, None)
+        capture = self.read_backbone(input_ids, attention_mask, position_ids, backbone_cache)
         hidden_states = capture.hidden  # H[0..L]
+        args, kwargs = capture.block_args, capture.block_kwargs
+        if backbone_cache is not None:  # the SideNet's blocks get their own cache wherever the backbone's was passed
+            args = tuple(side_cache if a is backbone_cache else a for a in args)
+            kwargs = {k: side_cache if v is backbone_cache else v for k, v in kwargs.items()}
         r = self.stride
         x = hidden_states[0]
         self.fusion.bank = bank
         try:
             for i, layer in enumerate(self.sidenet):
-                out = layer(x, *capture.block_args, **capture.block_kwargs)
+                out = layer(x, *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 x = out + (hidden_states[r * (i + 1)] - hidden_states[r * i])  # cross-network residual
         finally:
@@ -271,38 +301,54 @@ class LongMem(MemoryModel):
         temperature: float = 1.0,
         eos_token_id: int | None = None,
         callback=None,
+        use_cache: bool = True,
     ) -> torch.Tensor:  # [batch, max_new_tokens]
         """Read a long context into the bank, then generate from its last segment, which reads the bank.
 
         Every segment but each row's last is written to the bank; the last one (as the driver would cut it) is the
-        prompt. The SideNet makes the logits, so generation is our own loop (greedy, or sampling at `temperature`),
-        recomputing the prompt window per token. After `eos_token_id` a row repeats it.
+        prompt. The SideNet makes the logits, so generation is our own loop (greedy, or sampling at `temperature`).
+        With `use_cache` the prompt is read once and each new token alone, through a key-value cache of the
+        backbone and one of the SideNet; without, the whole window is recomputed per token (same tokens, slower).
+        New tokens never enter the bank. After `eos_token_id` a row repeats it.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         state, prompts = self.read_context(input_ids, attention_mask, callback=callback)
-        batch = input_ids.shape[0]
-        lengths = torch.tensor([len(p) for p in prompts], device=input_ids.device)
-        width = int(lengths.max()) + max_new_tokens
+        batch, device = input_ids.shape[0], input_ids.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)  # [batch]
+        prompt_width = int(lengths.max())
+        width = prompt_width + max_new_tokens
         if self.info.max_positions is not None and width > self.info.max_positions:
             raise ValueError(
-                f"max_new_tokens={max_new_tokens}: the prompt segment ({width - max_new_tokens} tokens) and the new "
+                f"max_new_tokens={max_new_tokens}: the prompt segment ({prompt_width} tokens) and the new "
                 f"tokens exceed the backbone's {self.info.max_positions} positions"
             )
-        # Right padding: positions stay those of training, and causal attention never sees the padding.
-        ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
+        # Right padding: positions stay those of training, and causal attention never sees the padding. With a
+        # cache, each row's new tokens follow the padded prompt in the cache, at the row's own positions.
+        ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=device)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
-        rows = torch.arange(batch, device=input_ids.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        rows = torch.arange(batch, device=device)
+        mask = (torch.arange(prompt_width, device=device).view(1, -1) < lengths.view(-1, 1)).long()  # [b, prompt]
+        caches = (transformers.DynamicCache(), transformers.DynamicCache()) if use_cache else None
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens = []
-        for _ in range(max_new_tokens):
-            end = int(lengths.max())
-            mask = (torch.arange(end, device=ids.device).view(1, -1) < lengths.view(-1, 1)).long()
-            logits, _, _ = self.side_forward(ids[:, :end], mask, state)
-            scores = logits[rows, lengths - 1].float()  # [batch, vocab]
+        for step in range(max_new_tokens):
+            if use_cache and step > 0:  # the newest token alone, at its row's position
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [b, prompt + step]
+                logits, _, _ = self.side_forward(
+                    ids[rows, lengths - 1].view(-1, 1), mask, state, (lengths - 1).view(-1, 1), caches
+                )
+                scores = logits[:, -1].float()  # [batch, vocab]
+            else:
+                end = int(lengths.max())
+                if not use_cache:
+                    mask = (torch.arange(end, device=device).view(1, -1) < lengths.view(-1, 1)).long()
+                positions = torch.arange(end, device=device).expand(batch, -1)
+                logits, _, _ = self.side_forward(ids[:, :end], mask, state, positions, caches)
+                scores = logits[rows, lengths - 1].float()  # [batch, vocab]
             if do_sample:
                 token = torch.multinomial(torch.softmax(scores / temperature, dim=-1), 1).squeeze(1)
             else:
@@ -337,4 +383,5 @@ class LongMem(MemoryModel):
             "segment_size": self.segment_size,
             "search": self.search,
             "alignment": self.alignment,
+            "query_block": self.fusion.query_block,
         }
