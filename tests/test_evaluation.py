@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 import memformers as mf
 from memformers.cli import app
 from memformers.evaluation import (
+    babilong_correct,
     evaluate_cell,
     evaluate_grid,
     format_length,
+    generate_answers,
     markdown_table,
     sample_segments,
     wilson_interval,
@@ -136,9 +138,14 @@ def test_format_length():
     assert [format_length(n) for n in (512, 4096, 65536, 2043904, 1 << 20)] == ["512", "4K", "64K", "1.9M", "1M"]
 
 
-def test_model_without_classification_head_is_refused(tokenizer):
-    config = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2, n_positions=128)
-    model = mf.RecurrentMemoryTransformer(transformers.GPT2LMHeadModel(config), num_memory_tokens=2, segment_size=64)
+def test_model_without_classification_or_causal_head_is_refused(tokenizer):
+    """A masked-LM encoder neither classifies nor generates: no way to score it."""
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    model = mf.RecurrentMemoryTransformer(
+        transformers.BertForMaskedLM(config), num_memory_tokens=2, segment_size=64, cls_token_id=101, sep_token_id=102
+    )
     with pytest.raises(ValueError, match="model"):
         evaluate_cell(model, "memorize", 300, 2, tokenizer)
 
@@ -223,3 +230,142 @@ def test_cli_demo_answers_questions_with_a_saved_model(tokenizer, tmp_path):
     assert result.output.count("question: ") == 2 and "model: " in result.output and "accuracy" in result.output
     missing = CliRunner().invoke(app, ["demo", "--checkpoint", str(tmp_path / "nothing")])
     assert missing.exit_code != 0 and "checkpoint" in missing.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoders: scored by generating the answer
+
+
+def tiny_decoder(alignment: str = "right") -> mf.RecurrentMemoryTransformer:
+    """A 2-layer, 32-wide Llama RMT on MiniLM's vocabulary ([SEP] ends the text), random but not near-uniform."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
+    backbone = transformers.LlamaForCausalLM(config).eval()
+    return mf.RecurrentMemoryTransformer(backbone, num_memory_tokens=2, segment_size=48, alignment=alignment).eval()
+
+
+def test_streamed_generation_equals_generate_on_the_whole_input(tokenizer):
+    """Streaming the haystack segment by segment generates exactly what `generate` does on the materialised input,
+    and what the memory read from the haystack changes the answers (it is not just the last segment talking)."""
+    model = tiny_decoder()
+    samples = [make_sample("qa2", 700, tokenizer, index=i, split="test") for i in range(4)]
+    ids = torch.from_numpy(np.stack([s.ids for s in samples]))  # [4, 700]
+    whole = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None)  # [4, 5]
+    streamed = model.generate_streamed(
+        sample_segments(samples, model.content_size, model.alignment), 4, max_new_tokens=5, do_sample=False
+    )
+    assert torch.equal(streamed, whole)
+    answers = generate_answers(model, samples, tokenizer, max_new_tokens=5)
+    expected = [tokenizer.decode(row[: row.index(102)] if 102 in row else row) for row in whole.tolist()]
+    assert answers == [e.strip() for e in expected]
+    last_segment_only = generate_answers(model, samples, tokenizer, max_new_tokens=5, window=model.content_size)
+    assert last_segment_only != answers
+
+
+class Answers(MemoryModel):
+    """A decoder stand-in: reads the haystack with the driver, then answers qa1 with a fixed text, or (`oracle`) with
+    the place the question's actor last went to according to what it read, prompt included."""
+
+    token_level = True
+    causal = True
+    alignment = "right"
+
+    def __init__(self, tokenizer, fixed: str | None = None) -> None:
+        super().__init__()
+        self.content_size, self.tokenizer, self.fixed = 100, tokenizer, fixed
+        self.places = set(tokenizer.convert_tokens_to_ids(list(task_spec("qa1").answers)))
+        self.actors = set(tokenizer.convert_tokens_to_ids(["mary", "john", "daniel", "sandra"]))
+
+    def init_state(self, batch_size):
+        return LastPlaces([{} for _ in range(batch_size)])
+
+    def _read(self, places: dict, ids: list[int]) -> None:
+        for i, token in enumerate(ids):
+            hits = [t for t in ids[i + 1 : i + 6] if t in self.places]
+            if token in self.actors and hits and "?" not in self.tokenizer.convert_ids_to_tokens(ids[i + 1 : i + 6]):
+                places[token] = hits[0]
+
+    def step(self, segment, state):
+        rows = [dict(places) for places in state.rows]
+        for row, ids in enumerate(segment.input_ids.tolist()):
+            if bool(segment.attention_mask[row].any()):
+                self._read(rows[row], ids)
+        return StepOutput(), LastPlaces(rows)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=8, **kwargs):
+        state, prompts = self.read_context(input_ids, attention_mask)
+        out = []
+        for places, prompt in zip(state.rows, prompts, strict=True):
+            text = self.fixed
+            if text is None:
+                places, ids = dict(places), prompt.tolist()
+                self._read(places, ids[:-4])
+                text = self.tokenizer.convert_ids_to_tokens(places.get(ids[-2], 0))  # "… where is mary ?"
+            new = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [102] * max_new_tokens
+            out.append(new[:max_new_tokens])
+        return torch.tensor(out)
+
+
+@dataclass
+class LastPlaces:
+    rows: list[dict]  # per row: actor id → id of the place it last went to
+
+    def detach(self):
+        return self
+
+    def reset(self, rows):
+        return LastPlaces([{} if r else p for p, r in zip(self.rows, rows.tolist(), strict=True)])
+
+    def select(self, rows, other):
+        return LastPlaces([p if r else o for p, o, r in zip(self.rows, other.rows, rows.tolist(), strict=True)])
+
+
+def test_generated_answers_are_scored_right_and_wrong(tokenizer):
+    """The same samples score 100% for an oracle that reads the facts, 0% for a fixed answer that is never right
+    ("the football": not a place) or that lists every place, and every cell keeps a few example outputs."""
+    run = lambda model: evaluate_cell(model, "qa1", 600, 12, tokenizer, batch_size=5, max_new_tokens=6)  # noqa: E731
+    oracle = run(Answers(tokenizer))
+    assert oracle.correct == 12 and oracle.accuracy == 1.0
+    assert len(oracle.examples) == 3 and all(e["correct"] and e["output"] == e["target"] for e in oracle.examples)
+    assert run(Answers(tokenizer, "the football.")).correct == 0
+    assert run(Answers(tokenizer, " ".join(task_spec("qa1").answers))).correct == 0
+    assert not babilong_correct("the football.", "garden", "where is mary?", list(task_spec("qa1").answers))
+
+
+def save_tiny_decoder(path, tokenizer) -> None:
+    tiny_decoder().save_pretrained(path, tokenizer)
+
+
+def test_cli_eval_generates_with_a_saved_decoder(tokenizer, tmp_path):
+    save_tiny_decoder(tmp_path / "decoder", tokenizer)
+    grid = tmp_path / "decoder.json"
+    args = ["eval", str(tmp_path / "decoder"), "--task", "qa1,qa2", "--lengths", "200,600", "--samples", "3"]
+    result = CliRunner().invoke(app, args + ["--batch-size", "2", "--max-new-tokens", "4", "--json", str(grid)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(grid.read_text())
+    assert saved["scoring"] == "generation" and "--max-new-tokens 4" in saved["command"]
+    assert [(r["task"], r["length"], r["samples"]) for r in saved["results"]] == [
+        ("qa1", 200, 3),
+        ("qa1", 600, 3),
+        ("qa2", 200, 3),
+        ("qa2", 600, 3),
+    ]
+    for row in saved["results"]:
+        assert 0 <= row["accuracy"] <= 1 and len(row["examples"]) == 3
+        assert [e["index"] for e in row["examples"]] == [0, 1, 2]
+        assert all(isinstance(e["output"], str) and e["target"] in task_spec("qa1").answers for e in row["examples"])
+    assert grid.with_suffix(".png").exists() and grid.with_suffix(".md").exists()
+    bad = CliRunner().invoke(app, args + ["--max-new-tokens", "0"])
+    assert bad.exit_code != 0 and "max_new_tokens" in bad.output

@@ -213,11 +213,39 @@ def evaluate(
     window: int | None = typer.Option(
         None, help="Read only the last N tokens of each sample (the backbone-alone baseline, truncated to its window)."
     ),
+    max_new_tokens: int = typer.Option(8, help="Decoders: most tokens generated per answer (greedy, stops at EOS)."),
+    perplexity: bool = typer.Option(
+        False, "--perplexity", help="Perplexity of held-out books per segment index instead (decoders)."
+    ),
+    tokens: int | None = typer.Option(None, help="--perplexity: tokens per document (default 20 segments)."),
+    documents: int = typer.Option(8, help="--perplexity: documents (stretches of the split's books)."),
+    memory_size: int | None = typer.Option(None, help="--perplexity: kNN/LongMem store size to read with."),
+    segment_size: int | None = typer.Option(None, help="--perplexity of a bare backbone: tokens per segment."),
 ) -> None:
-    """Accuracy on a task × length grid, streaming every sample through the model (memory stays flat)."""
+    """Accuracy on a task × length grid, streaming every sample through the model (memory stays flat).
+
+    Classifiers are scored by their class; decoders with a causal-LM head generate the answer, scored with the
+    BABILong metric (the target in the first sentence, no other answer there).
+    With --perplexity: next-token perplexity of held-out documents per segment index, 1..16 and 16+ pooled.
+    """
     import shlex
 
-    from .evaluation import evaluate_grid, markdown_table
+    if perplexity:
+        from .perplexity import run as run_perplexity
+
+        options = {"--tokens": tokens, "--documents": documents, "--split": split, "--noise-dir": noise_dir}
+        options |= {"--memory-size": memory_size, "--segment-size": segment_size, "--json": json_out}
+        words = ["memformers", "eval", str(checkpoint), "--perplexity"]
+        words += [str(v) for k, v in options.items() if v is not None for v in (k, v)]
+        try:
+            batch = min(batch_size, documents)
+            args = (checkpoint, tokens, documents, split, noise_dir, batch, device, memory_size, segment_size)
+            run_perplexity(*args, json_out=json_out, command=shlex.join(words), console=console)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+        return
+
+    from .evaluation import evaluate_grid, generates, markdown_table
     from .plots import accuracy_heatmap
     from .saving import load, read_config
 
@@ -235,8 +263,10 @@ def evaluate(
             + (["--noise-dir", str(noise_dir)] if noise_dir else [])
             + ["--split", split, "--seed", str(seed)]
             + (["--window", str(window)] if window else [])
+            + (["--max-new-tokens", str(max_new_tokens)] if generates(model) else [])
             + (["--json", str(json_out)] if json_out else [])
         ),
+        "scoring": "generation" if generates(model) else "classes",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with progress_bar() as bar:
@@ -271,6 +301,7 @@ def evaluate(
                 device=device,
                 progress=on_progress,
                 window=window,
+                max_new_tokens=max_new_tokens,
             )
         except ValueError as error:
             raise typer.BadParameter(str(error)) from None
@@ -380,6 +411,50 @@ def flops(
     console.print(table)
     if plot is not None:
         console.print(f"plot: {plot}")
+
+
+@app.command()
+def bench(
+    backbone: str = typer.Option("tiny", help="'tiny' (a small random-weight Llama built in code) or 'smollm2'."),
+    lengths: str = typer.Option("1024,2048,4096,16384,65536,262144,1048576", help="Input lengths, comma-separated."),
+    segment_size: int = typer.Option(512, help="Backbone positions per segment."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 on GPU)."),
+    mechanisms: str = typer.Option("rmt,knn,longmem,cache,full", help="Which to measure, comma-separated."),
+    train_segments: str = typer.Option("1,2,4,8", help="Segments back-propagated through in a training step."),
+    time_budget: float = typer.Option(150.0, help="Seconds a cell may take; longer ones are skipped (and say so)."),
+    mfu: bool = typer.Option(False, "--mfu", help="Also RMT inference's model FLOPs utilisation at batch 16."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the settings and records as JSON."),
+) -> None:
+    """Speed and memory of every mechanism and of full attention, side by side, on one backbone and one input."""
+    import json
+
+    from . import bench as measure
+
+    try:
+        settings = measure.BenchSettings(
+            backbone=backbone,
+            lengths=tuple(parse_ints(lengths, "--lengths")),
+            segment_size=segment_size,
+            device=device,
+            dtype=dtype,
+            mechanisms=tuple(m.strip() for m in mechanisms.split(",") if m.strip()),
+            train_segments=tuple(parse_ints(train_segments, "--train-segments")),
+            time_budget_s=time_budget,
+        ).check()
+        records = measure.run(settings, say=console.print)
+        result = {"settings": settings.to_dict(), "records": records, "crossover": measure.crossover(records)}
+        if mfu:
+            result["mfu"] = measure.rmt_mfu(settings)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    console.print(measure.markdown_tables(records, sorted(settings.lengths)))
+    console.print(f"RMT reads faster than full attention from {result['crossover']}")
+    if mfu:
+        console.print(f"MFU of RMT inference: {result['mfu']}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
 
 
 if __name__ == "__main__":

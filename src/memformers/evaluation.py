@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +72,10 @@ class Cell:
     tokens_per_s: float
     seed: int = 0
     split: str = "test"
+    examples: list[dict] = field(default_factory=list)  # generated answers: the first few, for inspection
+
+
+NUM_EXAMPLES = 3  # generated answers kept per cell
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -138,6 +142,61 @@ def predict_classes(
     return logits.argmax(dim=-1).tolist()
 
 
+def generates(model) -> bool:
+    """Whether `model` is scored by generating its answer (a causal-LM head) rather than by its classes."""
+    return bool(getattr(model, "token_level", False) and getattr(model, "causal", False))
+
+
+def generate_answers(
+    model,
+    samples: list,
+    tokenizer,
+    device: torch.device | str = "cpu",
+    callback=None,
+    window: int | None = None,
+    max_new_tokens: int = 8,
+) -> list[str]:
+    """Stream each sample (or its last `window` tokens) through `model`, a memory model with a causal-LM head,
+    and return its greedy answers as text, cut at the end-of-text token.
+
+    The haystack is never held whole: segments come from the samples' blocks, and generation starts from the
+    read memory and each sample's last segment (`MemoryModel.generate_streamed`).
+    """
+    from .tasks import get_tokenizer
+
+    if not generates(model):
+        raise ValueError(
+            "model: generation scores decoders with a causal-LM head; this model has a "
+            f"{getattr(model, 'info', None) and model.info.head} head (use predict_classes for classifiers)"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
+    tokenizer = get_tokenizer(tokenizer)
+    eos = end_of_text_id(model, tokenizer)
+    segments = (s.to(device) for s in sample_segments(samples, model.content_size, model.alignment, window))
+    new = model.generate_streamed(
+        segments, len(samples), callback, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos
+    )  # [batch, ≤ max_new_tokens]
+    answers = []
+    for row in new.tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def end_of_text_id(model, tokenizer) -> int | None:
+    """The token that ends an answer: the backbone's EOS, else the tokenizer's EOS, else its [SEP] (what the
+    trainer appends to answers when the tokenizer has no EOS)."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return None
+
+
 def evaluate_cell(
     model,
     task: str,
@@ -151,10 +210,13 @@ def evaluate_cell(
     device: torch.device | str = "cpu",
     progress=None,
     window: int | None = None,
+    max_new_tokens: int = 8,
 ) -> Cell:
     """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
 
     Samples come from `memformers.tasks.make_sample` with indices 0..samples-1, so every model sees the same ones.
+    A classifier is scored by its predicted class; a decoder with a causal-LM head generates its answer (greedy,
+    at most `max_new_tokens`), scored with `babilong_correct`, and the cell keeps its first answers as examples.
     `progress(done_segments, total_segments)` is called after every segment. `window` reads only the last
     `window` tokens of each sample: the baseline of a backbone without memory, truncated to its window.
     """
@@ -165,6 +227,9 @@ def evaluate_cell(
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
     model.eval()
+    generating = generates(model)
+    labels = list(task_spec(task).answers)
+    examples: list[dict] = []
     correct = tokens = 0
     start = time.perf_counter()
     for first in range(0, samples, batch_size):
@@ -181,8 +246,19 @@ def evaluate_cell(
                 per_batch = -(-num // model.content_size)
                 progress(done_before * per_batch + done, per_batch * -(-samples // batch_size))
 
-        predicted = predict_classes(model, batch, device, callback, window)
-        correct += sum(int(p == s.label) for p, s in zip(predicted, batch, strict=True))
+        if generating:
+            answers = generate_answers(model, batch, tokenizer, device, callback, window, max_new_tokens)
+            right = [babilong_correct(a, s.target, s.question, labels) for a, s in zip(answers, batch, strict=True)]
+            for index, (answer, sample, ok) in enumerate(zip(answers, batch, right, strict=True), start=first):
+                if len(examples) < NUM_EXAMPLES:
+                    examples.append(
+                        {"index": index, "question": sample.question, "target": sample.target, "output": answer}
+                        | {"correct": ok}
+                    )
+        else:
+            predicted = predict_classes(model, batch, device, callback, window)
+            right = [p == s.label for p, s in zip(predicted, batch, strict=True)]
+        correct += sum(right)
         tokens += read * len(batch)
     seconds = time.perf_counter() - start
     low, high = wilson_interval(correct, samples)
@@ -198,6 +274,7 @@ def evaluate_cell(
         round(tokens / seconds, 1),
         seed,
         split,
+        examples,
     )
 
 

@@ -302,17 +302,37 @@ class MemoryModel(nn.Module):
         What generation starts from, for every mechanism: the prompt is the row's last segment as the driver cuts
         it, so a model generates from the same kind of segment it was trained to answer in.
         """
+        if self._pre_read is not None:  # `generate_streamed` read the context already
+            read, self._pre_read = self._pre_read, None
+            return read
         attention_mask = check_input_ids(input_ids, attention_mask)
         segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
-        prompts: list[torch.Tensor | None] = [None] * input_ids.shape[0]
-        for segment in segments:
-            for row in segment.is_last.nonzero().flatten().tolist():
-                prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
+        return self.read_segments(segments, state, input_ids.shape[0], callback)
+
+    def read_segments(
+        self,
+        segments: Iterable[Segment],
+        state: State | None = None,
+        batch_size: int = 1,
+        callback: ProgressCallback | None = None,
+    ) -> tuple[State, list[torch.Tensor]]:
+        """`read_context` for segments as they come (e.g. from `stream_segments`), in memory O(one segment).
+
+        Each segment must say which rows end in it (`is_last`); those rows' segments are held back as prompts.
+        """
+        prompts: list[torch.Tensor | None] = [None] * batch_size
         if state is None:
-            state = self.init_state(input_ids.shape[0])
+            state = self.init_state(batch_size)
 
         def reading():  # rows on their prompt segment are inactive: the driver keeps their state
             for segment in segments:
+                if segment.is_last is None or segment.batch_size != batch_size:
+                    raise ValueError(
+                        f"segments must carry is_last and {batch_size} rows (batch_size), got is_last="
+                        f"{segment.is_last} and {segment.batch_size} rows"
+                    )
+                for row in segment.is_last.nonzero().flatten().tolist():
+                    prompts[row] = segment.input_ids[row][segment.attention_mask[row].bool()]
                 rows = segment.active & ~segment.is_last
                 if bool(rows.any()):
                     yield Segment(segment.input_ids, segment.attention_mask * rows[:, None], None, segment.index)
@@ -320,7 +340,34 @@ class MemoryModel(nn.Module):
         read = state
         for _, _, read in iterate(self, reading(), state, None, None, False, callback):
             pass
+        missing = [row for row, prompt in enumerate(prompts) if prompt is None]
+        if missing:
+            raise ValueError(f"segments: rows {missing} never reached their last segment (is_last)")
         return read, prompts
+
+    _pre_read: tuple[State, list[torch.Tensor]] | None = None
+
+    def generate_streamed(
+        self,
+        segments: Iterable[Segment],
+        batch_size: int = 1,
+        callback: ProgressCallback | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """The mechanism's `generate` on a context that arrives as segments and is never held whole.
+
+        The context is read with `read_segments`; the mechanism's own `generate` then starts from that state and
+        those prompts (its `read_context` returns them), so every mechanism with a `generate` streams the same way.
+        """
+        if not callable(getattr(self, "generate", None)):
+            raise ValueError(f"{type(self).__name__} has no generate method")
+        self._pre_read = self.read_segments(segments, None, batch_size, callback)
+        try:
+            device = self._pre_read[1][0].device
+            placeholder = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # [batch, 1] ids unused
+            return self.generate(placeholder, **generate_kwargs)
+        finally:
+            self._pre_read = None
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically."""
