@@ -3,6 +3,7 @@ state's size, the held-out documents and `memformers eval --perplexity`."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -96,3 +97,48 @@ def test_lm_windows_and_documents_are_deterministic_and_held_out():
     assert not (docs[0] == docs[2]).all()  # the same book's next stretch
     with pytest.raises(ValueError, match="documents"):
         lm_documents(tokenizer, 200_000, 3, split="test")
+
+
+def test_eval_perplexity_command_on_a_saved_model_and_on_its_bare_backbone(tmp_path):
+    import transformers
+    from typer.testing import CliRunner
+
+    from memformers.cli import app
+    from memformers.saving import save_pretrained
+
+    tokenizer = get_tokenizer("minilm")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    model = mf.RecurrentMemoryTransformer(transformers.LlamaForCausalLM(config), num_memory_tokens=0, segment_size=S)
+    save_pretrained(model, tmp_path / "model", tokenizer, {"tokenizer": "minilm"})
+    runner = CliRunner()
+    common = ["--perplexity", "--tokens", str(3 * S), "--documents", "2", "--batch-size", "2", "--device", "cpu"]
+    saved = runner.invoke(app, ["eval", str(tmp_path / "model"), *common, "--json", str(tmp_path / "a.json")])
+    assert saved.exit_code == 0, saved.output
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert result["mechanism"] == "RecurrentMemoryTransformer" and result["tokens"] == 2 * (3 * S - 1)
+    assert result["perplexity"].keys() == {"1", "2", "3", "16+"}
+    assert "| seg 1 |" in (tmp_path / "a.md").read_text()
+    docs = [torch.from_numpy(d) for d in lm_documents(tokenizer, 3 * S, 2)]
+    expected = evaluate_perplexity(model.eval(), docs, batch_size=1)
+    assert result["overall"] == pytest.approx(expected["overall"], rel=1e-5)
+    bare = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "model" / "backbone"),
+            *common,
+            "--segment-size",
+            str(S),
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
+    assert bare.exit_code == 0, bare.output
+    assert json.loads((tmp_path / "b.json").read_text())["perplexity"] == pytest.approx(
+        result["perplexity"], nan_ok=True
+    )
+    missing = runner.invoke(app, ["eval", str(tmp_path / "model" / "backbone"), *common])
+    assert missing.exit_code != 0 and "segment_size" in missing.output
