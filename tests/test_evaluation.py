@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import VOCAB, tiny_backbone, tiny_config
 from typer.testing import CliRunner
 
 import memformers as mf
@@ -26,6 +27,7 @@ from memformers.evaluation import (
 )
 from memformers.plots import accuracy_heatmap
 from memformers.recurrence import MemoryModel, StepOutput
+from memformers.segments import stack_segments, stream_segments
 from memformers.tasks import make_sample, task_spec
 
 
@@ -272,6 +274,45 @@ def test_streamed_generation_equals_generate_on_the_whole_input(tokenizer):
     assert answers == [e.strip() for e in expected]
     last_segment_only = generate_answers(model, samples, tokenizer, max_new_tokens=5, window=model.content_size)
     assert last_segment_only != answers
+
+
+def _mechanism(name: str):
+    if name == "rmt":
+        return mf.RecurrentMemoryTransformer(
+            tiny_backbone("llama"), num_memory_tokens=2, segment_size=20, alignment="right"
+        )
+    if name == "knn":
+        return mf.MemorizingTransformer(
+            tiny_backbone("llama"), memory_layers=(-1,), memory_size=64, top_k=8, segment_size=16, alignment="right"
+        )
+    if name == "cache":
+        return mf.SegmentCacheTransformer(tiny_backbone("llama"), segment_size=16, alignment="right")
+    config = tiny_config("llama")
+    config.num_hidden_layers = 4
+    model = mf.LongMem(
+        transformers.LlamaForCausalLM(config).eval(),
+        memory_size=64,
+        chunk_size=4,
+        top_k_chunks=3,
+        segment_size=16,
+        alignment="right",
+    )
+    with torch.no_grad():
+        model.fusion.gate_bias.fill_(50.0)  # the fusion layer reads memory: what was read matters
+    return model
+
+
+@pytest.mark.parametrize("name", ["rmt", "knn", "longmem", "cache"])
+def test_every_mechanism_generates_the_same_streamed(name: str):
+    """`generate_streamed` (segments from a stream, right-aligned) equals `generate` on the whole input."""
+    model = _mechanism(name).eval()
+    ids = torch.randint(3, VOCAB, (3, 3 * model.content_size + 5))  # [3, length]: a partial first segment
+    whole = model.generate(ids, max_new_tokens=4, do_sample=False)
+    streams = [
+        stream_segments(iter(row.split(7)), model.content_size, ids.shape[1] % model.content_size) for row in ids
+    ]
+    segments = (stack_segments(list(rows)) for rows in zip(*streams, strict=True))
+    assert torch.equal(model.generate_streamed(segments, 3, max_new_tokens=4, do_sample=False), whole)
 
 
 class Answers(MemoryModel):
