@@ -69,6 +69,7 @@ class SegmentScores:
             "loss": self.loss(),
             "token_accuracy": self.accuracy(),
             "tokens": sum(self.tokens),
+            "by_segment": [self.perplexity(i + 1, i + 1) for i in range(len(self.nll))],  # every index, 1-based
             "tokens_per_segment": {str(i + 1): n for i, n in enumerate(self.tokens)},
         }
 
