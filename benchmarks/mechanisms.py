@@ -6,8 +6,8 @@
 
 The measuring code is `memformers.bench` (also `memformers bench`). A cell predicted (from the shorter lengths) to
 take longer than --time-budget seconds is skipped and says so; its extrapolated time is recorded, labelled as such.
-The run is resumable: records already in the JSON with the same settings are kept, and it is rewritten after
-every measurement. Plots: results/mechanisms_<device>_time.png and _memory.png.
+The run is resumable: records already in the JSON with the same settings (the budget aside) are kept, and it is
+rewritten after every measurement. Plots: results/mechanisms_<device>_time.png and _memory.png.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> None:
     done = []
     if path.exists():  # resume: keep what a run with the same settings already measured
         previous = json.loads(path.read_text())
-        if previous.get("settings") == settings.to_dict():
+        same = lambda a: {k: v for k, v in a.items() if k != "time_budget_s"}  # noqa: E731 (a budget skips, only)
+        if same(previous.get("settings", {})) == same(settings.to_dict()):
             done = previous.get("records", [])
             print(f"resuming: {len(done)} records kept from {path.name}")
 

@@ -90,11 +90,9 @@ def _rate(name: str, length: int, tokens_per_s: float) -> dict:
 def test_crossover_measured_and_extrapolated() -> None:
     measured = [_rate("full", 1000, 100.0), _rate("rmt", 1000, 50.0), _rate("full", 4000, 25.0)]
     measured.append(_rate("rmt", 4000, 50.0))
-    assert bench.crossover(measured) == {
-        "length": 4000,
-        "how": "measured: between 1,000 and 4,000 tokens",
-        "ratio": 2.0,
-    }
+    result = bench.crossover(measured)
+    assert result["length"] == 4000 and result["how"] == "measured: between 1,000 and 4,000 tokens"
+    assert result["ratio"] == 2.0 and result["interpolated_length"] == 2000  # ratio ½ → 2 in log-log: halfway
     # full attention's time ~ n², RMT's ~ n: seconds n²/1e5 and n/50 meet at n = 2000
     extrapolated = [_rate("full", 100, 1000.0), _rate("full", 200, 500.0)]
     extrapolated += [_rate("rmt", 100, 50.0), _rate("rmt", 200, 50.0)]

@@ -456,7 +456,16 @@ def crossover(records: list[Record], recurrent: str = "rmt") -> dict:
             if i == 0:
                 return {"length": n, "how": "measured: already at the shortest length measured", "ratio": ratio}
             prev = both[i - 1]
-            return {"length": n, "how": f"measured: between {prev:,} and {n:,} tokens", "ratio": ratio}
+            # where log(rate ratio), linear in log(length) between the two measurements, crosses 0
+            r0 = math.log(rate[(recurrent, prev)] / rate[("full", prev)])
+            r1 = math.log(rate[(recurrent, n)] / rate[("full", n)])
+            between = math.exp(math.log(prev) + r0 / (r0 - r1) * math.log(n / prev))
+            return {
+                "length": n,
+                "how": f"measured: between {prev:,} and {n:,} tokens",
+                "ratio": ratio,
+                "interpolated_length": round(between),
+            }
 
     def fit(name: str) -> tuple[float, float]:  # seconds = a · length^b over the two longest measured lengths
         points = sorted((n, n / rate[(m, n)]) for (m, n) in rate if m == name)[-2:]
