@@ -6,6 +6,7 @@ from memformers.tasks.algorithmic import ALGORITHMIC_TASKS, AlgorithmicSample, a
 from memformers.tasks.babi import ANSWERS, Story, World, generate_story
 from memformers.tasks.datasets import StreamingTaskDataset, TaskDataset, collate, make_collate, sample_item
 from memformers.tasks.haystack import NoiseSpan, Sample, build_haystack, encode_sentence
+from memformers.tasks.icl import ICL_LABELS, TOKENS_PER_ITEM, ICLEpisode, icl_vocabulary, make_icl_episode
 from memformers.tasks.lm import lm_documents, lm_window
 from memformers.tasks.noise import Book, TokenizedNoise, load_noise, split_sentences, tokenized_noise
 from memformers.tasks.registry import (
@@ -22,9 +23,12 @@ from memformers.tasks.registry import (
 __all__ = [
     "ALGORITHMIC_TASKS",
     "ANSWERS",
+    "ICL_LABELS",
     "TASKS",
+    "TOKENS_PER_ITEM",
     "AlgorithmicSample",
     "Book",
+    "ICLEpisode",
     "NoiseSpan",
     "Sample",
     "Story",
@@ -41,12 +45,14 @@ __all__ = [
     "export_jsonl",
     "generate_story",
     "get_tokenizer",
+    "icl_vocabulary",
     "lm_documents",
     "lm_window",
     "load_noise",
     "make_algorithmic",
     "make_algorithmic_sample",
     "make_collate",
+    "make_icl_episode",
     "make_sample",
     "sample_item",
     "split_sentences",
