@@ -6,8 +6,8 @@
 
 The measuring code is `memformers.bench` (also `memformers bench`). A cell predicted (from the shorter lengths) to
 take longer than --time-budget seconds is skipped and says so; its extrapolated time is recorded, labelled as such.
-The run is resumable: records already in the JSON with the same settings (the budget aside) are kept, and it is
-rewritten after every measurement. Plots: results/mechanisms_<device>_time.png and _memory.png.
+The run is resumable: measurements already in the JSON with the same settings (the budget aside) are kept, and it
+is rewritten after every measurement. Plots: results/mechanisms_<device>_time.png and _memory.png.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
         previous = json.loads(path.read_text())
         same = lambda a: {k: v for k, v in a.items() if k != "time_budget_s"}  # noqa: E731 (a budget skips, only)
         if same(previous.get("settings", {})) == same(settings.to_dict()):
-            done = previous.get("records", [])
+            done = [r for r in previous.get("records", []) if r["status"] == "ok"]  # skipped cells: decided anew
             print(f"resuming: {len(done)} records kept from {path.name}")
 
     def payload(records: list[dict], complete: bool) -> dict:

@@ -70,6 +70,7 @@ def test_cells_over_the_time_budget_are_skipped_with_the_reason_and_an_extrapola
     assert second["status"] == third["status"] == "skipped"
     assert "time budget" in second["reason"]
     assert third["extrapolated_seconds"] > second["extrapolated_seconds"] > 0
+    assert third["reason"] != second["reason"]  # each cites its own prediction
 
 
 def test_resuming_keeps_records_already_measured() -> None:

@@ -354,20 +354,21 @@ def run(
         _warm_up(model, backbone, settings)
         limit = backbones.describe(backbone).max_positions if model is None else None
         measured = [(r["length"], r["seconds"]) for r in records if _is(r, "inference", name) and r["status"] == "ok"]
-        stop: str | None = None
+        blocked: str | None = None  # what stops every longer length too (the window, memory)
         for length in sorted(settings.lengths):
             if ("inference", name, length) in have:
                 continue
             predicted = predict_seconds(sorted(measured), length)
+            stop = blocked
             if stop is None and limit is not None and length > limit:
-                stop = f"longer than the backbone's {limit:,} positions"
+                stop = blocked = f"longer than the backbone's {limit:,} positions"
             if stop is None and predicted is not None and predicted > settings.time_budget_s:
                 stop = f"predicted {predicted:,.0f} s > time budget {settings.time_budget_s:,.0f} s"
             if stop is None:
                 try:
                     record = measure_inference(name, model, backbone, length, settings)
                 except torch.OutOfMemoryError:
-                    stop = "out of memory"
+                    stop = blocked = "out of memory"
                     torch.cuda.empty_cache()
                 else:
                     measured.append((length, record["seconds"]))
