@@ -6,8 +6,9 @@
 
 The measuring code is `memformers.bench` (also `memformers bench`). A cell predicted (from the shorter lengths) to
 take longer than --time-budget seconds is skipped and says so; its extrapolated time is recorded, labelled as such.
-The run is resumable: measurements already in the JSON with the same settings (the budget aside) are kept, and it
-is rewritten after every measurement. Plots: results/mechanisms_<device>_time.png and _memory.png.
+The run is resumable: measurements already in the JSON with the same settings (lengths, segment counts and budget
+aside) are kept, and it is rewritten after every measurement.
+Plots: results/mechanisms_<device>_time.png and _memory.png.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
     done = []
     if path.exists():  # resume: keep what a run with the same settings already measured
         previous = json.loads(path.read_text())
-        same = lambda a: {k: v for k, v in a.items() if k != "time_budget_s"}  # noqa: E731 (a budget skips, only)
+        cells = ("time_budget_s", "lengths", "train_segments")  # which cells to run, not how they are measured
+        same = lambda a: {k: v for k, v in a.items() if k not in cells}  # noqa: E731
         if same(previous.get("settings", {})) == same(settings.to_dict()):
             done = [r for r in previous.get("records", []) if r["status"] == "ok"]  # skipped cells: decided anew
             print(f"resuming: {len(done)} records kept from {path.name}")
