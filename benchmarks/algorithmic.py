@@ -108,14 +108,14 @@ def plot(rows: list[dict], path: Path) -> None:
                 label=f"{name}: per symbol",
             )
             ax.axvspan(0.8, max(mine[0]["trained_segments"]) + 0.2, color="0.93", zorder=0)
-        ax.axhline(mine[0]["chance_per_symbol"], color="0.5", lw=0.8, ls=":")
+        ax.axhline(mine[0]["chance_per_symbol"], color="0.5", lw=0.8, ls=":", label="chance per symbol")
         ax.set_xscale("log", base=2)
         ax.set_xticks(SEGMENTS, [str(s) for s in SEGMENTS])
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(task)
         ax.set_xlabel("source segments (grey: trained)")
     axes[0][0].set_ylabel("accuracy (teacher-forced)")
-    axes[0][-1].legend(fontsize=7, loc="center right")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
