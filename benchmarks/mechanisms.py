@@ -92,7 +92,9 @@ def main() -> None:
         result["mfu"] = bench.rmt_mfu(settings)
         print("MFU:", result["mfu"])
     print("wrote", write_result(name, result))
-    title = f"{settings.device}, {settings.dtype}: {result['backbone']['summary']}"
+    config = settings.tiny if settings.backbone == "tiny" else {}
+    shape = f"random Llama {config['layers']}×{config['hidden']}" if config else settings.backbone
+    title = f"{shape}, segments of {settings.segment_size}, {settings.device} {settings.dtype}"
     bench.plot(records, RESULTS / f"{name}_time.png", RESULTS / f"{name}_memory.png", title)
     print(bench.markdown_tables(records, sorted(settings.lengths)))
     print("crossover (RMT vs full attention):", result["crossover_rmt_vs_full"])

@@ -524,7 +524,7 @@ def plot(records: list[Record], time_path: str | Path, memory_path: str | Path, 
 
     names = list(dict.fromkeys(r["mechanism"] for r in records))
     for path, key, scale, label in (
-        (time_path, "seconds", 1.0, "seconds to read the input"),
+        (time_path, "seconds", 1.0, "seconds to read the input (CPU: process time)"),
         (memory_path, "peak_bytes", 2**-20, "peak memory (MiB)"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
