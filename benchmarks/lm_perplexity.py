@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per held-out document (main table)")
     parser.add_argument("--documents", type=int, default=4)
-    parser.add_argument("--knn-tokens", type=int, default=36864, help="tokens per document of the kNN table")
+    parser.add_argument("--knn-tokens", type=int, default=10240, help="tokens per document of the kNN table")
     parser.add_argument("--knn-documents", type=int, default=2)
     parser.add_argument("--skip-knn", action="store_true", help="only the main table")
     args = parser.parse_args()
