@@ -339,6 +339,7 @@ class Answers(MemoryModel):
                 places[token] = hits[0]
 
     def step(self, segment, state):
+        assert not torch.is_grad_enabled(), "reading for generation must not build a graph over the haystack"
         rows = [dict(places) for places in state.rows]
         for row, ids in enumerate(segment.input_ids.tolist()):
             if bool(segment.attention_mask[row].any()):

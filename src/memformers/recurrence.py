@@ -347,6 +347,7 @@ class MemoryModel(nn.Module):
 
     _pre_read: tuple[State, list[torch.Tensor]] | None = None
 
+    @torch.no_grad()
     def generate_streamed(
         self,
         segments: Iterable[Segment],
@@ -356,8 +357,9 @@ class MemoryModel(nn.Module):
     ) -> torch.Tensor:  # [batch, new tokens]
         """The mechanism's `generate` on a context that arrives as segments and is never held whole.
 
-        The context is read with `read_segments`; the mechanism's own `generate` then starts from that state and
-        those prompts (its `read_context` returns them), so every mechanism with a `generate` streams the same way.
+        The context is read with `read_segments`, without gradients (a graph over every segment would grow with
+        the length); the mechanism's own `generate` then starts from that state and those prompts (its
+        `read_context` returns them), so every mechanism with a `generate` streams the same way.
         """
         if not callable(getattr(self, "generate", None)):
             raise ValueError(f"{type(self).__name__} has no generate method")
