@@ -15,7 +15,7 @@ import memformers as mf
 from memformers.segments import split_into_segments
 
 SEGMENT = 16
-ATOL = 1e-5
+ATOL = 5e-5  # float rounding differs between a padded batch and one row; mixing rows moves outputs by > 1e-2
 
 
 def _open_knn(model: mf.MemorizingTransformer) -> mf.MemorizingTransformer:
