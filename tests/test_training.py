@@ -408,3 +408,16 @@ def test_lm_task_trains_on_book_windows_and_reports_perplexity(tmp_path):
     assert 0 <= before["accuracy"] < after["accuracy"] <= 1  # token accuracy, for the curriculum's threshold
     with pytest.raises(ValueError, match="model.head"):
         tiny(tmp_path, **{"task.name": "lm"})
+
+
+def test_algorithmic_targets_are_scored_on_every_segment():
+    """A copy target spans several segments: one wrong symbol in an early one makes the row wrong."""
+    labels = torch.tensor([[-100, -100, 5, 6, 7, 8, 9]])  # source, separator, then the target
+    mask = torch.ones_like(labels)
+    perfect = torch.nn.functional.one_hot(training.shift_labels(labels, mask).clamp(min=0), 12).float()
+    args = (labels, mask, True, 3, "left")
+    assert bool(training.answer_correct(perfect, *args, whole_input=True).all())
+    wrong = perfect.clone()
+    wrong[0, 2] = wrong[0, 2].roll(1)  # the first target symbol, in the first segment
+    assert not bool(training.answer_correct(wrong, *args, whole_input=True).any())
+    assert bool(training.answer_correct(wrong[:, -1:], *args).all())  # the last segment alone never sees it

@@ -245,12 +245,20 @@ def answer_correct(
     causal: bool,
     content_size: int,
     alignment: str,
+    whole_input: bool = False,
 ) -> torch.Tensor:  # [batch] bool
-    """Whether each row's answer is right: the class, or every answer token (teacher-forced argmax)."""
+    """Whether each row's answer is right: the class, or every answer token (teacher-forced argmax).
+
+    `whole_input`: the logits cover every input position ([batch, length, vocab]), for answers that span several
+    segments (the algorithmic tasks' targets); otherwise they are each row's last segment.
+    """
     if labels.dim() == 1:
         return logits.argmax(-1) == labels
     if causal:
         labels = shift_labels(labels, attention_mask)
+    if whole_input:
+        scored = labels != IGNORE_INDEX
+        return ((logits.argmax(-1) == labels) | ~scored).all(1)
     lengths = attention_mask.sum(1)
     correct = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     for row in range(labels.shape[0]):
@@ -551,7 +559,7 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = chunk == o.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
-                out = self.model(**batch, logits="last")
+                out = self.model(**batch, logits=self._logits_mode)
                 acc.backward(out.loss / o.grad_accum)
             rows = batch["input_ids"].shape[0]
             with torch.no_grad():
@@ -596,7 +604,14 @@ class Trainer:
             scored = targets != IGNORE_INDEX
             hits = (logits.argmax(-1) == targets) & scored
             return hits.sum(1) / scored.sum(1).clamp(min=1)
-        return answer_correct(logits, batch["labels"], batch["attention_mask"], m.causal, m.content_size, m.alignment)
+        whole = self.config.algorithmic
+        labels, mask = batch["labels"], batch["attention_mask"]
+        return answer_correct(logits, labels, mask, m.causal, m.content_size, m.alignment, whole_input=whole)
+
+    @property
+    def _logits_mode(self) -> str:
+        """Algorithmic targets span many segments: score them on every position, other answers on the last."""
+        return "all" if self.config.algorithmic else "last"
 
     @torch.no_grad()
     def evaluate(self, segments: int | None = None) -> dict:
@@ -616,7 +631,7 @@ class Trainer:
             batch = self.batches.batch(mine[i : i + self.eval_batch], segments, seed, vary=False)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
-                out = model(**batch, logits="last")
+                out = model(**batch, logits=self._logits_mode)
             rows = batch["input_ids"].shape[0]
             correct = self._correct(out.logits, batch)
             totals += torch.tensor([float(out.loss) * rows, float(correct.sum()), rows], device=acc.device)
