@@ -120,4 +120,5 @@ def test_dataset_bad_arguments():
         "copy",
         "reverse",
         "associative",
+        "lm",
     }
