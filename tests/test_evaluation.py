@@ -346,8 +346,7 @@ class Answers(MemoryModel):
                 self._read(rows[row], ids)
         return StepOutput(), LastPlaces(rows)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=8, **kwargs):
-        state, prompts = self.read_context(input_ids, attention_mask)
+    def generate_from(self, state, prompts, max_new_tokens=8, **kwargs):
         out = []
         for places, prompt in zip(state.rows, prompts, strict=True):
             text = self.fixed

@@ -154,32 +154,22 @@ class SegmentCacheTransformer(MemoryModel):
         values = tuple(layer.values for layer in cache.layers)
         return StepOutput(logits=logits, hidden=hidden), CacheState(keys, values, mask)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,  # [batch, length] the long context
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        callback=None,
-        **generate_kwargs,
+    def generate_from(
+        self, state: CacheState, prompts: list[torch.Tensor], max_new_tokens: int = 32, **generate_kwargs
     ) -> torch.Tensor:  # [batch, new tokens]
-        """Read a long context, then generate from its last segment behind the previous segment's cache.
+        """Generate from each row's last segment behind the previous segment's cache (`generate` reads the context).
 
         The prompt sees exactly what a training step would: the previous segment's cache-free keys and values at
         positions [0, len_prev), then itself. The backbone's own `generate` continues from that cache (its input
         starts with placeholder ids where the cached tokens stand, which it never reads again); keyword arguments
-        go to it. Returns only the new tokens.
+        go to it.
         """
-        if self.info.head != "token":
-            raise ValueError(f"generate needs a causal-LM head, got {self.info.class_name}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        state, prompts = self.read_context(input_ids, attention_mask, callback=callback)
+        device, dtype = prompts[0].device, prompts[0].dtype
         batch, cached = state.mask.shape
         width = max(len(p) for p in prompts)
         pad = _special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
-        ids = torch.full((batch, cached + width), pad, dtype=input_ids.dtype, device=input_ids.device)
-        mask = torch.cat([state.mask, torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)], 1)
+        ids = torch.full((batch, cached + width), pad, dtype=dtype, device=device)
+        mask = torch.cat([state.mask, torch.zeros(batch, width, dtype=torch.long, device=device)], 1)
         for row, prompt in enumerate(prompts):  # [cache, right-padded][prompt, left-padded]
             ids[row, cached + width - len(prompt) :] = prompt
             mask[row, cached + width - len(prompt) :] = 1

@@ -169,9 +169,7 @@ def generate_answers(
             "model: generation scores decoders with a causal-LM head; this model has a "
             f"{getattr(model, 'info', None) and model.info.head} head (use predict_classes for classifiers)"
         )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
-    tokenizer = get_tokenizer(tokenizer)
+    tokenizer = get_tokenizer(tokenizer)  # max_new_tokens is checked by generate_streamed, before any reading
     eos = end_of_text_id(model, tokenizer)
     segments = (s.to(device) for s in sample_segments(samples, model.content_size, model.alignment, window))
     new = model.generate_streamed(

@@ -302,9 +302,6 @@ class MemoryModel(nn.Module):
         What generation starts from, for every mechanism: the prompt is the row's last segment as the driver cuts
         it, so a model generates from the same kind of segment it was trained to answer in.
         """
-        if self._pre_read is not None:  # `generate_streamed` read the context already
-            read, self._pre_read = self._pre_read, None
-            return read
         attention_mask = check_input_ids(input_ids, attention_mask)
         segments = split_into_segments(input_ids, self.content_size, attention_mask, None, self.alignment)
         return self.read_segments(segments, state, input_ids.shape[0], callback)
@@ -345,7 +342,22 @@ class MemoryModel(nn.Module):
             raise ValueError(f"segments: rows {missing} never reached their last segment (is_last)")
         return read, prompts
 
-    _pre_read: tuple[State, list[torch.Tensor]] | None = None
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,  # [batch, length] the long context
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        state: State | None = None,
+        callback: ProgressCallback | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """Read a long context (every segment but each row's last, continuing `state`), then generate from each
+        row's last segment with what was read. Keyword arguments go to the mechanism's `generate_from`; returns
+        only the new tokens."""
+        self._check_generation(max_new_tokens)
+        state, prompts = self.read_context(input_ids, attention_mask, state, callback)
+        return self.generate_from(state, prompts, max_new_tokens, **generate_kwargs)
 
     @torch.no_grad()
     def generate_streamed(
@@ -353,23 +365,25 @@ class MemoryModel(nn.Module):
         segments: Iterable[Segment],
         batch_size: int = 1,
         callback: ProgressCallback | None = None,
+        max_new_tokens: int = 32,
         **generate_kwargs,
     ) -> torch.Tensor:  # [batch, new tokens]
-        """The mechanism's `generate` on a context that arrives as segments and is never held whole.
+        """`generate` on a context that arrives as segments (`read_segments`) and is never held whole."""
+        self._check_generation(max_new_tokens)
+        state, prompts = self.read_segments(segments, None, batch_size, callback)
+        return self.generate_from(state, prompts, max_new_tokens, **generate_kwargs)
 
-        The context is read with `read_segments`, without gradients (a graph over every segment would grow with
-        the length); the mechanism's own `generate` then starts from that state and those prompts (its
-        `read_context` returns them), so every mechanism with a `generate` streams the same way.
-        """
-        if not callable(getattr(self, "generate", None)):
-            raise ValueError(f"{type(self).__name__} has no generate method")
-        self._pre_read = self.read_segments(segments, None, batch_size, callback)
-        try:
-            device = self._pre_read[1][0].device
-            placeholder = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # [batch, 1] ids unused
-            return self.generate(placeholder, **generate_kwargs)
-        finally:
-            self._pre_read = None
+    def generate_from(
+        self, state: State, prompts: list[torch.Tensor], max_new_tokens: int = 32, **generate_kwargs
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """Generate from each row's prompt (its last segment) behind the state read before it: per mechanism."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
+
+    def _check_generation(self, max_new_tokens: int) -> None:
+        if not (self.causal and self.token_level) or type(self).generate_from is MemoryModel.generate_from:
+            raise ValueError(f"generate needs a decoder with a causal-LM head, got {self.info.class_name}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically."""

@@ -177,27 +177,13 @@ class RecurrentMemoryTransformer(MemoryModel):
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,  # [batch, length] the long context
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        callback=None,
-        **generate_kwargs,
+    def generate_from(
+        self, state: MemoryState, prompts: list[torch.Tensor], max_new_tokens: int = 32, **generate_kwargs
     ) -> torch.Tensor:  # [batch, new tokens]
-        """Read a long context into memory, then generate from its last segment and the read memory.
-
-        Every segment but each row's last is read into memory; the last one (as the driver would cut it) is the
-        prompt, behind the read memory only, as in training. Keyword arguments go to the backbone's `generate`
-        (`do_sample`, `temperature`, `top_p`, `eos_token_id`…). Returns only the new tokens.
-        """
-        if not self.info.is_decoder or self.info.head != "token":
-            raise ValueError(f"generate needs a decoder backbone with a causal-LM head, got {self.info.class_name}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        state, prompts = self.read_context(input_ids, attention_mask, callback=callback)
-        batch = input_ids.shape[0]
+        """Generate from each row's last segment behind its read memory only, as in training (`generate` reads
+        the context). Keyword arguments go to the backbone's `generate` (`do_sample`, `temperature`, `top_p`,
+        `eos_token_id`…)."""
+        batch, device = len(prompts), prompts[0].device
         m = self.num_memory_tokens
         width = m + max(len(p) for p in prompts)
         if self.info.max_positions is not None and width + max_new_tokens > self.info.max_positions:
@@ -206,8 +192,8 @@ class RecurrentMemoryTransformer(MemoryModel):
                 f"the backbone's {self.info.max_positions} positions"
             )
         hidden = self.info.hidden_size
-        embeds = torch.zeros(batch, width, hidden, dtype=self.backbone.dtype, device=input_ids.device)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
+        embeds = torch.zeros(batch, width, hidden, dtype=self.backbone.dtype, device=device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):  # left padding, as generate expects
             row_embeds = torch.cat([state.memory[row].to(embeds.dtype), self._embed(prompt)])
             embeds[row, width - len(row_embeds) :] = row_embeds

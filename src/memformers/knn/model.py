@@ -162,28 +162,12 @@ class MemorizingTransformer(MemoryModel):
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,  # [batch, length] the long context
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        state: KNNMemoryState | None = None,
-        callback=None,
-        **generate_kwargs,
+    def generate_from(
+        self, state: KNNMemoryState, prompts: list[torch.Tensor], max_new_tokens: int = 32, **generate_kwargs
     ) -> torch.Tensor:  # [batch, new tokens]
-        """Read a long context into memory, then generate from its last segment with memory attention.
-
-        Every segment but each row's last is written to memory (continuing `state` when given); the last is the
-        prompt, read locally while every generated token also retrieves from memory. Keyword arguments go to the
-        backbone's `generate`. Returns only the new tokens.
-        """
-        if self.info.head != "token":
-            raise ValueError(f"generate needs a causal-LM head, got {self.info.class_name}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        state, prompts = self.read_context(input_ids, attention_mask, state, callback)
-        batch = input_ids.shape[0]
+        """Generate from each row's last segment, read locally while every generated token also retrieves from the
+        memory written so far (`generate` writes the context). Keyword arguments go to the backbone's `generate`."""
+        batch, device, dtype = len(prompts), prompts[0].device, prompts[0].dtype
         width = max(len(p) for p in prompts)
         if self.info.max_positions is not None and width + max_new_tokens > self.info.max_positions:
             raise ValueError(
@@ -191,8 +175,8 @@ class MemorizingTransformer(MemoryModel):
                 f"the backbone's {self.info.max_positions} positions"
             )
         pad = _special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
-        ids = torch.full((batch, width), pad, dtype=input_ids.dtype, device=input_ids.device)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
+        ids = torch.full((batch, width), pad, dtype=dtype, device=device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):  # left padding, as generate expects
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1

@@ -292,31 +292,25 @@ class LongMem(MemoryModel):
     # --- generation -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(
+    def generate_from(
         self,
-        input_ids: torch.Tensor,  # [batch, length] the long context
-        attention_mask: torch.Tensor | None = None,
+        state: MemoryBank,
+        prompts: list[torch.Tensor],
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         eos_token_id: int | None = None,
-        callback=None,
         use_cache: bool = True,
     ) -> torch.Tensor:  # [batch, max_new_tokens]
-        """Read a long context into the bank, then generate from its last segment, which reads the bank.
-
-        Every segment but each row's last is written to the bank; the last one (as the driver would cut it) is the
-        prompt. The SideNet makes the logits, so generation is our own loop (greedy, or sampling at `temperature`).
+        """Generate from each row's last segment, which reads the bank written so far (`generate` writes the
+        context). The SideNet makes the logits, so generation is our own loop (greedy, or sampling at `temperature`).
         With `use_cache` the prompt is read once and each new token alone, through a key-value cache of the
         backbone and one of the SideNet; without, the whole window is recomputed per token (same tokens, slower).
         New tokens never enter the bank. After `eos_token_id` a row repeats it.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        state, prompts = self.read_context(input_ids, attention_mask, callback=callback)
-        batch, device = input_ids.shape[0], input_ids.device
+        batch, device, dtype = len(prompts), prompts[0].device, prompts[0].dtype
         lengths = torch.tensor([len(p) for p in prompts], device=device)  # [batch]
         prompt_width = int(lengths.max())
         width = prompt_width + max_new_tokens
@@ -327,7 +321,7 @@ class LongMem(MemoryModel):
             )
         # Right padding: positions stay those of training, and causal attention never sees the padding. With a
         # cache, each row's new tokens follow the padded prompt in the cache, at the row's own positions.
-        ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=device)
+        ids = torch.zeros(batch, width, dtype=dtype, device=device)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         rows = torch.arange(batch, device=device)
@@ -359,7 +353,7 @@ class LongMem(MemoryModel):
             ids[rows, lengths] = token.to(ids.dtype)
             lengths = lengths + 1
             new_tokens.append(token)
-        return torch.stack(new_tokens, dim=1).to(input_ids.dtype)
+        return torch.stack(new_tokens, dim=1).to(dtype)
 
     # --- saving -----------------------------------------------------------------------------------------------
 
