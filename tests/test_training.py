@@ -421,3 +421,37 @@ def test_algorithmic_targets_are_scored_on_every_segment():
     wrong[0, 2] = wrong[0, 2].roll(1)  # the first target symbol, in the first segment
     assert not bool(training.answer_correct(wrong, *args, whole_input=True).any())
     assert bool(training.answer_correct(wrong[:, -1:], *args).all())  # the last segment alone never sees it
+
+
+def test_tasks_with_different_answers_share_one_class_vocabulary(tmp_path, monkeypatch):
+    """qa1 answers places, qa5 people and objects: one classifier over both has their union as classes, every item's
+    class names its sample's answer, and evaluation reads the class names rather than the task's own indices."""
+    from memformers import evaluation
+    from memformers.tasks import ANSWERS, make_sample
+
+    config = tiny(tmp_path, **{"task.name": "qa1,qa5", "model.segment_size": 128})
+    model, tokenizer = training.build_model(config)
+    union = tuple(ANSWERS["qa1"]) + tuple(ANSWERS["qa5"])
+    assert evaluation.class_answers(model) == union and model.backbone.config.num_labels == len(union)
+    batches = training.TaskBatches(config, tokenizer, model.content_size)
+    for index in range(8):
+        item = batches.item(index, 3, seed=5)
+        task = config.task_names[index % 2]
+        sample = make_sample(task, 3 * model.content_size, tokenizer, 5, index, "train")
+        assert union[int(item["labels"])] == sample.target
+
+    fred = union.index("Fred")  # the classifier always answers "Fred": right exactly where the target is Fred
+    monkeypatch.setattr(evaluation, "predict_classes", lambda _model, batch, *a, **k: [fred] * len(batch))
+    cell = evaluation.evaluate_cell(model, "qa5", 0, 24, tokenizer, batch_size=8)
+    targets = [make_sample("qa5", 0, tokenizer, 0, i, "test").target for i in range(24)]
+    assert 0 < targets.count("Fred") < 24 and cell.correct == targets.count("Fred")
+
+
+def test_varied_lengths_stay_between_min_segments_and_the_stage(tmp_path):
+    """Long stories (qa3: up to 20 facts) do not fit one segment: `min_segments` bounds the lengths drawn."""
+    config = tiny(tmp_path, **{"curriculum.vary_segments": True, "curriculum.min_segments": 3})
+    batches = training.TaskBatches(config, None, 43)
+    assert {batches.segments_of(i, 6) for i in range(200)} == {3, 4, 5, 6}
+    assert {batches.segments_of(i, 2) for i in range(20)} == {2}  # a stage shorter than the minimum: its own
+    with pytest.raises(ValueError, match="curriculum.min_segments"):
+        tiny(tmp_path, **{"curriculum.min_segments": 0})

@@ -142,6 +142,15 @@ def predict_classes(
     return logits.argmax(dim=-1).tolist()
 
 
+def class_answers(model) -> tuple[str, ...] | None:
+    """The answer each class of a classifier stands for (its backbone's `id2label`), or None where the labels are
+    the default `LABEL_i`: then class i is answer i of the task's own vocabulary."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    id2label = getattr(config, "id2label", None) or {}
+    answers = tuple(id2label[i] for i in sorted(id2label))
+    return None if all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else answers
+
+
 def generates(model) -> bool:
     """Whether `model` is scored by generating its answer (a causal-LM head) rather than by its classes."""
     return bool(getattr(model, "token_level", False) and getattr(model, "causal", False))
@@ -227,6 +236,9 @@ def evaluate_cell(
     model.eval()
     generating = generates(model)
     labels = list(task_spec(task).answers)
+    classes = None if generating else class_answers(model)
+    if classes is not None and not set(labels) <= set(classes):
+        raise ValueError(f"task: the model's classes {list(classes)} do not cover the answers of {task!r}: {labels}")
     examples: list[dict] = []
     correct = tokens = 0
     start = time.perf_counter()
@@ -255,7 +267,10 @@ def evaluate_cell(
                     )
         else:
             predicted = predict_classes(model, batch, device, callback, window)
-            right = [p == s.label for p, s in zip(predicted, batch, strict=True)]
+            if classes is None:
+                right = [p == s.label for p, s in zip(predicted, batch, strict=True)]
+            else:
+                right = [classes[p] == s.target for p, s in zip(predicted, batch, strict=True)]
         correct += sum(right)
         tokens += read * len(batch)
     seconds = time.perf_counter() - start

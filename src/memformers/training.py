@@ -54,18 +54,19 @@ from .training_config import (  # noqa: F401 (the config API is re-exported here
 def build_model(config: TrainConfig):
     """The mechanism and tokenizer a config describes (weights drawn from `optim.seed` where they are new)."""
     from . import backbones
-    from .tasks import get_tokenizer, task_spec
+    from .tasks import answer_vocabulary, get_tokenizer
 
     m = config.model
     tokenizer = get_tokenizer(config.tokenizer_name)
-    num_labels = len(task_spec(config.task_names[0]).answers)
+    answers = answer_vocabulary(config.task_names)  # class i = answers[i], kept in the backbone's id2label
+    labels = {"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}}
     _seed_everything(config.optim.seed)
     if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
         return _continue_from(m, Path(m.backbone)), tokenizer
     if m.backbone == "scratch":
-        backbone = _scratch_backbone(m, tokenizer, num_labels)
+        backbone = _scratch_backbone(m, tokenizer, labels)
     else:
-        kwargs = {"num_labels": num_labels} if m.head == "classification" else {}
+        kwargs = {"num_labels": len(answers)} | labels if m.head == "classification" else {}
         backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
     special = {}
     if m.head != "causal-lm":
@@ -135,7 +136,7 @@ def _continue_from(m: ModelConfig, path: Path):
     return model
 
 
-def _scratch_backbone(m: ModelConfig, tokenizer, num_labels: int):
+def _scratch_backbone(m: ModelConfig, tokenizer, labels: dict):
     import transformers
 
     s = m.scratch
@@ -150,7 +151,7 @@ def _scratch_backbone(m: ModelConfig, tokenizer, num_labels: int):
     )
     if s.family == "bert":
         config = transformers.BertConfig(
-            **common, hidden_dropout_prob=s.dropout, attention_probs_dropout_prob=s.dropout, num_labels=num_labels
+            **common, hidden_dropout_prob=s.dropout, attention_probs_dropout_prob=s.dropout, **labels
         )
         cls = transformers.BertForSequenceClassification if m.head == "classification" else transformers.BertForMaskedLM
         return cls(config)
@@ -173,25 +174,26 @@ class TaskBatches:
     """
 
     def __init__(self, config: TrainConfig, tokenizer, content_size: int) -> None:
-        from .tasks import encode_sentence, task_spec
+        from .tasks import answer_vocabulary, encode_sentence
 
         self.config, self.tokenizer, self.content_size = config, tokenizer, content_size
         self.head = config.model.head
         self.eos_id = None
         self.reserve = 0
         self.lm = config.task_names == ["lm"]  # language modelling: every token is a target, no answer
+        self.answers = answer_vocabulary(config.task_names)  # one class vocabulary over all the tasks
         if self.head != "classification" and not config.algorithmic and not self.lm:  # algorithmic: fixed length
             self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
             if self.head == "causal-lm" and self.eos_id is None:
                 self.eos_id = tokenizer.sep_token_id
-            answers = task_spec(config.task_names[0]).answers
-            self.reserve = max(len(encode_sentence(tokenizer, a)) for a in answers) + (self.eos_id is not None)
+            self.reserve = max(len(encode_sentence(tokenizer, a)) for a in self.answers) + (self.eos_id is not None)
 
     def segments_of(self, index: int, current: int) -> int:
         """Segments of training sample `index` at a stage of `current` segments."""
         if not self.config.curriculum.vary_segments:
             return current
-        return random.Random(f"{self.config.task.seed}:segments:{index}").randint(1, current)
+        low = min(self.config.curriculum.min_segments, current)
+        return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
 
     def item(self, index: int, segments: int, seed: int) -> dict[str, torch.Tensor]:
         from .tasks import make_sample, sample_item
@@ -224,7 +226,7 @@ class TaskBatches:
                 f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
             ) from None
         if self.head == "classification":
-            return sample_item(sample, "class")
+            return sample_item(sample, "class", answers=self.answers)
         item = sample_item(sample, "text", self.eos_id)
         if self.head == "masked-lm":  # the answer's positions are masked out of the input
             answer = item["labels"] != IGNORE_INDEX

@@ -11,7 +11,8 @@ Config (TOML; every key optional unless marked):
   backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2", a Hugging
                           Face model folder (e.g. the backbone/ of a saved model, to wrap it in another mechanism),
                           or a folder saved by memformers with the same mechanism (training continues from it)
-  head                    "classification" (default; num_labels = the task's answers), "causal-lm", "masked-lm"
+  head                    "classification" (default; one class per answer of the tasks: their union),
+                          "causal-lm", "masked-lm"
   num_memory_tokens       memory vectors (default 10; rmt only)
   segment_size            backbone positions per segment, memory and special tokens included (default 512)
   bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
@@ -45,7 +46,8 @@ Config (TOML; every key optional unless marked):
                           "linear:START:STOP[:STEP]" or "double:START:STOP"
   threshold               validation accuracy that ends a stage early (default 0.95)
   max_steps_per_stage     step budget of a stage (default 1000)
-  vary_segments           also train on 1 .. current segments, drawn per sample (default false)
+  vary_segments           also train on min_segments .. current segments, drawn per sample (default false)
+  min_segments            the shortest length vary_segments draws (default 1; more where a story needs it)
   eval_every              steps between validations inside a stage (default 100; 0 = only at the budget's end)
   eval_samples            validation samples at the stage's length (default 128)
   eval_batch_size         default: the per-process micro-batch
@@ -160,6 +162,7 @@ class CurriculumConfig:
     threshold: float = 0.95
     max_steps_per_stage: int = 1000
     vary_segments: bool = False
+    min_segments: int = 1
     eval_every: int = 100
     eval_samples: int = 128
     eval_batch_size: int | None = None
@@ -373,8 +376,8 @@ def validate(config: TrainConfig) -> None:
     names = config.task_names
     if not names or any(name not in TASKS for name in names):
         _fail("task.name", t.name, f"one or more (comma-separated) of {list(TASKS)}")
-    if len({TASKS[name].kind for name in names}) != 1 or len({TASKS[name].answers for name in names}) != 1:
-        _fail("task.name", t.name, "tasks of one kind and one answer vocabulary (memorize,detect,reason; copy,reverse)")
+    if len({TASKS[name].kind for name in names}) != 1:  # bAbI tasks share one class vocabulary: their union
+        _fail("task.name", t.name, "tasks of one kind (qa1,qa2,qa3,qa4,qa5; memorize,detect,reason; copy,reverse)")
     if "lm" in names and (names != ["lm"] or m.head != "causal-lm"):
         _fail(
             "task.name" if names != ["lm"] else "model.head",
@@ -398,6 +401,7 @@ def validate(config: TrainConfig) -> None:
         _fail("curriculum.threshold", c.threshold, "in [0, 1]")
     for key, value, low in (
         ("curriculum.max_steps_per_stage", c.max_steps_per_stage, 1),
+        ("curriculum.min_segments", c.min_segments, 1),
         ("curriculum.eval_every", c.eval_every, 0),
         ("curriculum.eval_samples", c.eval_samples, 1),
         ("optim.warmup_steps", o.warmup_steps, 0),

@@ -30,11 +30,20 @@ def _lengths(lengths: int | Sequence[int]) -> tuple[int, ...]:
     return values
 
 
-def sample_item(sample: Sample, target: str = "class", eos_id: int | None = None) -> dict[str, torch.Tensor]:
-    """A haystack sample as training tensors (see the module docstring for the two target formats)."""
+def sample_item(
+    sample: Sample, target: str = "class", eos_id: int | None = None, answers: tuple[str, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """A haystack sample as training tensors (see the module docstring for the two target formats).
+
+    `answers`: the class vocabulary of a classifier over several tasks (`answer_vocabulary`); by default the
+    sample's own task's answers.
+    """
     ids = torch.from_numpy(sample.ids)  # [num_tokens]
     if target == "class":
-        return {"input_ids": ids, "labels": torch.tensor(sample.label, dtype=torch.long)}
+        if answers is not None and sample.target not in answers:
+            raise ValueError(f"answers: {sample.target!r} (task {sample.task}) is not among {list(answers)}")
+        label = sample.label if answers is None else answers.index(sample.target)
+        return {"input_ids": ids, "labels": torch.tensor(label, dtype=torch.long)}
     if target != "text":
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     answer = encode_sentence(sample.tokenizer, sample.target).tolist() + ([] if eos_id is None else [eos_id])

@@ -64,6 +64,17 @@ def task_spec(task: str) -> TaskSpec:
     return TASKS[task]
 
 
+def answer_vocabulary(tasks: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The answers of several tasks as one vocabulary (first task's answers first, then each new one in order).
+
+    One classifier over qa1..qa5 needs a single label space: class i is answer i of this tuple.
+    """
+    vocabulary: dict[str, None] = {}
+    for task in tasks:
+        vocabulary.update(dict.fromkeys(task_spec(task).answers))
+    return tuple(vocabulary)
+
+
 def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
     """The random generator of one sample: fixed by (seed, task, length, index), independent of other samples."""
     return random.Random(f"memformers:{seed}:{task}:{length}:{index}")
