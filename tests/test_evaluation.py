@@ -410,3 +410,18 @@ def test_cli_eval_generates_with_a_saved_decoder(tokenizer, tmp_path):
     assert grid.with_suffix(".png").exists() and grid.with_suffix(".md").exists()
     bad = CliRunner().invoke(app, args + ["--max-new-tokens", "0"])
     assert bad.exit_code != 0 and "max_new_tokens" in bad.output
+
+
+def test_grid_takes_one_sample_count_per_length_and_keeps_each_cells_command(tokenizer, tmp_path):
+    """Long cells cost more, so they get fewer samples; a second command fills more of the same grid."""
+    path = tmp_path / "grid.json"
+    oracle = LastFactOracle(tokenizer)
+    evaluate_grid(oracle, ["memorize"], [300, 600], [4, 2], tokenizer, path, {"command": "first"}, batch_size=4)
+    cells = evaluate_grid(oracle, ["detect"], [300], 3, tokenizer, path, {"command": "second"}, batch_size=4)
+    assert {(c.task, c.length, c.samples, c.command) for c in cells} == {
+        ("memorize", 300, 4, "first"),
+        ("memorize", 600, 2, "first"),
+        ("detect", 300, 3, "second"),
+    }
+    with pytest.raises(ValueError, match="samples"):
+        evaluate_grid(oracle, ["memorize"], [300, 600], [4], tokenizer, path, batch_size=4)

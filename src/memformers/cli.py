@@ -211,7 +211,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="A model saved with save_pretrained (e.g. by memformers train)."),
     task: str = typer.Option("memorize", help="Tasks, comma-separated: memorize, detect, reason, qa1…qa5."),
     lengths: str = typer.Option("512,4096,65536", help="Input lengths in tokens, comma-separated."),
-    samples: int = typer.Option(100, help="Samples per cell."),
+    samples: str = typer.Option("100", help="Samples per cell, or one count per length (e.g. 100,100,20,5)."),
     batch_size: int = typer.Option(32, help="Samples read side by side."),
     noise_dir: Path | None = typer.Option(None, help="Folder of .txt books to use as noise instead of Austen."),
     split: str = typer.Option("test", help="Noise books: 'test' (never trained on) or 'train'."),
@@ -261,6 +261,7 @@ def evaluate(
     try:
         config = read_config(checkpoint)
         tasks = [t.strip() for t in task.split(",") if t.strip()]
+        counts = parse_ints(samples, "--samples")
         model = load(checkpoint, device=device)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
@@ -268,7 +269,7 @@ def evaluate(
     meta = {
         "checkpoint": str(checkpoint),
         "command": shlex.join(
-            ["memformers", "eval", str(checkpoint), "--task", task, "--lengths", lengths, "--samples", str(samples)]
+            ["memformers", "eval", str(checkpoint), "--task", task, "--lengths", lengths, "--samples", samples]
             + (["--noise-dir", str(noise_dir)] if noise_dir else [])
             + ["--split", split, "--seed", str(seed)]
             + (["--window", str(window)] if window else [])
@@ -298,7 +299,7 @@ def evaluate(
                 model,
                 tasks,
                 parse_ints(lengths, "--lengths"),
-                samples,
+                counts[0] if len(counts) == 1 else counts,
                 tokenizer,
                 json_out,
                 meta,

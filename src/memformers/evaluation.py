@@ -73,6 +73,7 @@ class Cell:
     seed: int = 0
     split: str = "test"
     examples: list[dict] = field(default_factory=list)  # generated answers: the first few, for inspection
+    command: str = ""  # the command that measured this cell (grids are filled by several)
 
 
 NUM_EXAMPLES = 3  # generated answers kept per cell
@@ -312,22 +313,31 @@ def evaluate_grid(
     model,
     tasks: list[str],
     lengths: list[int],
-    samples: int,
+    samples: int | list[int],
     tokenizer,
     json_path: str | Path | None = None,
     meta: dict | None = None,
     on_cell=None,
     **cell_options,
 ) -> list[Cell]:
-    """Every task × length cell; each finished cell is saved at once, and cells already saved are skipped."""
+    """Every task × length cell; each finished cell is saved at once, and cells already saved are skipped.
+
+    `samples`: per cell, or one count per length (long inputs cost more: fewer samples, wider intervals).
+    Cells of other tasks and lengths already in `json_path` are kept, so several commands can fill one grid;
+    each cell records the command of `meta` that measured it.
+    """
+    counts = [samples] * len(lengths) if isinstance(samples, int) else list(samples)
+    if len(counts) != len(lengths) or any(n < 1 for n in counts):
+        raise ValueError(f"samples: one count ≥ 1, or one per length ({len(lengths)}), got {samples!r}")
     cells = load_cells(json_path) if json_path else []
     seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
-    done = {(c.task, c.length) for c in cells if c.samples == samples and c.seed == seed and c.split == split}
+    done = {(c.task, c.length, c.samples) for c in cells if c.seed == seed and c.split == split}
     for task in tasks:
-        for length in lengths:
-            if (task, length) in done:
+        for length, count in zip(lengths, counts, strict=True):
+            if (task, length, count) in done:
                 continue
-            cell = evaluate_cell(model, task, length, samples, tokenizer, **cell_options)
+            cell = evaluate_cell(model, task, length, count, tokenizer, **cell_options)
+            cell.command = (meta or {}).get("command", "")
             cells = [c for c in cells if (c.task, c.length) != (task, length)] + [cell]
             if json_path:
                 save_cells(json_path, cells, meta)
