@@ -6,7 +6,9 @@ hidden states. `BackboneInfo` says what kind of model it is (encoder or decoder)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,18 +112,37 @@ def describe(model: nn.Module, kind: Kind | None = None) -> BackboneInfo:
 def run_backbone(
     model: nn.Module,
     inputs_embeds: torch.Tensor,  # [batch, length, hidden]
-    attention_mask: torch.Tensor,  # [batch, length], 1 = attend
+    attention_mask: torch.Tensor,  # [batch, length], 1 = attend; [batch, past + length] with past_key_values
     position_ids: torch.Tensor | None = None,  # [batch, length]
+    logits_to_keep: torch.Tensor | None = None,  # [kept] positions whose logits are needed; None: all
+    past_key_values: transformers.Cache | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """One forward pass; returns (logits of the head or None, last hidden states [batch, length, hidden])."""
+    """One forward pass; returns (logits of the head or None, last hidden states [batch, length, hidden]).
+
+    With `logits_to_keep` token logits are [batch, kept, vocab]: heads whose forward takes `logits_to_keep`
+    (transformers' causal LMs) project only those positions; others are sliced after the fact. With
+    `past_key_values` the backbone also reads that cache and appends this pass's keys and values to it.
+    """
     kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "output_hidden_states": True}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if getattr(model.config, "use_cache", False) or "use_cache" in getattr(model.config, "__dict__", {}):
+    if past_key_values is not None:
+        kwargs.update(past_key_values=past_key_values, use_cache=True)
+    elif getattr(model.config, "use_cache", False) or "use_cache" in getattr(model.config, "__dict__", {}):
         kwargs["use_cache"] = False
+    native = logits_to_keep is not None and _takes_logits_to_keep(type(model))
+    if native:
+        kwargs["logits_to_keep"] = logits_to_keep
     out = model(**kwargs, return_dict=True)
     logits = getattr(out, "logits", None)
+    if logits_to_keep is not None and not native and logits is not None and logits.dim() == 3:
+        logits = logits[:, logits_to_keep]
     return logits, out.hidden_states[-1]
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 # ----------------------------------------------------------------------------------------------------------------

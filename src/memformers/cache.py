@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache
 
+from . import backbones
 from .recurrence import MemoryModel, StepOutput
 from .rmt import _special_id, as_segment
 from .segments import Alignment, Segment
@@ -118,8 +119,14 @@ class SegmentCacheTransformer(MemoryModel):
         device = self.backbone.get_input_embeddings().weight.device
         return CacheState((), (), torch.zeros(batch_size, 0, dtype=torch.long, device=device))
 
-    def step(self, segment: Segment | torch.Tensor, state: CacheState) -> tuple[StepOutput, CacheState]:
-        """The segment behind the previous one's cache; its own cache-free keys and values become the next cache."""
+    def step(
+        self,
+        segment: Segment | torch.Tensor,
+        state: CacheState,
+        logit_positions: torch.Tensor | None = None,  # [kept] positions needing token logits; None: all
+    ) -> tuple[StepOutput, CacheState]:
+        """The segment behind the previous one's cache; its own cache-free keys and values become the next cache.
+        Token logits only at `logit_positions`."""
         segment = as_segment(segment)
         ids, mask = segment.input_ids, segment.attention_mask  # [batch, n], right-padded
         batch, n = ids.shape
@@ -131,19 +138,23 @@ class SegmentCacheTransformer(MemoryModel):
         # gets a visible key (no all-masked softmax rows) and real tokens are unaffected.
         ones = torch.ones_like(mask)
         arange = torch.arange(n, device=ids.device).unsqueeze(0).expand(batch, -1)  # [batch, n]
-        kwargs: dict = {"output_hidden_states": True, "return_dict": True}
+        past = None
         if state.keys:
             past = DynamicCache(ddp_cache_data=list(zip(state.keys, state.values, strict=True)))
-            kwargs.update(past_key_values=past, attention_mask=torch.cat([state.mask, ones], dim=1), use_cache=True)
+            attention = torch.cat([state.mask, ones], dim=1)  # [batch, width + n]
             positions = state.mask.sum(dim=1, keepdim=True) + arange  # after the row's cached tokens
         else:
-            kwargs.update(attention_mask=ones, use_cache=False)
-            positions = arange
-        if self._takes_positions:
-            kwargs["position_ids"] = positions
-        out = self.backbone(input_ids=ids, **kwargs)
-        hidden = out.hidden_states[-1]  # [batch, n, hidden]
-        logits = getattr(out, "logits", None) if self.token_level else None
+            attention, positions = ones, arange
+        embeds = self.backbone.get_input_embeddings()(ids)  # [batch, n, hidden]
+        logits, hidden = backbones.run_backbone(
+            self.backbone,
+            embeds,
+            attention,
+            positions if self._takes_positions else None,
+            logits_to_keep=logit_positions if self.token_level else None,
+            past_key_values=past,
+        )
+        logits = logits if self.token_level else None
 
         with torch.no_grad():  # the next cache: this segment alone at positions [0, n), detached by construction
             alone: dict = {"attention_mask": ones, "use_cache": True, "return_dict": True}
@@ -152,7 +163,8 @@ class SegmentCacheTransformer(MemoryModel):
             cache = self.backbone.base_model(input_ids=ids, **alone).past_key_values
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
-        return StepOutput(logits=logits, hidden=hidden), CacheState(keys, values, mask)
+        output = StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions if self.token_level else None)
+        return output, CacheState(keys, values, mask)
 
     def generate_from(
         self, state: CacheState, prompts: list[torch.Tensor], max_new_tokens: int = 32, **generate_kwargs

@@ -2,10 +2,17 @@
 
 A mechanism supplies `init_state` and `step`; the driver owns cutting into segments, the loop, truncated
 back-propagation, gradient checkpointing, gathering logits, the loss, streaming and progress callbacks.
+
+Logits nobody reads are not computed. A small decoder spends most of its time in the LM head (16 × 128 × 30,522
+logits per segment for a 3-layer Llama on MiniLM's vocabulary), yet reading a context for generation needs none,
+and a question-answering loss needs the few answer positions of the last segment. So the driver tells a mechanism
+whose `step` takes `logit_positions` which content positions of a segment need logits (an empty tensor: none), and
+the mechanism hands it to the backbone's head (`backbones.run_backbone`). Losses and returned logits are unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -17,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .segments import IGNORE_INDEX, Alignment, Segment, check_input_ids, shift_labels, split_into_segments
 
-LogitsMode = Literal["all", "last", "none"]
+LogitsMode = Literal["all", "last", "labelled", "none"]
+LOGITS_MODES = ("all", "last", "labelled", "none")
 S = TypeVar("S", bound="State")
 
 
@@ -40,6 +48,9 @@ class StepOutput:
 
     logits: torch.Tensor | None = None  # [batch, length, vocab] per token, or [batch, classes] per sequence
     hidden: torch.Tensor | None = None  # [batch, length, hidden] last-layer states of the content tokens
+    # The content positions [kept] that token `logits` cover when the driver asked for only some (`logits` is then
+    # [batch, kept, vocab]); None: every position.
+    logit_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,13 +58,19 @@ class RecurrentOutput:
     """The result of reading a whole long input."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor | None  # "all": [batch, length, vocab] at input positions; "last": last segment's
+    logits: torch.Tensor | None  # "all": [batch, length, vocab] at input positions; "last": last segment's;
+    # "labelled": last segment's, zeros where no row of it has a label
     state: object
     num_segments: int
 
 
 class SegmentModel(Protocol):
-    """A memory mechanism: a state and a step. `content_size` tokens of input per segment."""
+    """A memory mechanism: a state and a step. `content_size` tokens of input per segment.
+
+    A `step` may also take `logit_positions` ([kept] content positions, empty for none; None: all): the driver then
+    passes it where logits are not needed everywhere, and the step returns token logits [batch, kept, vocab] with
+    `StepOutput.logit_positions` set, leaving its hidden states and new state as they would be without it.
+    """
 
     content_size: int
     token_level: bool  # logits per token (LM heads) rather than one per sequence (classification)
@@ -82,11 +99,33 @@ def detach_before(index: int, num_segments: int | None, bptt_depth: int | None) 
     return (num_segments - 1 - index) % (bptt_depth + 1) == bptt_depth
 
 
-def run_step(model: SegmentModel, segment: Segment, state: State, gradient_checkpointing: bool):
+LogitPositions = Callable[[Segment], "torch.Tensor | None"]  # a segment → its content positions needing logits
+
+
+def skips_logits(model: SegmentModel) -> bool:
+    """Whether `model.step` takes `logit_positions` (and its `skip_unused_logits` switch, default on, is on)."""
+    if not getattr(model, "skip_unused_logits", True):
+        return False
+    return "logit_positions" in inspect.signature(model.step).parameters
+
+
+def no_logits(segment: Segment) -> torch.Tensor:  # [0]
+    """No position needs logits (reading context, throughput runs)."""
+    return torch.zeros(0, dtype=torch.long, device=segment.input_ids.device)
+
+
+def run_step(
+    model: SegmentModel,
+    segment: Segment,
+    state: State,
+    gradient_checkpointing: bool,
+    logit_positions: torch.Tensor | None = None,  # [kept] content positions; None: all
+):
     """One step, recomputed during backward when checkpointing (only one segment's activations kept)."""
+    kwargs = {} if logit_positions is None else {"logit_positions": logit_positions}
     if gradient_checkpointing and torch.is_grad_enabled():
-        return checkpoint(model.step, segment, state, use_reentrant=False)
-    return model.step(segment, state)
+        return checkpoint(model.step, segment, state, use_reentrant=False, **kwargs)
+    return model.step(segment, state, **kwargs)
 
 
 def iterate(
@@ -97,15 +136,23 @@ def iterate(
     bptt_depth: int | None = None,
     gradient_checkpointing: bool = False,
     callback: ProgressCallback | None = None,
+    logit_positions: LogitPositions | None = None,
 ) -> Iterator[tuple[Segment, StepOutput, State]]:
-    """The loop. Yields each segment with its output and the state after it; holds nothing else."""
+    """The loop. Yields each segment with its output and the state after it; holds nothing else.
+
+    `logit_positions(segment)` says which content positions need logits (None: all); a model whose step cannot
+    skip logits (`skips_logits`) computes them all, as does every model when it is not given.
+    """
     if bptt_depth is not None and bptt_depth < 0:
         raise ValueError(f"bptt_depth must be None or ≥ 0, got {bptt_depth}")
+    if logit_positions is not None and not skips_logits(model):
+        logit_positions = None
     tokens = 0
     for segment in segments:
         if detach_before(segment.index, num_segments, bptt_depth):
             state = state.detach()
-        output, new_state = run_step(model, segment, state, gradient_checkpointing)
+        positions = None if logit_positions is None else logit_positions(segment)
+        output, new_state = run_step(model, segment, state, gradient_checkpointing, positions)
         active = segment.active
         state = new_state if bool(active.all()) else new_state.select(active, state)
         tokens += int(segment.attention_mask.sum())
@@ -130,10 +177,14 @@ def run(
 
     Token labels (same shape as `input_ids`, `-100` = ignored) give a cross-entropy over all segments, shifted
     across segment boundaries for decoders; class labels ([batch]) a cross-entropy on each row's last segment.
+    `logits`: "all" (token heads: every input position), "last" (each row's last segment), "labelled" (the last
+    segment's logits where some row of it has a label, zeros elsewhere: enough to score answers, and the LM head
+    runs on labelled positions only) or "none". Token logits are computed only where the loss or the returned
+    logits read them; the loss is the same either way.
     """
     attention_mask = check_input_ids(input_ids, attention_mask)
-    if logits not in ("all", "last", "none"):
-        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    if logits not in LOGITS_MODES:
+        raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
     token_labels = class_labels = None
     if labels is not None:
         if labels.dtype.is_floating_point:
@@ -154,6 +205,10 @@ def run(
                     "model classifies sequences, so give class labels [batch]"
                 )
             token_labels = shift_labels(labels, attention_mask) if model.causal else labels
+    if logits == "labelled" and model.token_level and token_labels is None:
+        raise ValueError("logits='labelled' returns the logits at labelled positions, so it needs token labels")
+    if logits == "labelled" and not model.token_level:
+        logits = "last"  # a sequence head has one logit vector per row
     segments = split_into_segments(input_ids, model.content_size, attention_mask, token_labels, alignment)
     if state is None:
         state = model.init_state(input_ids.shape[0])
@@ -163,14 +218,29 @@ def run(
     kept: list[tuple[Segment, torch.Tensor]] = []
     final_logits: torch.Tensor | None = None  # per row, the logits of its last segment
     final_state = state
+    needed = None
+    if model.token_level and logits != "all":
+
+        def needed(segment: Segment) -> torch.Tensor | None:  # [kept] content positions, None: all
+            if logits == "last" and segment.is_last is not None and bool(segment.is_last.any()):
+                return None
+            if token_labels is None:
+                return no_logits(segment)
+            labelled = (segment.labels != IGNORE_INDEX) & (segment.attention_mask != 0)  # [batch, n]
+            columns = labelled.any(dim=0)  # [n]
+            return None if bool(columns.all()) else columns.nonzero().flatten()
+
     for segment, output, final_state in iterate(
-        model, segments, state, len(segments), bptt_depth, gradient_checkpointing, callback
+        model, segments, state, len(segments), bptt_depth, gradient_checkpointing, callback, needed
     ):
         out = output.logits
         if out is None:
             continue
+        positions = output.logit_positions  # [kept] or None (all)
         if token_labels is not None:
             targets = segment.labels.masked_fill(segment.attention_mask == 0, IGNORE_INDEX)
+            if positions is not None:
+                targets = targets[:, positions]  # [batch, kept]
             loss_sum = loss_sum + F.cross_entropy(
                 out.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
@@ -178,7 +248,9 @@ def run(
         if logits == "all" and model.token_level:
             kept.append((segment, out))
         last = segment.is_last
-        if last is not None and bool(last.any()):
+        if last is not None and bool(last.any()) and (logits != "none" or class_labels is not None):
+            if positions is not None:  # "labelled": zeros where no logits were computed
+                out = out.new_zeros(*segment.input_ids.shape, out.shape[-1]).index_copy(1, positions, out)
             final_logits = _take_rows(final_logits, out, last)
 
     loss = None
@@ -231,6 +303,7 @@ class MemoryModel(nn.Module):
     alignment: Alignment = "left"
     bptt_depth: int | None = None
     gradient_checkpointing: bool = False
+    skip_unused_logits: bool = True  # False: the LM head runs on every position (for timing and debugging)
 
     def _take_backbone(self, backbone, segment_size: int, alignment: str, kind: str | None = None, span: int = 1):
         """What every mechanism checks first: a name is loaded, the backbone described, `span` segments of
@@ -284,11 +357,20 @@ class MemoryModel(nn.Module):
         state: State | None = None,
         batch_size: int = 1,
         callback: ProgressCallback | None = None,
+        logits: Literal["all", "none"] = "all",
     ) -> Iterator[tuple[Segment, StepOutput, State]]:
-        """Step over segments as they come (e.g. from `stream_segments`): memory does not grow with length."""
+        """Step over segments as they come (e.g. from `stream_segments`): memory does not grow with length.
+
+        `logits="none"` skips the LM head where the mechanism can (token logits are then [batch, 0, vocab]).
+        """
+        if logits not in ("all", "none"):
+            raise ValueError(f"logits must be 'all' or 'none', got {logits!r}")
         if state is None:
             state = self.init_state(batch_size)
-        yield from iterate(self, segments, state, None, self.bptt_depth, self.gradient_checkpointing, callback)
+        positions = no_logits if logits == "none" and self.token_level else None
+        yield from iterate(
+            self, segments, state, None, self.bptt_depth, self.gradient_checkpointing, callback, positions
+        )
 
     def read_context(
         self,
@@ -335,7 +417,8 @@ class MemoryModel(nn.Module):
                     yield Segment(segment.input_ids, segment.attention_mask * rows[:, None], None, segment.index)
 
         read = state
-        for _, _, read in iterate(self, reading(), state, None, None, False, callback):
+        positions = no_logits if self.token_level else None  # reading needs the state, not the logits
+        for _, _, read in iterate(self, reading(), state, None, None, False, callback, positions):
             pass
         missing = [row for row, prompt in enumerate(prompts) if prompt is None]
         if missing:

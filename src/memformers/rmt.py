@@ -109,23 +109,32 @@ class RecurrentMemoryTransformer(MemoryModel):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         return MemoryState(self.memory.unsqueeze(0).expand(batch_size, -1, -1), self.memory)
 
-    def step(self, segment: Segment | torch.Tensor, state: MemoryState) -> tuple[StepOutput, MemoryState]:
-        """One segment through the backbone with the memory beside it."""
+    def step(
+        self,
+        segment: Segment | torch.Tensor,
+        state: MemoryState,
+        logit_positions: torch.Tensor | None = None,  # [kept] content positions needing token logits; None: all
+    ) -> tuple[StepOutput, MemoryState]:
+        """One segment through the backbone with the memory beside it; token logits only at `logit_positions`."""
         segment = as_segment(segment)
         if segment.input_ids.shape[1] > self.content_size:
             raise ValueError(
                 f"segment has {segment.input_ids.shape[1]} tokens; this RMT takes at most {self.content_size}"
             )
+        if not self.token_level:
+            logit_positions = None  # a sequence head's logits have no positions
         if self.info.is_decoder:
-            return self._decoder_step(segment, state)
-        return self._encoder_step(segment, state)
+            return self._decoder_step(segment, state, logit_positions)
+        return self._encoder_step(segment, state, logit_positions)
 
     # --- layouts ----------------------------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_input_embeddings()(ids)
 
-    def _encoder_step(self, segment: Segment, state: MemoryState) -> tuple[StepOutput, MemoryState]:
+    def _encoder_step(
+        self, segment: Segment, state: MemoryState, logit_positions: torch.Tensor | None
+    ) -> tuple[StepOutput, MemoryState]:
         ids, mask = segment.input_ids, segment.attention_mask  # [batch, n]
         batch, n = ids.shape
         m = self.num_memory_tokens
@@ -146,14 +155,18 @@ class RecurrentMemoryTransformer(MemoryModel):
         if m:
             memory = state.memory.to(embeds.dtype)
             embeds = torch.cat([embeds[:, :1], memory, embeds[:, 1 + m :]], dim=1)
-        logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask)
+        keep = None if logit_positions is None else logit_positions + prefix
+        logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask, logits_to_keep=keep)
         new_memory = hidden[:, 1 : 1 + m]  # [batch, memory, hidden]
         content_hidden = hidden[:, prefix : prefix + n]
-        if logits is not None and logits.dim() == 3:
+        if logits is not None and logits.dim() == 3 and logit_positions is None:
             logits = logits[:, prefix : prefix + n]
-        return StepOutput(logits=logits, hidden=content_hidden), MemoryState(new_memory, state.initial)
+        output = StepOutput(logits=logits, hidden=content_hidden, logit_positions=logit_positions)
+        return output, MemoryState(new_memory, state.initial)
 
-    def _decoder_step(self, segment: Segment, state: MemoryState) -> tuple[StepOutput, MemoryState]:
+    def _decoder_step(
+        self, segment: Segment, state: MemoryState, logit_positions: torch.Tensor | None
+    ) -> tuple[StepOutput, MemoryState]:
         ids, mask = segment.input_ids, segment.attention_mask  # [batch, n]
         batch, n = ids.shape
         m = self.num_memory_tokens
@@ -167,13 +180,15 @@ class RecurrentMemoryTransformer(MemoryModel):
         index = torch.where(p < write_start, p, torch.where(p < write_start + m, p - write_start + m + n, p - m))
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < write_start + m).long().expand(batch, -1)
-        logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask)
+        keep = None if logit_positions is None else logit_positions + m  # content starts after the read memory
+        logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask, logits_to_keep=keep)
         write = write_start + torch.arange(m, device=ids.device)  # [batch, m]
         new_memory = hidden.gather(1, write.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         content_hidden = hidden[:, m : m + n]
-        if logits is not None:
+        if logits is not None and logit_positions is None:
             logits = logits[:, m : m + n]
-        return StepOutput(logits=logits, hidden=content_hidden), MemoryState(new_memory, state.initial)
+        output = StepOutput(logits=logits, hidden=content_hidden, logit_positions=logit_positions)
+        return output, MemoryState(new_memory, state.initial)
 
     # --- generation -------------------------------------------------------------------------------------------
 

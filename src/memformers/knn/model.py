@@ -130,8 +130,14 @@ class MemorizingTransformer(MemoryModel):
         ]
         return KNNMemoryState(stores)
 
-    def step(self, segment: Segment | torch.Tensor, state: KNNMemoryState) -> tuple[StepOutput, KNNMemoryState]:
-        """One segment through the backbone: memory layers read their stores, then write the segment's tokens."""
+    def step(
+        self,
+        segment: Segment | torch.Tensor,
+        state: KNNMemoryState,
+        logit_positions: torch.Tensor | None = None,  # [kept] positions needing token logits; None: all
+    ) -> tuple[StepOutput, KNNMemoryState]:
+        """One segment through the backbone: memory layers read their stores, then write the segment's tokens.
+        Token logits only at `logit_positions` (the stores are written all the same)."""
         segment = as_segment(segment)
         if segment.input_ids.shape[1] > self.content_size:
             raise ValueError(f"segment has {segment.input_ids.shape[1]} tokens; this model takes {self.content_size}")
@@ -142,8 +148,9 @@ class MemorizingTransformer(MemoryModel):
             )
         with self.memory(state, write_mask=segment.attention_mask):
             embeds = self.backbone.get_input_embeddings()(segment.input_ids)
-            logits, hidden = backbones.run_backbone(self.backbone, embeds, segment.attention_mask)
-        return StepOutput(logits=logits, hidden=hidden), state
+            keep = logit_positions if self.token_level else None
+            logits, hidden = backbones.run_backbone(self.backbone, embeds, segment.attention_mask, logits_to_keep=keep)
+        return StepOutput(logits=logits, hidden=hidden, logit_positions=keep), state
 
     def memory(self, state: KNNMemoryState, write_mask: torch.Tensor | None = None) -> _MemoryScope:
         """`with model.memory(state): backbone(...)`: the memory layers read (and, given a mask, write) `state`."""

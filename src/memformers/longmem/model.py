@@ -213,11 +213,12 @@ class LongMem(MemoryModel):
         bank: MemoryBank | None,
         position_ids: torch.Tensor | None = None,  # [batch, length]
         caches: tuple[transformers.Cache, transformers.Cache] | None = None,  # (backbone's, SideNet's)
-    ) -> tuple[torch.Tensor, torch.Tensor, _Capture]:  # logits [b, n, vocab], hidden [b, n, hidden], capture
+        logit_positions: torch.Tensor | None = None,  # [kept] positions whose logits are needed; None: all
+    ) -> tuple[torch.Tensor, torch.Tensor, _Capture]:  # logits [b, n or kept, vocab], hidden [b, n, hidden], capture
         """Backbone, then SideNet with cross-network residuals and the fusion layer reading `bank` (never writing).
 
         With `caches` only the new tokens are read: the backbone appends to the first cache, the SideNet (whose
-        layers keep their blocks' indices, all distinct) to the second.
+        layers keep their blocks' indices, all distinct) to the second. The LM head runs on `logit_positions` only.
         """
         backbone_cache, side_cache = caches if caches is not None else (None, None)
         capture = self.read_backbone(input_ids, attention_mask, position_ids, backbone_cache)
@@ -237,7 +238,8 @@ class LongMem(MemoryModel):
         finally:
             self.fusion.bank = None
         hidden = self.final_norm(x)
-        return self.backbone.get_output_embeddings()(hidden), hidden, capture
+        head_input = hidden if logit_positions is None else hidden[:, logit_positions]
+        return self.backbone.get_output_embeddings()(head_input), hidden, capture
 
     @property
     def final_norm(self) -> nn.Module:
@@ -270,8 +272,14 @@ class LongMem(MemoryModel):
         )
         return MemoryBank(store, self.chunk_size)
 
-    def step(self, segment: Segment | torch.Tensor, state: MemoryBank) -> tuple[StepOutput, MemoryBank]:
-        """One segment: read the bank (earlier segments only), then write this segment's chunks to it."""
+    def step(
+        self,
+        segment: Segment | torch.Tensor,
+        state: MemoryBank,
+        logit_positions: torch.Tensor | None = None,  # [kept] positions needing logits; None: all
+    ) -> tuple[StepOutput, MemoryBank]:
+        """One segment: read the bank (earlier segments only), then write this segment's chunks to it. Logits only
+        at `logit_positions`."""
         segment = as_segment(segment)
         if self.gradient_checkpointing:
             raise ValueError(
@@ -285,9 +293,11 @@ class LongMem(MemoryModel):
                 f"state: a bank of batch {state.store.batch_size} and chunk size {state.chunk_size} does not fit a "
                 f"segment of batch {segment.batch_size} and chunk_size={self.chunk_size}"
             )
-        logits, hidden, capture = self.side_forward(segment.input_ids, segment.attention_mask, state)
+        logits, hidden, capture = self.side_forward(
+            segment.input_ids, segment.attention_mask, state, logit_positions=logit_positions
+        )
         state.write(capture.keys, capture.values, segment.attention_mask)  # after the read
-        return StepOutput(logits=logits, hidden=hidden), state
+        return StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions), state
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -341,8 +351,9 @@ class LongMem(MemoryModel):
                 if not use_cache:
                     mask = (torch.arange(end, device=device).view(1, -1) < lengths.view(-1, 1)).long()
                 positions = torch.arange(end, device=device).expand(batch, -1)
-                logits, _, _ = self.side_forward(ids[:, :end], mask, state, positions, caches)
-                scores = logits[rows, lengths - 1].float()  # [batch, vocab]
+                last, which = torch.unique(lengths - 1, return_inverse=True)  # the head reads each row's last token
+                logits, _, _ = self.side_forward(ids[:, :end], mask, state, positions, caches, last)
+                scores = logits[rows, which].float()  # [batch, vocab]
             if do_sample:
                 token = torch.multinomial(torch.softmax(scores / temperature, dim=-1), 1).squeeze(1)
             else:
