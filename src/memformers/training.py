@@ -612,8 +612,11 @@ class Trainer:
 
     @property
     def _logits_mode(self) -> str:
-        """Algorithmic targets span many segments: score them on every position, other answers on the last."""
-        return "all" if self.config.algorithmic else "last"
+        """Algorithmic targets span many segments: score them on every position; language modelling on the last
+        segment; answers where labelled only (the LM head then skips every other position, most of the work)."""
+        if self.config.algorithmic:
+            return "all"
+        return "last" if self.batches.lm else "labelled"
 
     @torch.no_grad()
     def evaluate(self, segments: int | None = None) -> dict:
