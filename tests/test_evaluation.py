@@ -425,3 +425,13 @@ def test_grid_takes_one_sample_count_per_length_and_keeps_each_cells_command(tok
     }
     with pytest.raises(ValueError, match="samples"):
         evaluate_grid(oracle, ["memorize"], [300, 600], [4], tokenizer, path, batch_size=4)
+
+
+def test_length_zero_cells_batch_stories_of_different_lengths(tokenizer):
+    """At length 0 a sample is its story alone, so lengths differ: they are read in batches of equal length."""
+    lengths = {make_sample("memorize", 0, tokenizer, index=i, split="test").num_tokens for i in range(12)}
+    assert len(lengths) > 1
+    cell = evaluate_cell(LastFactOracle(tokenizer), "memorize", 0, 12, tokenizer, batch_size=4)
+    assert cell.correct == 12
+    forgetful = evaluate_cell(LastFactOracle(tokenizer, content_size=4, forget=True), "memorize", 0, 12, tokenizer)
+    assert forgetful.correct < 12  # the oracle really reads the stories: without its memory it fails

@@ -243,24 +243,21 @@ def evaluate_cell(
     examples: list[dict] = []
     correct = tokens = 0
     start = time.perf_counter()
-    for first in range(0, samples, batch_size):
-        batch = [
-            make_sample(task, length, tokenizer, seed, index, split, noise_dir)
-            for index in range(first, min(samples, first + batch_size))
-        ]
-        done_before = first // batch_size
+    made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir) for index in range(samples)]  # lazy
+    batches = _equal_length_batches(made, batch_size)  # length 0: stories alone, of different lengths
+    reads = [made[b[0]].num_tokens if window is None else min(window, made[b[0]].num_tokens) for b in batches]
+    per_batch = [-(-read // model.content_size) for read in reads]
+    for number, (indices, read) in enumerate(zip(batches, reads, strict=True)):
+        batch = [made[index] for index in indices]
 
-        read = batch[0].num_tokens if window is None else min(window, batch[0].num_tokens)
-
-        def callback(done, _total, _tokens, done_before=done_before, num=read):
+        def callback(done, _total, _tokens, before=sum(per_batch[:number])):
             if progress is not None:
-                per_batch = -(-num // model.content_size)
-                progress(done_before * per_batch + done, per_batch * -(-samples // batch_size))
+                progress(before + done, sum(per_batch))
 
         if generating:
             answers = generate_answers(model, batch, tokenizer, device, callback, window, max_new_tokens)
             right = [babilong_correct(a, s.target, s.question, labels) for a, s in zip(answers, batch, strict=True)]
-            for index, (answer, sample, ok) in enumerate(zip(answers, batch, right, strict=True), start=first):
+            for index, answer, sample, ok in zip(indices, answers, batch, right, strict=True):
                 if len(examples) < NUM_EXAMPLES:
                     examples.append(
                         {"index": index, "question": sample.question, "target": sample.target, "output": answer}
@@ -290,6 +287,15 @@ def evaluate_cell(
         split,
         examples,
     )
+
+
+def _equal_length_batches(samples: list, batch_size: int) -> list[list[int]]:
+    """Indices of `samples` in batches of at most `batch_size` that share one length (they stream side by side)."""
+    by_length: dict[int, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_length.setdefault(sample.num_tokens, []).append(index)
+    batches = [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+    return sorted(batches)
 
 
 def load_cells(path: str | Path) -> list[Cell]:
