@@ -60,10 +60,13 @@ def main() -> None:
     lengths = sorted({n for rows in summary.values() for n in rows if isinstance(n, int)})
     header = "| mechanism | " + " | ".join(format_length(n) for n in lengths) + " |"
     rule = "|---|" + "---|" * len(lengths)
-    lines = ["Mean accuracy over qa1–qa5 (%):", "", header, rule]
-    for name, rows in summary.items():
-        lines.append(f"| {name} | " + " | ".join(percent(rows.get(n, {}).get("mean")) for n in lengths) + " |")
-    lines += ["", "qa1 accuracy (%), 95% interval:", "", header, rule]
+    lines = []
+    if any(row["mean"] is not None for rows in summary.values() for n, row in rows.items() if isinstance(n, int)):
+        lines += ["Mean accuracy over qa1–qa5 (%):", "", header, rule]
+        for name, rows in summary.items():
+            lines.append(f"| {name} | " + " | ".join(percent(rows.get(n, {}).get("mean")) for n in lengths) + " |")
+        lines.append("")
+    lines += ["qa1 accuracy (%), 95% interval:", "", header, rule]
     for name, rows in summary.items():
         cells = []
         for n in lengths:
@@ -75,8 +78,12 @@ def main() -> None:
     print(table)
     (RESULTS / f"{args.name}.md").write_text(table + "\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in ((axes[0], "mean", "mean over qa1–qa5"), (axes[1], "qa1", "qa1")):
+    panels = [("qa1", "qa1")]
+    if any(row["mean"] is not None for rows in summary.values() for n, row in rows.items() if isinstance(n, int)):
+        panels.insert(0, ("mean", "mean over qa1–qa5"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for name, rows in summary.items():
             points = [(n, rows[n][key]) for n in lengths if n in rows and rows[n][key] is not None]
             if points:
@@ -89,7 +96,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     axes[0].set_ylim(0, 100)
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
     plt.close(fig)
