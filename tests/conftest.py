@@ -89,6 +89,29 @@ def tiny_backbone(family: str, head: str = "token", num_labels: int = 6, seed: i
     return model.eval()
 
 
+def open_knn_gates(model, gate_bias: float = 50.0):
+    """A MemorizingTransformer whose memory layers read memory wherever there is some (gates near 1)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mix.fill_(1.0)
+            layer.gate_bias.fill_(gate_bias)
+    return model
+
+
+def tiny_longmem(family: str = "llama", segment_size: int = 16, gate_bias: float = 50.0):
+    """A LongMem on a 4-layer random decoder, its fusion gate open so that memory visibly matters."""
+    import memformers as mf
+
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    config.num_hidden_layers = 4
+    backbone = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = mf.LongMem(backbone, memory_size=64, chunk_size=4, top_k_chunks=3, segment_size=segment_size)
+    with torch.no_grad():
+        model.fusion.gate_bias.fill_(gate_bias)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -8,33 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from conftest import VOCAB, tiny_backbone, tiny_config
+from conftest import VOCAB, open_knn_gates, tiny_backbone, tiny_longmem
 
 import memformers as mf
 from memformers.segments import split_into_segments
 
 SEGMENT = 16
 ATOL = 5e-5  # float rounding differs between a padded batch and one row; mixing rows moves outputs by > 1e-2
-
-
-def _open_knn(model: mf.MemorizingTransformer) -> mf.MemorizingTransformer:
-    with torch.no_grad():  # g = 1: the memory layer reads memory wherever there is some
-        for layer in model.layers:
-            layer.mix.fill_(1.0)
-            layer.gate_bias.fill_(50.0)
-    return model
-
-
-def _longmem() -> mf.LongMem:
-    torch.manual_seed(0)
-    config = tiny_config("llama")
-    config.num_hidden_layers = 4
-    backbone = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model = mf.LongMem(backbone, memory_size=64, chunk_size=4, top_k_chunks=3, segment_size=SEGMENT)
-    with torch.no_grad():
-        model.fusion.gate_bias.fill_(50.0)
-    return model
 
 
 def build(name: str) -> mf.MemoryModel:
@@ -50,9 +30,9 @@ def build(name: str) -> mf.MemoryModel:
         model = mf.MemorizingTransformer(
             tiny_backbone("llama"), memory_layers=(-1,), memory_size=40, top_k=6, segment_size=SEGMENT
         )
-        return _open_knn(model)
+        return open_knn_gates(model)
     if name == "longmem":
-        return _longmem()
+        return tiny_longmem(segment_size=SEGMENT)
     if name == "cache":
         return mf.SegmentCacheTransformer(tiny_backbone("llama"), segment_size=SEGMENT)
     raise KeyError(name)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from conftest import VOCAB, tiny_backbone, tiny_config
+from conftest import VOCAB, open_knn_gates, tiny_backbone, tiny_longmem
 
 import memformers as mf
 from memformers.segments import split_into_segments
@@ -29,19 +28,8 @@ def make(mechanism: str, family: str, **kwargs) -> mf.MemoryModel:
         model = mf.MemorizingTransformer(
             tiny_backbone(family), memory_layers=(-1,), memory_size=64, top_k=4, segment_size=SEGMENT
         )
-        with torch.no_grad():
-            for layer in model.layers:
-                layer.mix.fill_(1.0)
-                layer.gate_bias.fill_(2.0)
-        return model
-    torch.manual_seed(0)
-    config = tiny_config(family)
-    config.num_hidden_layers = 4
-    backbone = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model = mf.LongMem(backbone, memory_size=64, chunk_size=4, top_k_chunks=3, segment_size=SEGMENT)
-    with torch.no_grad():
-        model.fusion.gate_bias.fill_(2.0)
-    return model
+        return open_knn_gates(model, gate_bias=2.0)
+    return tiny_longmem(family, SEGMENT, gate_bias=2.0)
 
 
 def batch_with_answers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
