@@ -455,3 +455,41 @@ def test_varied_lengths_stay_between_min_segments_and_the_stage(tmp_path):
     assert {batches.segments_of(i, 2) for i in range(20)} == {2}  # a stage shorter than the minimum: its own
     with pytest.raises(ValueError, match="curriculum.min_segments"):
         tiny(tmp_path, **{"curriculum.min_segments": 0})
+
+
+@pytest.mark.parametrize("mechanism", ["rmt", "knn"])
+def test_a_frozen_backbone_stays_as_loaded_while_the_memory_trains(tmp_path, mechanism):
+    base = train(decoder(tmp_path, "rmt", "base", **{"model.num_memory_tokens": 0}), progress=False)
+    frozen = {"model.backbone": str(base / "backbone"), "model.freeze_backbone": True}
+    frozen |= {"optim.memory_lr": 5e-2, "curriculum.max_steps_per_stage": 4}
+    trainer = Trainer(decoder(tmp_path, mechanism, "frozen", **frozen), progress=False)
+    model = trainer.unwrapped
+    own = [name for name, p in model.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert own and trained == {id(p) for name, p in model.named_parameters() if name in own}
+    assert {group["lr"] for group in trainer.optimizer.param_groups if group["params"]} == {5e-2}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    final = trainer.train()
+    after = mf.load(final).state_dict()
+    saved = mf.load(base).backbone.state_dict()
+    for name, value in saved.items():  # the backbone bit for bit as loaded, its head included
+        assert torch.equal(after[f"backbone.{name}"], value), name
+    assert any(not torch.equal(after[name], before[name]) for name in own)  # ... and the memory moved
+    if mechanism == "knn":  # Adam moves the zero-initialised mix by about memory_lr a step: the gates open
+        mix = torch.cat([layer.mix.detach().abs() for layer in mf.load(final).layers])
+        assert float(mix.max()) > 0.05, mix
+
+
+def test_memory_lr_applies_to_the_mechanisms_own_weights_only(tmp_path):
+    trainer = Trainer(decoder(tmp_path, "knn", **{"optim.memory_lr": 1e-1, "optim.lr": 1e-3}), progress=False)
+    names = {id(p): name for name, p in trainer.unwrapped.named_parameters()}
+    for group in trainer.optimizer.param_groups:
+        for parameter in group["params"]:
+            expected = 1e-3 if names[id(parameter)].startswith("backbone.") else 1e-1
+            assert group["initial_lr"] == expected, names[id(parameter)]
+    with pytest.raises(ValueError, match=r"model\.freeze_backbone"):  # the cache has no weights of its own
+        Trainer(decoder(tmp_path, "cache", "cache", **{"model.freeze_backbone": True}), progress=False)
+    with pytest.raises(ValueError, match=r"model\.freeze_backbone"):
+        tiny(tmp_path, **{"model.freeze_backbone": True, "model.num_memory_tokens": 0})
+    with pytest.raises(ValueError, match=r"optim\.memory_lr"):
+        tiny(tmp_path, **{"optim.memory_lr": -1.0})

@@ -62,7 +62,7 @@ def build_model(config: TrainConfig):
     labels = {"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}}
     _seed_everything(config.optim.seed)
     if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
-        return _continue_from(m, Path(m.backbone)), tokenizer
+        return _frozen_as_asked(_continue_from(m, Path(m.backbone)), m), tokenizer
     if m.backbone == "scratch":
         backbone = _scratch_backbone(m, tokenizer, labels)
     else:
@@ -78,7 +78,14 @@ def build_model(config: TrainConfig):
         raise ValueError(f"[model.{m.mechanism}] {error}") from None
     model.bptt_depth = m.bptt_depth  # the driver's knobs, for every mechanism
     model.gradient_checkpointing = m.gradient_checkpointing
-    return model, tokenizer
+    return _frozen_as_asked(model, m), tokenizer
+
+
+def _frozen_as_asked(model, m: ModelConfig):
+    """`model.freeze_backbone`: only the mechanism's own weights keep gradients."""
+    if m.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
 
 
 def mechanism_arguments(m: ModelConfig) -> tuple[type, dict]:
@@ -423,15 +430,22 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _param_groups(self, model) -> list[dict]:
-        """No weight decay on biases, norms and the memory's initial vectors."""
-        decay, plain = [], []
+        """No weight decay on biases, norms and the memory's initial vectors; `memory_lr` for the mechanism's own
+        weights (everything outside the backbone), when set."""
+        o = self.config.optim
+        split_lr = o.memory_lr is not None
+        groups = {(own, decays): [] for own in ((False, True) if split_lr else (False,)) for decays in (True, False)}
         for name, parameter in model.named_parameters():
             if not parameter.requires_grad:
                 continue
-            (plain if parameter.dim() < 2 or name == "memory" else decay).append(parameter)
+            own = split_lr and not name.startswith("backbone.")
+            decays = parameter.dim() >= 2 and name != "memory"
+            groups[own, decays].append(parameter)
+        if not any(groups.values()):
+            raise ValueError("model.freeze_backbone: nothing left to train (the mechanism has no weights of its own)")
         return [
-            {"params": decay, "weight_decay": self.config.optim.weight_decay},
-            {"params": plain, "weight_decay": 0.0},
+            {"params": params, "weight_decay": o.weight_decay if decays else 0.0, "lr": o.memory_lr if own else o.lr}
+            for (own, decays), params in groups.items()
         ]
 
     def _lr_factor(self, step: int) -> float:
@@ -590,6 +604,7 @@ class Trainer:
             "loss": loss / samples,
             "accuracy": correct / samples,
             "lr": self.scheduler.get_last_lr()[0],
+            **({"memory_lr": self.scheduler.get_last_lr()[-1]} if self.config.optim.memory_lr is not None else {}),
             "grad_norm": norm,
             "tokens_per_s": tokens / seconds,
             "steps_per_s": 1 / seconds,

@@ -17,6 +17,9 @@ Config (TOML; every key optional unless marked):
   segment_size            backbone positions per segment, memory and special tokens included (default 512)
   bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
   gradient_checkpointing  recompute each segment in backward (default false)
+  freeze_backbone         train only the mechanism's own weights (RMT memory, kNN gates, LongMem SideNet): the
+                          backbone, its head included, stays as loaded, so any change in quality is the memory's
+                          (default false; LongMem always freezes it)
   alignment               "right" (default: the question ends the last segment) or "left"
 [model.scratch]           only for backbone = "scratch"; vocabulary = the task tokenizer's
   family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
@@ -54,6 +57,8 @@ Config (TOML; every key optional unless marked):
   stop_at_threshold       end the run when the last stage passes the threshold (default true)
 [optim]
   lr (1e-4), weight_decay (0.01), warmup_steps (100)
+  memory_lr               learning rate of the mechanism's own weights (RMT memory, kNN gates and mix, LongMem
+                          SideNet); default: lr. Zero-initialised gates open in few steps only with a larger one
   schedule                "global" (default: warm-up, then linear decay over total_steps), "per-stage" (warm-up
                           and decay restart every stage, over max_steps_per_stage) or "constant" (after warm-up)
   total_steps             hard cap on optimizer steps; 0 (default) = stages × max_steps_per_stage
@@ -137,6 +142,7 @@ class ModelConfig:
     segment_size: int = 512
     bptt_depth: int | None = None
     gradient_checkpointing: bool = False
+    freeze_backbone: bool = False
     alignment: str = "right"
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -172,6 +178,7 @@ class CurriculumConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    memory_lr: float | None = None
     weight_decay: float = 0.01
     warmup_steps: int = 100
     schedule: str = "global"
@@ -303,6 +310,7 @@ _TYPES = {
     "bool": bool,
     "str | None": str,
     "int | None": int,
+    "float | None": float,
     "list[int] | str": (list, str),
     "list[int]": (list,),
 }
@@ -418,6 +426,10 @@ def validate(config: TrainConfig) -> None:
         _fail("curriculum.eval_batch_size", c.eval_batch_size, "an int ≥ 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         _fail("optim.lr", o.lr, "a positive number")
+    if o.memory_lr is not None and not (o.memory_lr > 0 and math.isfinite(o.memory_lr)):
+        _fail("optim.memory_lr", o.memory_lr, "a positive number (leave it out to use optim.lr)")
+    if m.freeze_backbone and m.mechanism == "rmt" and m.num_memory_tokens == 0:
+        _fail("model.freeze_backbone", True, "false when there is no memory to train (model.num_memory_tokens = 0)")
     if o.weight_decay < 0:
         _fail("optim.weight_decay", o.weight_decay, "≥ 0")
     if o.max_grad_norm < 0:
