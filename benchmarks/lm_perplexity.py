@@ -6,8 +6,9 @@ Two tiers, each with one table of every mechanism and one kNN table (store size 
   the same 12 further steps on the same windows for each row (configs/lm_<row>.toml): the backbone alone continued,
   the segment cache, RMT with 4 and 16 memory tokens, kNN memory, LongMem. 128 content tokens per segment.
 - `--tier smollm2` (CPU): the pretrained SmolLM2-135M as is, and fine-tuned 40 steps per row as the backbone alone,
-  the segment cache and RMT m=16 (configs/smollm2_lm_<row>.toml); kNN memory on the frozen backbone with only its
-  gates trained (configs/smollm2_knn_gates.toml). 256 content tokens per segment.
+  the segment cache and RMT m=16 on 2- and on 4-segment windows, the same tokens (configs/smollm2_lm_<row>.toml);
+  kNN memory on the frozen backbone with only its gates trained (configs/smollm2_knn_gates.toml). 256 content
+  tokens per segment.
 
 Every row is evaluated with `memformers eval --perplexity` on the same held-out documents (the test books, never
 trained on). A kNN model is trained once and read with several store sizes. Rows already evaluated are not run
@@ -17,7 +18,7 @@ again (their JSON is kept under results/<tier folder>/).
     for row in continued cache rmt4 rmt16 knn longmem; do memformers train configs/lm_$row.toml; done
     python benchmarks/lm_perplexity.py --tier scratch  # → lm_perplexity_cpu.{json,md,png}, knn_perplexity_scratch.json
 
-    for row in alone rmt16 cache; do memformers train configs/smollm2_lm_$row.toml; done
+    for row in alone rmt16 rmt16_4seg cache; do memformers train configs/smollm2_lm_$row.toml; done
     memformers train configs/smollm2_knn_gates.toml
     python benchmarks/lm_perplexity.py --tier smollm2  # → lm_perplexity_smollm2.{json,md,png}, knn_perplexity.json
 """
@@ -100,6 +101,7 @@ TIERS = {
             "SmolLM2 alone (fine-tuned)": ("runs/smollm2_lm_alone/final", []),
             "segment cache": ("runs/smollm2_lm_cache/final", []),
             "RMT m=16": ("runs/smollm2_lm_rmt16/final", []),
+            "RMT m=16, 4-segment windows": ("runs/smollm2_lm_rmt16_4seg/final", []),
             "kNN memory 2K (frozen backbone)": ("runs/smollm2_knn_gates/final", ["--memory-size", "2048"]),
         },
         knn_rows={  # the kNN model's backbone is the pretrained one, frozen: memory 0 is SmolLM2 alone
@@ -112,7 +114,10 @@ TIERS = {
         segment_tokens=256,
         setup={
             "model": "SmolLM2-135M (30 layers, hidden 576), pretrained",
-            "row_training": "configs/smollm2_lm_<row>.toml (40 steps × 2 windows of 512 tokens, whole model)",
+            "row_training": (
+                "configs/smollm2_lm_<row>.toml (40 steps × 2 windows of 512 tokens, whole model; the 4-segment RMT "
+                "row 40 steps × 1 window of 1,024 tokens)"
+            ),
             "knn_training": "configs/smollm2_knn_gates.toml (150 steps × 1 window of 2,048 tokens, backbone frozen)",
         },
         knn_setup=(
