@@ -60,8 +60,11 @@ def main() -> None:
     lengths = sorted({n for rows in summary.values() for n in rows if isinstance(n, int)})
     header = "| mechanism | " + " | ".join(format_length(n) for n in lengths) + " |"
     rule = "|---|" + "---|" * len(lengths)
+    # the qa1–qa5 mean exists only where all five tasks were measured
+    measured = [row for rows in summary.values() for n, row in rows.items() if isinstance(n, int)]
+    has_mean = any(row["mean"] is not None for row in measured)
     lines = []
-    if any(row["mean"] is not None for rows in summary.values() for n, row in rows.items() if isinstance(n, int)):
+    if has_mean:
         lines += ["Mean accuracy over qa1–qa5 (%):", "", header, rule]
         for name, rows in summary.items():
             lines.append(f"| {name} | " + " | ".join(percent(rows.get(n, {}).get("mean")) for n in lengths) + " |")
@@ -79,7 +82,7 @@ def main() -> None:
     (RESULTS / f"{args.name}.md").write_text(table + "\n")
 
     panels = [("qa1", "qa1")]
-    if any(row["mean"] is not None for rows in summary.values() for n, row in rows.items() if isinstance(n, int)):
+    if has_mean:
         panels.insert(0, ("mean", "mean over qa1–qa5"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4), sharey=True, squeeze=False)
     axes = axes[0]
