@@ -363,7 +363,7 @@ def run(
             if stop is None and limit is not None and length > limit:
                 stop = blocked = f"longer than the backbone's {limit:,} positions"
             if stop is None and predicted is not None and predicted > settings.time_budget_s:
-                stop = f"predicted {predicted:,.0f} s > time budget {settings.time_budget_s:,.0f} s"
+                stop = f"predicted {predicted:.3g} s > time budget {settings.time_budget_s:.3g} s"
             if stop is None:
                 try:
                     record = measure_inference(name, model, backbone, length, settings)
@@ -377,7 +377,7 @@ def run(
                     continue
             record = {"kind": "inference", "mechanism": name, "length": length, "status": "skipped", "reason": stop}
             if predicted is not None:  # labelled: an extrapolation from the measured lengths, not a measurement
-                record["extrapolated_seconds"] = round(predicted, 4)
+                record["extrapolated_seconds"] = float(f"{predicted:.4g}")  # significant digits: never rounds to 0
                 record["extrapolated_tokens_per_s"] = round(length / predicted, 1)
             say(f"{LABELS[name]:>15} {length:>10,} tokens: skipped ({stop})")
             add(record)
