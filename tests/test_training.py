@@ -493,3 +493,30 @@ def test_memory_lr_applies_to_the_mechanisms_own_weights_only(tmp_path):
         tiny(tmp_path, **{"model.freeze_backbone": True, "model.num_memory_tokens": 0})
     with pytest.raises(ValueError, match=r"optim\.memory_lr"):
         tiny(tmp_path, **{"optim.memory_lr": -1.0})
+
+
+def test_no_noise_fraction_trains_on_stories_alone_and_validates_in_noise(tmp_path):
+    """Length-0 evaluation reads stories alone in a partly filled segment: training can mix in that shape."""
+    from memformers.backbones import load_tokenizer
+
+    config = tiny(tmp_path, **{"task.name": "qa1", "curriculum.no_noise_fraction": 0.5})
+    batches = training.TaskBatches(config, load_tokenizer("minilm"), 43 * 3)
+    drawn = [batches.without_noise(i) for i in range(400)]
+    assert 0.4 < sum(drawn) / len(drawn) < 0.6
+    quiet = [i for i in range(40) if drawn[i]][:4]
+    noisy = [i for i in range(40) if not drawn[i]][:4]
+    lengths = batches.batch(quiet, 1, 0)["attention_mask"].sum(1)
+    assert (lengths < 43 * 3).all()  # the story and question alone
+    assert (batches.batch(noisy, 1, 0)["attention_mask"].sum(1) == 43 * 3).all()
+    assert (batches.batch(quiet, 1, 0, vary=False)["attention_mask"].sum(1) == 43 * 3).all()  # validation: noise
+    with pytest.raises(ValueError, match="curriculum.no_noise_fraction"):
+        tiny(tmp_path, **{"curriculum.no_noise_fraction": 1.5})
+
+
+def test_prefetching_batches_changes_nothing_but_speed(tmp_path):
+    changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 3], "optim.grad_accum": 2}
+    ahead = train(tiny(tmp_path, "ahead", **changes), progress=False)
+    inline = train(tiny(tmp_path, "inline", **changes, **{"optim.prefetch": False}), progress=False)
+    a, b = weights(ahead), weights(inline)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

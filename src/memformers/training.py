@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -202,7 +203,7 @@ class TaskBatches:
         low = min(self.config.curriculum.min_segments, current)
         return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
 
-    def item(self, index: int, segments: int, seed: int) -> dict[str, torch.Tensor]:
+    def item(self, index: int, segments: int, seed: int, no_noise: bool = False) -> dict[str, torch.Tensor]:
         from .tasks import make_sample, sample_item
 
         t = self.config.task
@@ -225,6 +226,8 @@ class TaskBatches:
             )
             return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
         length = segments * self.content_size - self.reserve
+        if no_noise:
+            length = 0
         try:
             names = self.config.task_names
             sample = make_sample(names[index % len(names)], length, self.tokenizer, seed, index, t.split, t.noise_dir)
@@ -240,10 +243,20 @@ class TaskBatches:
             item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
         return item
 
+    def without_noise(self, index: int) -> bool:
+        """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""
+        fraction = self.config.curriculum.no_noise_fraction
+        if not fraction or self.lm or self.config.algorithmic:
+            return False
+        return random.Random(f"{self.config.task.seed}:no-noise:{index}").random() < fraction
+
     def batch(self, indices: list[int], current: int, seed: int, vary: bool = True) -> dict[str, torch.Tensor]:
         from .tasks import collate
 
-        items = [self.item(i, self.segments_of(i, current) if vary else current, seed) for i in indices]
+        if not vary:  # validation: every sample at `current` segments, in noise
+            items = [self.item(i, current, seed) for i in indices]
+        else:
+            items = [self.item(i, self.segments_of(i, current), seed, self.without_noise(i)) for i in indices]
         return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
 
 
@@ -389,8 +402,7 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks or [])
         c, o = config.curriculum, config.optim
-        precision = o.mixed_precision if torch.cuda.is_available() and not o.cpu else "no"
-        self.accelerator = Accelerator(cpu=o.cpu, mixed_precision=precision)
+        self.accelerator = Accelerator(cpu=o.cpu, mixed_precision=o.mixed_precision)
         world = self.accelerator.num_processes
         if o.batch_size % (o.grad_accum * world):
             _fail("optim.batch_size", o.batch_size, f"a multiple of grad_accum × processes = {o.grad_accum * world}")
@@ -400,6 +412,8 @@ class Trainer:
         self.output_dir = config.output_dir
         self.progress = progress and self.accelerator.is_main_process
         self.state = TrainState()
+        self._pool: ThreadPoolExecutor | None = None  # builds the next training batch while a step runs
+        self._pending: dict[tuple[int, int, int], Future] = {}
 
         model, self.tokenizer = build_model(config)
         self.batches = TaskBatches(config, self.tokenizer, model.content_size)
@@ -571,7 +585,7 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(4, device=acc.device)  # loss sum, correct, samples, tokens
         for chunk in range(o.grad_accum):
-            batch = self.batches.batch(self._shard(self.state.position, o.batch_size, chunk), current, self.seed)
+            batch = self._training_batch(self.state.position, current, chunk)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = chunk == o.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
@@ -609,6 +623,24 @@ class Trainer:
             "tokens_per_s": tokens / seconds,
             "steps_per_s": 1 / seconds,
         }
+
+    def _make_batch(self, position: int, current: int, chunk: int) -> dict[str, torch.Tensor]:
+        return self.batches.batch(self._shard(position, self.config.optim.batch_size, chunk), current, self.seed)
+
+    def _training_batch(self, position: int, current: int, chunk: int) -> dict[str, torch.Tensor]:
+        """The micro-batch `chunk` at `position`; with `optim.prefetch` the next one is built meanwhile, in a
+        thread (samples depend only on their index, so a batch built ahead is the same batch)."""
+        o = self.config.optim
+        future = self._pending.pop((position, current, chunk), None)
+        batch = future.result() if future is not None else self._make_batch(position, current, chunk)
+        if o.prefetch:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="memformers-batches")
+            following = (position, current, chunk + 1)
+            if chunk + 1 == o.grad_accum:
+                following = (position + o.batch_size, current, 0)
+            self._pending = {following: self._pool.submit(self._make_batch, *following)}  # a stage change drops it
+        return batch
 
     @property
     def seed(self) -> int:
@@ -754,6 +786,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.stop()
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool, self._pending = None, {}
         self.save_checkpoint()
         return self.save_model(self.output_dir / "final")
 
