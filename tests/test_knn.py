@@ -101,7 +101,8 @@ def test_joint_softmax_is_one_softmax_over_memory_and_local_keys() -> None:
     with torch.no_grad():
         out, _ = adapter.module(hidden, position_embeddings=cos_sin)
         query, key, value = adapter.project(hidden)
-        local_query, local_key = adapter.rotate(query, key, {"position_embeddings": cos_sin})
+        call = adapter.split_call((hidden,), {"position_embeddings": cos_sin})  # the call the module received
+        local_query, local_key = adapter.rotate(query, key, call)
         # One key set: the stored keys (no positions) then the segment's (rotary), scores computed with each's query.
         group = adapter.num_heads // adapter.num_kv_heads
         memory_scores = query @ store.keys[:, :, :30].repeat_interleave(group, 1).transpose(-1, -2)

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,24 +113,21 @@ def describe(model: nn.Module, kind: Kind | None = None) -> BackboneInfo:
 def run_backbone(
     model: nn.Module,
     inputs_embeds: torch.Tensor,  # [batch, length, hidden]
-    attention_mask: torch.Tensor,  # [batch, length], 1 = attend; [batch, past + length] with past_key_values
+    attention_mask: torch.Tensor,  # [batch, length], 1 = attend; [batch, past + length] with a cache
     position_ids: torch.Tensor | None = None,  # [batch, length]
     logits_to_keep: torch.Tensor | None = None,  # [kept] positions whose logits are needed; None: all
-    past_key_values: transformers.Cache | None = None,
+    cache: transformers.Cache | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One forward pass; returns (logits of the head or None, last hidden states [batch, length, hidden]).
 
     With `logits_to_keep` token logits are [batch, kept, vocab]: heads whose forward takes `logits_to_keep`
-    (transformers' causal LMs) project only those positions; others are sliced after the fact. With
-    `past_key_values` the backbone also reads that cache and appends this pass's keys and values to it.
+    (transformers' causal LMs) project only those positions; others are sliced after the fact. With `cache` the
+    backbone also reads that generation cache and appends this pass's keys and values to it.
     """
     kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "output_hidden_states": True}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if past_key_values is not None:
-        kwargs.update(past_key_values=past_key_values, use_cache=True)
-    elif getattr(model.config, "use_cache", False) or "use_cache" in getattr(model.config, "__dict__", {}):
-        kwargs["use_cache"] = False
+    kwargs.update(cache_arguments(model, cache))
     native = logits_to_keep is not None and _takes_logits_to_keep(type(model))
     if native:
         kwargs["logits_to_keep"] = logits_to_keep
@@ -256,6 +254,79 @@ def _not_found(name: str, error: Exception) -> BackboneNotFoundError:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Hugging Face's keyword names: the only code that spells them
+#
+# transformers 5.24 renamed the generation cache from `past_key_values` to `cache` in model forwards, `generate`,
+# decoder layers and attention modules (the old name still works until 5.40, with a warning, except where an
+# attention module's forward is replaced: there it is silently not seen). Each name is read off the signature of
+# the function that takes it, so one code path serves old and new releases, and the next rename is a change here.
+
+CACHE_KEYWORDS = ("cache", "past_key_values")  # the generation cache, newest name first
+
+
+@functools.cache
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)  # follows transformers' deprecation wrappers to the real parameters
+
+
+def cache_keyword(model_class: type) -> str:
+    """The name under which `model_class.forward` (and `generate`, which passes it on) takes the generation cache."""
+    parameters = _signature(model_class.forward).parameters
+    # A forward that names neither (taking `**kwargs` only) predates the rename.
+    return next((name for name in CACHE_KEYWORDS if name in parameters), CACHE_KEYWORDS[-1])
+
+
+def cache_arguments(model: nn.Module, cache: transformers.Cache | None) -> dict:
+    """Keyword arguments for `model`'s forward or `generate`: read `cache` and append to it in place; with None,
+    build no cache at all (a forward has no use for one)."""
+    if cache is not None:
+        return {cache_keyword(type(model)): cache, "use_cache": True}
+    if getattr(model.config, "use_cache", False) or "use_cache" in getattr(model.config, "__dict__", {}):
+        return {"use_cache": False}
+    return {}
+
+
+def split_block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A decoder block's call: (hidden states [b, n, hidden], the other positional and keyword arguments)."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    rest = dict(kwargs)
+    return rest.pop("hidden_states"), (), rest
+
+
+@dataclass
+class AttentionCall:
+    """One call to a decoder layer's attention module, in our names, whatever the module's forward calls them."""
+
+    hidden: torch.Tensor  # [batch, length, hidden]
+    attention_mask: torch.Tensor | None  # the backbone's: 4-D (eager, sdpa), 2-D or None (flash)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # rotary (cos, sin); None without rotary
+    cache: transformers.Cache | None  # the generation cache, when decoding with one
+    extra: dict  # the rest of the keyword arguments, which the layer passes on to its attention function
+
+
+def attention_call(module: nn.Module, args: tuple, kwargs: dict) -> AttentionCall:
+    """Bind a call to `module` (an attention module) by its class's own forward signature, positional or not."""
+    signature = _signature(type(module).forward)
+    try:
+        arguments = dict(signature.bind(module, *args, **kwargs).arguments)
+    except TypeError as error:
+        raise ValueError(f"{type(module).__name__} called with arguments its forward does not take: {error}") from error
+    extra: dict = {}
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = dict(arguments.pop(name, {}))
+    caches = [where.pop(name, None) for where in (arguments, extra) for name in CACHE_KEYWORDS]  # old names too
+    return AttentionCall(
+        hidden=arguments["hidden_states"],
+        attention_mask=arguments.get("attention_mask"),
+        position_embeddings=arguments.get("position_embeddings"),
+        cache=next((cache for cache in caches if cache is not None), None),
+        extra=extra,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Attention adapters: one decoder layer's attention, computed with the layer's own weights
 #
 # Mechanisms that change how a layer attends (kNN memory) replace that attention module's `forward` at runtime and
@@ -278,17 +349,9 @@ class AttentionAdapter:
     head_dim: int
     scaling: float
 
-    def split_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
-        """The hidden states and the keyword arguments of a call to the module, whatever its signature."""
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = args[1:]
-        if rest:  # positional extras, in the order of each family's forward
-            names = ("position_embeddings", "attention_mask") if self.family in LLAMA_FAMILY else ("past_key_values",)
-            if len(rest) > len(names):
-                raise ValueError(f"{type(self.module).__name__} called with {len(args)} positional arguments")
-            kwargs.update(zip(names[: len(rest)], rest, strict=True))
-        return hidden, kwargs
+    def split_call(self, args: tuple, kwargs: dict) -> AttentionCall:
+        """A call to the module, whatever its signature, in our names."""
+        return attention_call(self.module, args, kwargs)
 
     def project(
         self, hidden: torch.Tensor
@@ -305,23 +368,22 @@ class AttentionAdapter:
         return query, key, value
 
     def rotate(
-        self, query: torch.Tensor, key: torch.Tensor, kwargs: dict
+        self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, torch.Tensor]:  # same shapes
         """Queries and keys with positions applied as the layer would (rotary for Llama; GPT-2 has none here)."""
         if self.family == "gpt2":
             return query, key
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = call.position_embeddings
         apply_rotary = importlib.import_module(type(self.module).__module__).apply_rotary_pos_emb
         return apply_rotary(query, key, cos, sin)
 
     def update_cache(
-        self, key: torch.Tensor, value: torch.Tensor, kwargs: dict
+        self, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [b, kv_heads, past + n, d]
         """Append to the generation cache, when there is one, and return every key and value to attend to."""
-        cache = kwargs.get("past_key_values")
-        if cache is None:
+        if call.cache is None:
             return key, value
-        return cache.update(key, value, self.layer)
+        return call.cache.update(key, value, self.layer)
 
     def dropout(self) -> float:
         """The attention-probability dropout the layer uses (0 in eval mode)."""
@@ -332,7 +394,7 @@ class AttentionAdapter:
         return float(getattr(self.module, "attention_dropout", 0.0))
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
     ) -> torch.Tensor:  # [b, heads, n, d]
         """The layer's own attention function (eager, sdpa, flash… as the backbone is configured), so that its
         output is bit-identical to the layer's; query and key with positions applied, key and value from the cache."""
@@ -340,8 +402,7 @@ class AttentionAdapter:
 
         eager = importlib.import_module(type(self.module).__module__).eager_attention_forward
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.module.config._attn_implementation, eager)
-        extra = {name: v for name, v in kwargs.items() if name not in ("position_embeddings", "past_key_values")}
-        extra.pop("attention_mask", None)
+        extra = dict(call.extra)
         if hasattr(self.module, "sliding_window"):
             extra["sliding_window"] = self.module.sliding_window
         elif self.family in LLAMA_FAMILY and getattr(self.module.config, "sliding_window", None) is not None:
@@ -351,7 +412,7 @@ class AttentionAdapter:
             query,
             key,
             value,
-            kwargs.get("attention_mask"),
+            call.attention_mask,
             dropout=self.dropout(),
             scaling=self.scaling,
             **extra,
@@ -382,19 +443,20 @@ def attention_family(model: nn.Module) -> str:
     return "gpt2" if model_type == "gpt2" else "llama"
 
 
-def attention_adapter(model: nn.Module, layer: int) -> AttentionAdapter:
-    """The adapter of decoder layer `layer` (negative counts from the top)."""
+def attention_adapter(model: nn.Module, layer: int, block: nn.Module | None = None) -> AttentionAdapter:
+    """The adapter of decoder layer `layer` (negative counts from the top), or of `block`, a copy of that layer."""
     family = attention_family(model)
     layers = decoder_layers(model)
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f"layer must be in [{-len(layers)}, {len(layers) - 1}] for this backbone, got {layer}")
     layer = layer % len(layers)
+    block = layers[layer] if block is None else block
     config = model.config
     if family == "gpt2":
-        module = layers[layer].attn
+        module = block.attn
         num_heads = num_kv_heads = module.num_heads
     else:
-        module = layers[layer].self_attn
+        module = block.self_attn
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     return AttentionAdapter(
@@ -406,3 +468,9 @@ def attention_adapter(model: nn.Module, layer: int) -> AttentionAdapter:
         head_dim=module.head_dim,
         scaling=float(module.scaling),
     )
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm a Llama-family or GPT-2 model applies after its last decoder block."""
+    base = getattr(model, "base_model", model)
+    return base.ln_f if attention_family(model) == "gpt2" else base.norm

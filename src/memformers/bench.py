@@ -269,7 +269,8 @@ def measure_inference(name: str, model: MemoryModel | None, backbone, length: in
 def _full_attention_forward(backbone, ids: torch.Tensor, segment_size: int) -> None:
     """One causal SDPA forward over the whole input (no mask tensor: `is_causal`), then the LM head in
     segment-sized slices whose logits are dropped, as a streaming mechanism drops each segment's."""
-    hidden = backbone.base_model(input_ids=ids, use_cache=False).last_hidden_state  # [1, length, hidden]
+    base = backbone.base_model
+    hidden = base(input_ids=ids, **backbones.cache_arguments(base, None)).last_hidden_state  # [1, length, hidden]
     head = backbone.get_output_embeddings()
     for start in range(0, hidden.shape[1], segment_size):
         head(hidden[:, start : start + segment_size])
@@ -289,7 +290,7 @@ def measure_training(name: str, model: MemoryModel | None, backbone, segments: i
 
     def step() -> None:
         if model is None:
-            loss = backbone(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = backbone(input_ids=ids, labels=ids, **backbones.cache_arguments(backbone, None)).loss
         else:
             loss = model(ids, labels=ids, logits="none").loss
         loss.backward()

@@ -1,7 +1,7 @@
 """The segment-cache baseline (Transformer-XL style) around any Hugging Face decoder.
 
 Each segment attends to itself and to the previous segment's keys and values, kept detached, through the
-backbone's own `past_key_values` (a `transformers.DynamicCache`): no backbone code is touched. It is the baseline a
+backbone's own generation cache (a `transformers.DynamicCache`): no backbone code is touched. It is the baseline a
 memory mechanism has to beat: a window of two segments, with no memory beyond it.
 
 Positions. The cached keys are the ones the backbone computes for the previous segment *on its own*, at positions
@@ -152,15 +152,17 @@ class SegmentCacheTransformer(MemoryModel):
             attention,
             positions if self._takes_positions else None,
             logits_to_keep=logit_positions if self.token_level else None,
-            past_key_values=past,
+            cache=past,
         )
         logits = logits if self.token_level else None
 
         with torch.no_grad():  # the next cache: this segment alone at positions [0, n), detached by construction
-            alone: dict = {"attention_mask": ones, "use_cache": True, "return_dict": True}
+            base = self.backbone.base_model
+            cache = DynamicCache(config=base.config)
+            alone: dict = {"attention_mask": ones, **backbones.cache_arguments(base, cache)}
             if self._takes_positions:
                 alone["position_ids"] = arange
-            cache = self.backbone.base_model(input_ids=ids, **alone).past_key_values
+            base(input_ids=ids, **alone)
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
         output = StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions if self.token_level else None)
@@ -186,9 +188,8 @@ class SegmentCacheTransformer(MemoryModel):
             ids[row, cached + width - len(prompt) :] = prompt
             mask[row, cached + width - len(prompt) :] = 1
         if state.keys:
-            generate_kwargs["past_key_values"] = DynamicCache(
-                ddp_cache_data=list(zip(state.keys, state.values, strict=True))
-            )
+            past = DynamicCache(ddp_cache_data=list(zip(state.keys, state.values, strict=True)))
+            generate_kwargs.update(backbones.cache_arguments(self.backbone, past))
         generate_kwargs.setdefault("pad_token_id", pad)
         out = self.backbone.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs

@@ -96,14 +96,14 @@ class KNNAttention(nn.Module):
 
     def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
         adapter = self.adapter
-        hidden, kwargs = adapter.split_call(args, kwargs)
-        query, key, value = adapter.project(hidden)  # pre-rotary: what memory sees
-        local_query, local_key = adapter.rotate(query, key, kwargs)
-        local_key, local_value = adapter.update_cache(local_key, value, kwargs)
-        local = adapter.attend(local_query, local_key, local_value, kwargs)  # [b, heads, n, d], the layer's own
+        call = adapter.split_call(args, kwargs)
+        query, key, value = adapter.project(call.hidden)  # pre-rotary: what memory sees
+        local_query, local_key = adapter.rotate(query, key, call)
+        local_key, local_value = adapter.update_cache(local_key, value, call)
+        local = adapter.attend(local_query, local_key, local_value, call)  # [b, heads, n, d], the layer's own
         local_lse = None
         if self.combine == "joint":  # [b, heads, n]
-            local_lse = attention_lse(local_query, local_key, kwargs.get("attention_mask"), adapter.scaling)
+            local_lse = attention_lse(local_query, local_key, call.attention_mask, adapter.scaling)
 
         store = self.context.store
         memory_key = F.normalize(key, dim=-1) if self.normalize_keys else key
@@ -112,7 +112,7 @@ class KNNAttention(nn.Module):
         out = local + g * (memory - local)  # local·(1 − g) + memory·g; exactly local where g = 0
         if self.context.write_mask is not None:  # retrieve before write
             store.write(memory_key, value, self.context.write_mask)
-        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [b, n, heads * d]
+        out = out.transpose(1, 2).reshape(*call.hidden.shape[:-1], -1)  # [b, n, heads * d]
         return adapter.output(out), None
 
     def memory_attention(

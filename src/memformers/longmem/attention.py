@@ -44,15 +44,15 @@ class JointAttention(nn.Module):
 
     def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
         adapter = self.adapter
-        hidden, kwargs = adapter.split_call(args, kwargs)
-        query, key, value = adapter.project(hidden)  # pre-rotary: what memory sees
-        local_query, local_key = adapter.rotate(query, key, kwargs)
-        local_key, local_value = adapter.update_cache(local_key, value, kwargs)  # generation: past + new tokens
-        local = adapter.attend(local_query, local_key, local_value, kwargs)  # [b, heads, n, d]
+        call = adapter.split_call(args, kwargs)
+        query, key, value = adapter.project(call.hidden)  # pre-rotary: what memory sees
+        local_query, local_key = adapter.rotate(query, key, call)
+        local_key, local_value = adapter.update_cache(local_key, value, call)  # generation: past + new tokens
+        local = adapter.attend(local_query, local_key, local_value, call)  # [b, heads, n, d]
         memory, found = self.memory_attention(query, self.bank)
         g = torch.sigmoid(self.gate_bias).view(1, -1, 1, 1) * found.unsqueeze(-1)  # [b, heads, n, 1]
         out = local + g.to(local.dtype) * (memory - local)  # local·(1 − g) + memory·g
-        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [b, n, heads · d]
+        out = out.transpose(1, 2).reshape(*call.hidden.shape[:-1], -1)  # [b, n, heads · d]
         return adapter.output(out), None
 
     def memory_attention(

@@ -146,10 +146,7 @@ class LongMem(MemoryModel):
         self.sidenet.requires_grad_(True)
         fused_block = self.stride * self.fusion_layer + self.stride - 1
         fused = self.sidenet[self.fusion_layer]
-        adapter = dataclasses.replace(
-            backbones.attention_adapter(backbone, fused_block),
-            module=fused.attn if hasattr(fused, "attn") else fused.self_attn,
-        )
+        adapter = backbones.attention_adapter(backbone, fused_block, block=fused)
         self.fusion = JointAttention(adapter, top_k_chunks, search, query_block)
         self.memory_adapter = backbones.attention_adapter(backbone, self.memory_layer)
         self._capture: _Capture | None = None
@@ -160,10 +157,8 @@ class LongMem(MemoryModel):
     def _install_hooks(self, blocks: nn.ModuleList) -> None:
         def before_first(module, args, kwargs):
             if self._capture is not None:
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden, self._capture.block_args, self._capture.block_kwargs = backbones.split_block_call(args, kwargs)
                 self._capture.hidden.append(hidden)
-                self._capture.block_args = tuple(args[1:])
-                self._capture.block_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
 
         def after_block(module, args, output):
             if self._capture is not None:
@@ -171,7 +166,7 @@ class LongMem(MemoryModel):
 
         def before_memory_attention(module, args, kwargs):
             if self._capture is not None:
-                hidden, _ = self.memory_adapter.split_call(args, kwargs)
+                hidden = self.memory_adapter.split_call(args, kwargs).hidden
                 _, self._capture.keys, self._capture.values = self.memory_adapter.project(hidden)
 
         blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)
@@ -193,12 +188,12 @@ class LongMem(MemoryModel):
         """
         self._capture = capture = _Capture()
         try:
-            self.backbone.base_model(
+            base = self.backbone.base_model
+            base(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
+                **backbones.cache_arguments(base, cache),
             )
         finally:
             self._capture = None
@@ -244,8 +239,7 @@ class LongMem(MemoryModel):
     @property
     def final_norm(self) -> nn.Module:
         """The backbone's own (frozen) final norm."""
-        base = self.backbone.base_model
-        return base.ln_f if hasattr(base, "ln_f") else base.norm
+        return backbones.final_norm(self.backbone)
 
     def train(self, mode: bool = True) -> LongMem:
         """Train the SideNet; the frozen backbone stays in eval mode (no dropout), as it only encodes."""
