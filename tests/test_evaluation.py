@@ -14,6 +14,7 @@ from conftest import VOCAB, tiny_backbone, tiny_config
 from typer.testing import CliRunner
 
 import memformers as mf
+from memformers.babilong_metric import BABILONG_SCORER, WHOLE_WORD_SCORER
 from memformers.cli import app
 from memformers.evaluation import (
     babilong_correct,
@@ -383,6 +384,24 @@ def test_generated_answers_are_scored_right_and_wrong(tokenizer):
     assert run(Answers(tokenizer, "the football.")).correct == 0
     assert run(Answers(tokenizer, " ".join(task_spec("qa1").answers))).correct == 0
     assert not babilong_correct("the football.", "garden", "where is mary?", list(task_spec("qa1").answers))
+    assert oracle.scorer == BABILONG_SCORER  # the cell names the rule that judged its answers
+
+
+def test_a_decoder_cell_judged_by_an_older_rule_is_measured_again(tokenizer, tmp_path):
+    """Finished cells are skipped only where their answers were judged by today's rule, so a grid never mixes
+    rules; a classifier's cells have no rule and are kept."""
+    path = tmp_path / "grid.json"
+    evaluate_grid(Answers(tokenizer), ["qa1"], [300, 600], 4, tokenizer, path, batch_size=4)
+    saved = json.loads(path.read_text())
+    assert saved["scorer"] == BABILONG_SCORER and {r["scorer"] for r in saved["results"]} == {BABILONG_SCORER}
+    saved["results"][0]["scorer"] = WHOLE_WORD_SCORER  # as the rescoring script marks an older cell
+    path.write_text(json.dumps(saved))
+    measured = []
+    evaluate_grid(Answers(tokenizer), ["qa1"], [300, 600], 4, tokenizer, path, on_cell=measured.append, batch_size=4)
+    assert [c.length for c in measured] == [300]
+    assert json.loads(path.read_text())["scorer"] == BABILONG_SCORER
+    classes = evaluate_grid(LastFactOracle(tokenizer), ["memorize"], [300], 4, tokenizer, tmp_path / "c.json")
+    assert classes[0].scorer == "" and "scorer" not in json.loads((tmp_path / "c.json").read_text())
 
 
 def save_tiny_decoder(path, tokenizer) -> None:
@@ -397,6 +416,7 @@ def test_cli_eval_generates_with_a_saved_decoder(tokenizer, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads(grid.read_text())
     assert saved["scoring"] == "generation" and "--max-new-tokens 4" in saved["command"]
+    assert saved["scorer"] == BABILONG_SCORER
     assert [(r["task"], r["length"], r["samples"]) for r in saved["results"]] == [
         ("qa1", 200, 3),
         ("qa1", 600, 3),

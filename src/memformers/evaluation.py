@@ -1,15 +1,13 @@
-"""Scoring a model's answers.
+"""Scoring a model's answers: accuracy × length grids.
 
-The BABILong metric (arXiv 2406.10149) scores free-text answers of generative models: the answer is right when the
-target label appears in the output's first sentence and no other label does. Labels that the question itself
-mentions (e.g. "apple" in "Who gave the apple to Bill?") are ignored, since a model may well repeat the question.
+A classifier is scored by its predicted class; a decoder's generated answers are scored with the BABILong metric
+exactly as the leaderboard scores them (`memformers.babilong_metric.babilong_correct`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,41 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .babilong_metric import BABILONG_SCORER, babilong_correct, babilong_labels
 from .segments import Segment, stack_segments, stream_segments
-
-_SENTENCE_END = re.compile(r"[.!?\n]")
-
-
-def _first_sentence(output: str) -> str:
-    for piece in _SENTENCE_END.split(output):
-        if piece.strip():
-            return piece
-    return ""
-
-
-def _mentions(text: str, label: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(label)}(?!\w)", text) is not None
-
-
-def babilong_correct(output: str, target: str, question: str, labels: list[str]) -> bool:
-    """Whether a free-text `output` answers `question` with `target`, under BABILong's answer comparison.
-
-    Case-insensitive. Right when every target label (a comma-separated target is a list of labels) is in the
-    output's first sentence, and no other label from `labels` is there, except labels that occur in the question.
-    Labels match as whole words ("bill" does not match "billiards").
-    """
-    if not isinstance(labels, list | tuple) or not all(isinstance(label, str) for label in labels):
-        raise ValueError(f"labels must be a list of strings, got {labels!r}")
-    if not target.strip():
-        raise ValueError(f"target must be a non-empty label, got {target!r}")
-    sentence = _first_sentence(output.lower())
-    question = question.lower()
-    wanted = {t.strip() for t in target.lower().split(",") if t.strip()}
-    found = {label.lower() for label in labels if _mentions(sentence, label.lower())}
-    in_question = {label.lower() for label in labels if _mentions(question, label.lower())}
-    extra = found - wanted - in_question
-    return all(_mentions(sentence, t) for t in wanted) and not extra
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Accuracy × length grids
@@ -75,6 +40,7 @@ class Cell:
     split: str = "test"
     examples: list[dict] = field(default_factory=list)  # generated answers: the first few, for inspection
     command: str = ""  # the command that measured this cell (grids are filled by several)
+    scorer: str = ""  # how generated answers were judged (BABILONG_SCORER); "" for a classifier's classes
 
 
 NUM_EXAMPLES = 3  # generated answers kept per cell
@@ -237,7 +203,7 @@ def evaluate_cell(
         raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
     made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir) for index in range(samples)]  # lazy
     cell = score_samples(
-        model, made, list(task_spec(task).answers), tokenizer, batch_size, device, progress, window, max_new_tokens
+        model, made, list(babilong_labels(task)), tokenizer, batch_size, device, progress, window, max_new_tokens
     )
     cell.task, cell.length, cell.seed, cell.split = task, length, seed, split
     return cell
@@ -306,6 +272,7 @@ def score_samples(
         round(seconds, 2),
         round(tokens / seconds, 1),
         examples=examples,
+        scorer=BABILONG_SCORER if generating else "",
     )
 
 
@@ -327,11 +294,19 @@ def load_cells(path: str | Path) -> list[Cell]:
 
 
 def save_cells(path: str | Path, cells: list[Cell], meta: dict | None = None) -> None:
-    """Write `{"results": [...], **meta}` atomically (temporary file, then rename)."""
+    """Write `{"results": [...], **meta}` atomically (temporary file, then rename).
+
+    Where answers were generated, `"scorer"` names the rule that judged them (a list where cells differ), so a
+    grid says whether its numbers are comparable with the BABILong leaderboard's.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    record = {key: value for key, value in (meta or {}).items() if key != "scorer"}
+    scorers = sorted({cell.scorer for cell in cells if cell.scorer})
+    if scorers:
+        record["scorer"] = scorers[0] if len(scorers) == 1 else scorers
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**(meta or {}), "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
+    tmp.write_text(json.dumps({**record, "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -350,14 +325,16 @@ def evaluate_grid(
 
     `samples`: per cell, or one count per length (long inputs cost more: fewer samples, wider intervals).
     Cells of other tasks and lengths already in `json_path` are kept, so several commands can fill one grid;
-    each cell records the command of `meta` that measured it.
+    each cell records the command of `meta` that measured it. A decoder's cell judged by another rule than
+    today's (`BABILONG_SCORER`) is measured again, so one grid never mixes rules.
     """
     counts = [samples] * len(lengths) if isinstance(samples, int) else list(samples)
     if len(counts) != len(lengths) or any(n < 1 for n in counts):
         raise ValueError(f"samples: one count ≥ 1, or one per length ({len(lengths)}), got {samples!r}")
     cells = load_cells(json_path) if json_path else []
     seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
-    done = {(c.task, c.length, c.samples) for c in cells if c.seed == seed and c.split == split}
+    scorer = BABILONG_SCORER if generates(model) else ""
+    done = {(c.task, c.length, c.samples) for c in cells if (c.seed, c.split, c.scorer) == (seed, split, scorer)}
     for task in tasks:
         for length, count in zip(lengths, counts, strict=True):
             if (task, length, count) in done:
@@ -481,9 +458,9 @@ def evaluate_file(
     """Score `model` on the records of a BABILong file, one cell per (task, length) the records name.
 
     Records without `task` take `task`; without `length`, the cell's length is the median of their token counts.
-    The allowed labels of the BABILong metric are each record's `answers`, else the task's answers, else the
+    The allowed labels of the BABILong metric are each record's `answers`, else the task's leaderboard set, else the
     union of qa1–qa5's. `options` go to `score_samples` (batch_size, device, window, max_new_tokens, progress)."""
-    from .tasks import answer_vocabulary, get_tokenizer, task_spec
+    from .tasks import answer_vocabulary, get_tokenizer
 
     tokenizer = get_tokenizer(tokenizer)
     groups: dict[tuple[str, int | None], list[dict]] = {}
@@ -496,7 +473,7 @@ def evaluate_file(
             labels = list(records[0]["answers"])
         else:
             try:
-                labels = list(task_spec(name).answers)
+                labels = list(babilong_labels(name))  # the leaderboard's set, qa1–qa20
             except ValueError:
                 labels = list(answer_vocabulary(["qa1", "qa2", "qa3", "qa4", "qa5"]))
         made = [text_sample(record, tokenizer) for record in records]
