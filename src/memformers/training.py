@@ -786,11 +786,15 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.stop()
-            if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
-                self._pool, self._pending = None, {}
+            self.close()
         self.save_checkpoint()
         return self.save_model(self.output_dir / "final")
+
+    def close(self) -> None:
+        """Stop the thread that builds batches ahead (`train` does it; callers of `train_step` do it themselves)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool, self._pending = None, {}
 
     def _progress_bar(self):
         if not self.progress:

@@ -1,0 +1,119 @@
+"""Training-step time on the CPU: fp32 against bf16 autocast, one thread against two, and the next batch built in
+a thread (prefetch), on the BABILong tasks config at one segment.
+
+    python benchmarks/training_speed.py                  # configs/cpu_babilong_tasks.toml, 3 rounds of 20 steps
+    python benchmarks/training_speed.py --rounds 2 --steps 10
+
+Each round runs every variant back to back from the same initial weights and samples (the ratio of medians
+within one run is what to read; the machine is noisy). "Today's fp32" is the trainer before these options:
+fp32, torch's default threads (all cores), batches built inline. The loss after the steps says whether a
+variant learns the same: bf16 changes rounding, not the samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from common import write_result
+
+from memformers.training import Trainer
+from memformers.training_config import load_config
+
+VARIANTS = {  # name: (mixed precision, threads, prefetch)
+    "fp32, 2 threads (today)": ("no", 2, False),
+    "fp32, 1 thread": ("no", 1, False),
+    "bf16, 2 threads": ("bf16", 2, False),
+    "bf16, 1 thread": ("bf16", 1, False),
+    "bf16, 2 threads, prefetch": ("bf16", 2, True),
+    "bf16, 1 thread, prefetch": ("bf16", 1, True),
+}
+
+
+def run_variant(config_path: str, steps: int, precision: str, threads: int, prefetch: bool) -> dict:
+    """`steps` optimizer steps of a fresh run; the median step time after the first, and the last losses."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [
+            f"optim.mixed_precision={precision}",
+            f"optim.prefetch={str(prefetch).lower()}",
+            f"output.dir={out}",
+            "curriculum.eval_every=0",
+            "output.checkpoint_every=0",
+        ]
+        trainer = Trainer(load_config(config_path, overrides), progress=False, resume=False)
+        times, losses = [], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            record = trainer.train_step()
+            times.append(time.perf_counter() - start)
+            losses.append(record["loss"])
+        trainer.close()
+    return {"step_s": statistics.median(times[1:]), "loss_last5": statistics.mean(losses[-5:])}
+
+
+def run_in_process(config_path: str, steps: int, variant: str) -> dict:
+    """One variant in a fresh Python process: Accelerate's precision and torch's thread count are per process."""
+    command = [sys.executable, __file__, "--config", config_path, "--steps", str(steps), "--one", variant]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/cpu_babilong_tasks.toml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--name", default="training_speed_cpu")
+    parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)  # run one variant, print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.config, args.steps, *VARIANTS[args.one])))
+        return
+    load_before = os.getloadavg()  # other processes skew every variant; the ratios within a round are what to read
+    rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for round_ in range(args.rounds):
+        for name in VARIANTS:
+            result = run_in_process(args.config, args.steps, name)
+            rows[name].append(result)
+            print(f"round {round_ + 1}: {name:<28} {result['step_s']:.2f} s a step, loss {result['loss_last5']:.4f}")
+    base = statistics.median(r["step_s"] for r in rows[next(iter(VARIANTS))])
+    table = []
+    for name, results in rows.items():
+        step = statistics.median(r["step_s"] for r in results)
+        table.append(
+            {
+                "variant": name,
+                "step_s": round(step, 3),
+                "speed_up": round(base / step, 2),
+                "loss_after_steps": round(statistics.mean(r["loss_last5"] for r in results), 4),
+                "rounds": results,
+            }
+        )
+    lines = ["| variant | s a step | speed-up | loss after the steps |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {r['variant']} | {r['step_s']:.2f} | ×{r['speed_up']:.2f} | {r['loss_after_steps']:.4f} |" for r in table
+    ]
+    print("\n".join(lines))
+    path = write_result(
+        args.name,
+        {
+            "config": args.config,
+            "steps": args.steps,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "variants": table,
+        },
+    )
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
