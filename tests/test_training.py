@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -90,6 +91,7 @@ def test_curriculum_advances_on_threshold_and_logs_jsonl(tmp_path):
         assert {"loss", "accuracy", "lr", "tokens_per_s"} <= set(r) and r["tokens_per_s"] > 0
     evals = records(run, "eval")
     assert [(r["step"], r["segments"], r["samples"]) for r in evals] == [(1, 1, 6), (2, 2, 6)]
+    assert plt.imread(run / "curves.png").shape[:2] == (456, 1320)  # redrawn at each validation, 11 × 3.8 in
     # the final model is loadable and says how to rebuild its samples
     model = mf.load(final)
     extra = mf.saving.read_config(final)["extra"]

@@ -1,7 +1,8 @@
-"""Pictures of how well a model remembers: BABILong-style accuracy heatmaps."""
+"""Pictures of how well a model remembers (BABILong-style accuracy heatmaps) and of how a run learned."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -38,8 +39,63 @@ def accuracy_heatmap(cells: list[Cell], path: str | Path, title: str = "") -> Pa
     ax.set_title(title or "accuracy (%)")
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
     fig.tight_layout()
+    return _save_atomically(fig, Path(path))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's `metrics.jsonl` (a run folder or the file itself)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
+    """Loss and accuracy against the step: training as a moving mean of `smooth` logged points, validation as
+    points, and a vertical line where the curriculum moved to more segments (labelled with their count)."""
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not train and not evals:
+        raise ValueError("records hold no training or validation lines")
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        scale = 100 if key == "accuracy" else 1
+        if train:
+            steps = np.array([r["step"] for r in train])
+            values = scale * np.array([r[key] for r in train], dtype=float)
+            window = max(1, min(smooth, len(values)))
+            mean = np.convolve(values, np.ones(window) / window, mode="valid")  # (len - window + 1,)
+            ax.plot(steps, values, color="tab:blue", alpha=0.2, linewidth=0.8)
+            ax.plot(steps[window - 1 :], mean, color="tab:blue", label=f"training (mean of {window})")
+        if evals:
+            ax.plot(
+                [r["step"] for r in evals],
+                [scale * r[key] for r in evals],
+                "o-",
+                color="tab:orange",
+                markersize=3,
+                label="validation",
+            )
+        for change in (r for r in records if r.get("type") == "stage" and not r.get("done")):
+            ax.axvline(change["step"], color="grey", linestyle=":", linewidth=0.8)
+            ax.text(change["step"], ax.get_ylim()[1], f" {change['segments']} seg", fontsize=7, va="top")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy (%)" if key == "accuracy" else "loss")
+        ax.grid(alpha=0.3)
+    acc_ax.set_ylim(0, 100)
+    acc_ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title or "training")
+    fig.tight_layout()
+    return _save_atomically(fig, Path(path))
+
+
+def _save_atomically(fig, path: Path) -> Path:
+    """A reader (a browser refreshing the picture, a run killed mid-write) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    tmp.replace(path)
     return path

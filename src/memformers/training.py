@@ -10,9 +10,10 @@ per optimizer step; sample `i` of the run is the same sample whatever the number
 processes follows the single-process run up to float rounding. The config's keys are documented in
 `memformers.training_config`.
 
-Output folder: `metrics.jsonl` (one JSON object per logging step, validation and stage change),
-`checkpoint-<step>/` (model/ loadable with `memformers.load`, trainer.pt: optimizer, scheduler, stage, step, data
-position; rng-<rank>.pt: python/numpy/torch RNG states), `best/` (highest stage, then accuracy) and `final/`.
+Output folder: `metrics.jsonl` (one JSON object per logging step, validation and stage change), `curves.png` (its
+loss and accuracy, redrawn at every validation), `checkpoint-<step>/` (model/ loadable with `memformers.load`,
+trainer.pt: optimizer, scheduler, stage, step, data position; rng-<rank>.pt: python/numpy/torch RNG states),
+`best/` (highest stage, then accuracy) and `final/`.
 Checkpoints are written to a hidden temporary folder and renamed into place, so a crash never leaves half of one.
 """
 
@@ -569,6 +570,15 @@ class Trainer:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def draw_curves(self) -> Path | None:
+        """`curves.png` beside `metrics.jsonl`: loss and accuracy against the step, redrawn at every validation."""
+        from .plots import read_metrics, training_curves
+
+        if not self.accelerator.is_main_process:
+            return None
+        title = f"{self.config.model.mechanism} on {self.config.task.name}"
+        return training_curves(read_metrics(self.output_dir), self.output_dir / "curves.png", title=title)
+
     # --- the loop ---------------------------------------------------------------------------------------------
 
     def _shard(self, start: int, count: int, chunk: int) -> list[int]:
@@ -740,6 +750,7 @@ class Trainer:
             return
         record = self.evaluate()
         self.log(record)
+        self.draw_curves()
         if (s.stage, record["accuracy"]) > tuple(s.best):
             s.best = (s.stage, record["accuracy"])
             self.save_model(self.output_dir / "best")

@@ -1,0 +1,33 @@
+"""The training-curve picture: drawn from metrics records, written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+
+from memformers.plots import read_metrics, training_curves
+
+
+def run_records() -> list[dict]:
+    train = [{"type": "train", "step": s, "loss": 2.0 / s, "accuracy": min(1.0, s / 40)} for s in range(1, 41)]
+    evals = [{"type": "eval", "step": s, "loss": 2.5 / s, "accuracy": s / 50} for s in (10, 20, 30, 40)]
+    stage = [{"type": "stage", "step": 20, "reason": "threshold", "accuracy": 0.4, "segments": 2, "done": False}]
+    return train + evals + stage
+
+
+def test_curves_are_drawn_from_a_run_folder_and_leave_no_temporary_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run_records()) + "\n")
+    records = read_metrics(tmp_path)
+    assert len(records) == 45
+    png = training_curves(records, tmp_path / "curves.png", title="rmt on qa1")
+    assert plt.imread(png).shape[:2] == (456, 1320)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
+
+
+def test_records_without_training_or_validation_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no training or validation"):
+        training_curves([{"type": "stage", "step": 1, "segments": 2}], tmp_path / "curves.png")
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        read_metrics(tmp_path)
