@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from memformers.training import cpu_has_native_bf16
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent  # commands are recorded as run from the repository root
 
@@ -22,10 +24,24 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
+        "cpu_bf16": cpu_has_native_bf16(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the same command runs several times faster or slower on another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -522,3 +522,15 @@ def test_prefetching_batches_changes_nothing_but_speed(tmp_path):
     a, b = weights(ahead), weights(inline)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_fp32_and_says_so(monkeypatch, native):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    if native:
+        assert training._usable_precision("bf16", on_cpu=True) == "bf16"
+    else:
+        with pytest.warns(UserWarning, match=r'mixed_precision = "bf16".*training in fp32'):
+            assert training._usable_precision("bf16", on_cpu=True) == "no"
+    assert training._usable_precision("bf16", on_cpu=False) == "bf16"  # a GPU decides for itself
+    assert training._usable_precision("no", on_cpu=True) == "no"

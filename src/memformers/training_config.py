@@ -69,7 +69,8 @@ Config (TOML; every key optional unless marked):
   max_grad_norm           gradient clipping, 0 = off (default 1.0)
   seed                    model init and dropout seed (default 0)
   mixed_precision         "no" (default) or "bf16" (autocast, on a GPU or a CPU; on a CPU with AVX512-BF16 a
-                          MiniLM step is ~1.8× faster)
+                          MiniLM step is ~1.4× faster; a CPU without bf16 instructions, AVX2 only, trains in fp32
+                          instead, with a warning: there bf16 would be ~10× slower)
   prefetch                build the next batch in a thread while a step runs (default true)
   cpu                     train on the CPU even when a GPU is there (default false)
 [output]
