@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .errors import InputError
 
 CONFIG_NAME = "memformers.json"
 WEIGHTS_NAME = "memformers.safetensors"
@@ -63,9 +66,15 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
 def read_config(path: str | os.PathLike) -> dict:
     """The `memformers.json` of a saved model, with a clear error when `path` is not one."""
     file = Path(path) / CONFIG_NAME
-    if not file.exists():
-        raise ValueError(f"path {str(path)!r} is not a saved memformers model (no {CONFIG_NAME} inside)")
-    return json.loads(file.read_text())
+    if not file.is_file():
+        raise InputError(f"path {str(path)!r} is not a saved memformers model (no {CONFIG_NAME} inside)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{file} is not valid JSON ({error}); save the model again with save_pretrained") from None
+    if not isinstance(config, dict) or not {"mechanism", "backbone_class", "config"} <= set(config):
+        raise InputError(f"{file} lacks mechanism, backbone_class or config; save the model again with save_pretrained")
+    return config
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
@@ -76,15 +85,29 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
     mechanism = MECHANISMS.get(config["mechanism"])
     if mechanism is None:
         raise ValueError(f"{path}: unknown mechanism {config['mechanism']!r}; known: {sorted(MECHANISMS)}")
-    backbone_class = getattr(transformers, config["backbone_class"])
-    backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR)
+    backbone_class = getattr(transformers, config["backbone_class"], None)
+    if backbone_class is None:
+        raise InputError(f"{path}: unknown backbone class {config['backbone_class']!r} in {CONFIG_NAME}")
+    try:
+        backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR)
+    except (OSError, SafetensorError) as error:
+        raise InputError(f"{Path(path) / BACKBONE_DIR}: the backbone cannot be read ({_first_line(error)})") from None
     model = mechanism(backbone, **config["config"])
-    missing, unexpected = model.load_state_dict(load_file(Path(path) / WEIGHTS_NAME), strict=False)
+    weights = Path(path) / WEIGHTS_NAME
+    try:
+        state = load_file(weights)
+    except (OSError, SafetensorError) as error:
+        raise InputError(f"{weights} is not a readable safetensors file ({_first_line(error)})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith(f"{BACKBONE_DIR}.")]
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{path}: weights do not match {config['mechanism']}: missing {missing}, unexpected {unexpected}"
         )
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
