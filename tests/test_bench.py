@@ -159,6 +159,7 @@ def test_cli_bench_writes_json_and_rejects_bad_options(tmp_path) -> None:
     args = ["bench", "--lengths", "128", "--segment-size", "64", "--mechanisms", "rmt,full", "--train-segments", "1"]
     result = CliRunner().invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
+    assert "full attention" in result.output and "{'" not in result.output  # a sentence, not a dict
     written = json.loads(out.read_text())
     assert {r["mechanism"] for r in written["records"]} == {"rmt", "full"}
     bad = CliRunner().invoke(app, ["bench", "--mechanisms", "rmt,mamba"])

@@ -502,7 +502,7 @@ def markdown_tables(records: list[Record], lengths: list[int]) -> str:
         for n in lengths:
             r = next((r for r in records if _is(r, "inference", name) and r["length"] == n), None)
             if r is None:
-                cells.append("")
+                cells.append("–")
             elif r["status"] == "ok":
                 cells.append(f"{r['tokens_per_s']:,.0f} tok/s · {_mib(r['peak_bytes'])}")
             else:
@@ -516,7 +516,7 @@ def markdown_tables(records: list[Record], lengths: list[int]) -> str:
             cells = []
             for c in counts:
                 r = next((r for r in records if _is(r, "training", name) and r["segments"] == c), None)
-                cells.append("" if r is None else f"{r['step_seconds']:.3f}" if r["status"] == "ok" else "skipped")
+                cells.append("–" if r is None else f"{r['step_seconds']:.3f}" if r["status"] == "ok" else "skipped")
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
