@@ -75,6 +75,8 @@ def warning_lines(result) -> list[str]:
         (["data", "--task", "qa9", "--lengths", "512", "--out", "x.jsonl"], ["task", "qa9"]),
         (["data", "--task", "qa1", "--lengths", "512", "--split", "dev", "--out", "x.jsonl"], ["split", "dev"]),
         (["bench", "--threads", "0"], ["--threads"]),
+        (["eval", str(SHIPPED_CHECKPOINT), "--device", "gpu"], ["--device", "'gpu'"]),
+        (["perplexity", str(SHIPPED_CHECKPOINT), "--device", "tpu:x"], ["--device"]),
     ],
 )
 def test_bad_options_give_one_line_naming_them(args, names) -> None:

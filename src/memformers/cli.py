@@ -137,6 +137,16 @@ def parse_ints(text: str, name: str, minimum: int = 0) -> list[int]:
     return values
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any model is loaded onto it."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {device!r}, but no CUDA device is available here; use --device cpu")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename, so a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -465,6 +475,7 @@ def evaluate(
     from .tasks import get_tokenizer
 
     use_threads(threads)
+    check_device(device)
     config = read_checkpoint(checkpoint, "checkpoint")
     tasks = [t.strip() for t in (task or "memorize").split(",") if t.strip()]
     counts = parse_ints(samples, "--samples", minimum=1)
@@ -580,6 +591,7 @@ def perplexity_command(
     from .perplexity import run as run_perplexity
 
     use_threads(threads)
+    check_device(device)
     options = {"--tokens": tokens, "--documents": documents, "--split": split, "--noise-dir": noise_dir}
     options |= {"--memory-size": memory_size, "--segment-size": segment_size, "--json": json_out}
     words = ["memformers", "perplexity", str(checkpoint)]
