@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import memformers as mf
 from memformers import bench
-from memformers.cli import SHIPPED_CHECKPOINT, app, crossover_sentence
+from memformers.cli import SHIPPED_CHECKPOINT, app, available_cores, crossover_sentence, default_threads
 from memformers.errors import InputError, InputWarning
 from memformers.perplexity import markdown_table as perplexity_table
 from memformers.saving import WEIGHTS_NAME, save_pretrained
@@ -255,6 +255,13 @@ def test_eval_data_warns_when_the_file_counts_another_tokenizers_tokens(classifi
 def test_every_computing_command_takes_threads(command) -> None:
     result = run(command, "--help")
     assert result.exit_code == 0 and "--threads" in result.output
+
+
+def test_default_threads_follow_omp_num_threads_else_half_the_cores(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == max(1, available_cores() // 2)
 
 
 def test_threads_are_set_for_the_command(tmp_path) -> None:
