@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -264,13 +265,16 @@ def test_default_threads_follow_omp_num_threads_else_half_the_cores(monkeypatch)
     assert default_threads() == max(1, available_cores() // 2)
 
 
-def test_threads_are_set_for_the_command(tmp_path) -> None:
+def test_threads_are_set_for_the_command(tmp_path, monkeypatch) -> None:
+    for name in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):  # the command sets them for its libraries: restore after
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
     before = torch.get_num_threads()
     try:
         args = ["data", "--task", "qa1", "--lengths", "64", "--samples", "1", "--out", tmp_path / "a.jsonl"]
         result = run(*args, "--threads", "3")
         assert result.exit_code == 0, result.output
         assert torch.get_num_threads() == 3
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["RAYON_NUM_THREADS"] == "3"
     finally:
         torch.set_num_threads(before)
 
