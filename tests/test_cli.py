@@ -235,6 +235,20 @@ def test_eval_data_scores_a_babilong_file_as_the_grid_scores_its_samples(classif
     assert_one_line_error(run("eval", classifier, "--data", tmp_path / "none.parquet"), "data", "none.parquet")
 
 
+def test_eval_data_generates_and_scores_with_a_decoder(tokenizer, tmp_path) -> None:
+    save_tiny_decoder(tmp_path / "decoder", tokenizer)
+    data = tmp_path / "qa1.jsonl"
+    assert run("data", "--task", "qa1", "--lengths", "200", "--samples", "3", "--out", data).exit_code == 0
+    args = ["eval", tmp_path / "decoder", "--data", data, "--batch-size", "3", "--max-new-tokens", "4"]
+    result = run(*args, "--json", tmp_path / "decoder.json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "decoder.json").read_text())
+    assert saved["scoring"] == "generation" and saved["scorer"] == "babilong-leaderboard"
+    (cell,) = saved["results"]
+    assert (cell["task"], cell["length"], cell["samples"], cell["split"]) == ("qa1", 200, 3, "file")
+    assert len(cell["examples"]) == 3 and all(isinstance(e["output"], str) for e in cell["examples"])
+
+
 def test_eval_data_warns_when_the_file_counts_another_tokenizers_tokens(classifier, tmp_path) -> None:
     data = tmp_path / "memorize.jsonl"
     assert run("data", "--task", "memorize", "--lengths", "300", "--samples", "2", "--out", data).exit_code == 0
