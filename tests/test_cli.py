@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,11 @@ def test_a_corrupt_checkpoint_names_its_file(classifier, tmp_path) -> None:
     assert_one_line_error(result, str(corrupt / WEIGHTS_NAME))
     with pytest.raises(InputError, match=WEIGHTS_NAME):  # the library says the same, as a ValueError
         mf.load(corrupt)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(classifier, truncated)
+    weights = truncated / "backbone" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_one_line_error(run("eval", truncated), str(weights), "not a readable safetensors file")
 
 
 def test_demo_refuses_a_decoder(tokenizer, tmp_path) -> None:

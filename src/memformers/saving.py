@@ -14,11 +14,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from .errors import InputError
 
 CONFIG_NAME = "memformers.json"
 WEIGHTS_NAME = "memformers.safetensors"
@@ -65,6 +62,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
 
 def read_config(path: str | os.PathLike) -> dict:
     """The `memformers.json` of a saved model, with a clear error when `path` is not one."""
+    from .errors import InputError
+
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise InputError(f"path {str(path)!r} is not a saved memformers model (no {CONFIG_NAME} inside)")
@@ -74,6 +73,7 @@ def read_config(path: str | os.PathLike) -> dict:
         raise InputError(f"{file} is not valid JSON ({error}); save the model again with save_pretrained") from None
     if not isinstance(config, dict) or not {"mechanism", "backbone_class", "config"} <= set(config):
         raise InputError(f"{file} lacks mechanism, backbone_class or config; save the model again with save_pretrained")
+    check_weight_files(path)
     return config
 
 
@@ -85,23 +85,13 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
     mechanism = MECHANISMS.get(config["mechanism"])
     if mechanism is None:
         raise ValueError(f"{path}: unknown mechanism {config['mechanism']!r}; known: {sorted(MECHANISMS)}")
-    backbone_class = getattr(transformers, config["backbone_class"], None)
-    if backbone_class is None:
-        raise InputError(f"{path}: unknown backbone class {config['backbone_class']!r} in {CONFIG_NAME}")
-    try:
-        backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR)
-    except (OSError, SafetensorError) as error:
-        raise InputError(f"{Path(path) / BACKBONE_DIR}: the backbone cannot be read ({_first_line(error)})") from None
+    backbone_class = getattr(transformers, config["backbone_class"])
+    backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR)
     model = mechanism(backbone, **config["config"])
-    weights = Path(path) / WEIGHTS_NAME
-    try:
-        state = load_file(weights)
-    except (OSError, SafetensorError) as error:
-        raise InputError(f"{weights} is not a readable safetensors file ({_first_line(error)})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(load_file(Path(path) / WEIGHTS_NAME), strict=False)
     missing = [name for name in missing if not name.startswith(f"{BACKBONE_DIR}.")]
     if missing or unexpected:
-        raise InputError(
+        raise ValueError(
             f"{path}: weights do not match {config['mechanism']}: missing {missing}, unexpected {unexpected}"
         )
     if device is not None:
@@ -109,5 +99,20 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
     return model.eval()
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Refuse a saved model whose safetensors files cannot be read (truncated, overwritten), naming the file: its
+    header is read, not its tensors, so this costs next to nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    from .errors import InputError
+
+    files = [Path(path) / WEIGHTS_NAME, *sorted((Path(path) / BACKBONE_DIR).glob("*.safetensors"))]
+    for file in files:
+        if not file.is_file():
+            raise InputError(f"{file} is missing; save the model again with save_pretrained")
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"{file} is not a readable safetensors file ({reason})") from None
