@@ -95,8 +95,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import InputError
-
 HEADS = ("classification", "causal-lm", "masked-lm")
 MECHANISMS = ("rmt", "cache", "knn", "longmem")
 FAMILIES = ("bert", "llama")
@@ -500,6 +498,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Read a TOML config (or start from the defaults) and apply `section.key=value` overrides."""
+    from .errors import InputError
+
     data: dict = {}
     if path is not None:
         if not Path(path).is_file():
