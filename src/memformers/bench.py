@@ -257,7 +257,7 @@ def measure_inference(name: str, model: MemoryModel | None, backbone, length: in
         task = bar.add_task(f"{LABELS[name]} · {length:,} tokens", total=segments, rate="")
         for _ in model.stream(stream_segments(chunks, model.content_size)):
             bar.update(task, advance=1)
-    record |= {"seconds": _digits(clock.seconds), "wall_seconds": _digits(clock.wall_seconds)}
+    record |= {"seconds": round(clock.seconds, 4), "wall_seconds": round(clock.wall_seconds, 4)}
     record["tokens_per_s"] = round(length / clock.seconds, 1)
     record |= {"peak_bytes": meter.peak_bytes if cuda else None, "peak_rss_bytes": peak_rss_bytes()}
     if not cuda and length <= settings.memory_up_to:
