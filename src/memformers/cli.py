@@ -443,13 +443,16 @@ def evaluate(
     data: Path | None = typer.Option(
         None,
         help="Score the records of a BABILong file instead (fields input, question, target; JSON, JSONL or "
-        "Parquet), e.g. the published data set or one written by memformers data.",
+        "Parquet), e.g. the published data set or one written by memformers data; --lengths, --samples, --split, "
+        "--noise-dir and --seed then do not apply.",
     ),
     batch_size: int = typer.Option(32, min=1, help="Samples read side by side."),
     noise_dir: Path | None = typer.Option(None, help="Folder of .txt books to use as noise instead of Austen."),
     split: str = typer.Option("test", help="Noise books: 'test' (never trained on), 'train' or 'all'."),
     seed: int = typer.Option(0, help="Seed of the evaluation samples."),
-    json_out: Path | None = typer.Option(None, "--json", help="Results JSON; cells already in it are skipped."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Results JSON; grid cells already in it are skipped (a --data file is scored afresh)."
+    ),
     plot: Path | None = typer.Option(None, help="Heatmap PNG (default: beside --json)."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device."),
     window: int | None = typer.Option(
