@@ -85,6 +85,12 @@ def test_bad_options_give_one_line_naming_them(args, names) -> None:
     assert_one_line_error(run(*args), *names)
 
 
+def test_the_traceback_behind_an_error_line_on_request(monkeypatch) -> None:
+    monkeypatch.setenv("MEMFORMERS_TRACEBACK", "1")
+    result = run("stream", "--segments", "0")
+    assert result.exit_code == 1 and isinstance(result.exception, InputError)
+
+
 def test_train_given_a_missing_file_or_a_folder(tmp_path) -> None:
     assert_one_line_error(run("train", tmp_path / "none.toml"), "config", "none.toml", "not found")
     assert_one_line_error(run("train", tmp_path), "config", str(tmp_path), "folder")

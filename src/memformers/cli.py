@@ -54,6 +54,8 @@ class OneLineErrors(TyperGroup):
         except CLICK.ClickException as error:
             _fail(error.format_message())
         except (ValueError, BackboneNotFoundError) as error:
+            if os.environ.get("MEMFORMERS_TRACEBACK"):  # where a ValueError came from, when it is a bug after all
+                raise
             _fail(str(error))
         except CLICK.Abort:
             typer.echo("Aborted!", err=True)
