@@ -137,6 +137,7 @@ def test_a_checkpoint_evaluated_on_a_task_it_was_not_trained_on_is_warned_about(
     assert result.exit_code == 0, result.output
     (line,) = warning_lines(result)
     assert "memorize, detect" in line and "not on reason" in line
+    assert_one_line_error(run("eval", classifier, "--task", "detect,qa9"), "task", "qa9")  # no warning first
     trained = run("eval", classifier, "--task", "detect", "--lengths", "64", "--samples", "2")
     assert trained.exit_code == 0 and warning_lines(trained) == []
 

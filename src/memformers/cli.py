@@ -485,7 +485,7 @@ def evaluate(
     from .evaluation import evaluate_file, evaluate_grid, generates, markdown_table, read_babilong_file, save_cells
     from .plots import accuracy_heatmap
     from .saving import load
-    from .tasks import get_tokenizer
+    from .tasks import get_tokenizer, task_spec
 
     use_threads(threads)
     check_device(device)
@@ -494,7 +494,10 @@ def evaluate(
     counts = parse_ints(samples, "--samples", minimum=1)
     tokenizer = checkpoint_tokenizer(checkpoint, config)
     records = read_babilong_file(data) if data is not None else None
-    if records is not None:
+    if records is None:
+        for name in tasks:
+            task_spec(name)  # an unknown task fails here, before any warning or loading
+    else:
         tasks = list(dict.fromkeys(str(r.get("task") or (task or data.stem)) for r in records))
         warn_other_tokenizer(data, records, tokenizer)
     warn_untrained_tasks(checkpoint, config, tasks)
