@@ -180,6 +180,16 @@ def test_binary_files_are_refused_or_named(tmp_path) -> None:
         load_noise("all", tmp_path / "books")
 
 
+def test_data_refusing_a_binary_book_leaves_no_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MEMFORMERS_CACHE", str(tmp_path / "cache"))
+    _books(tmp_path / "books", ["a"])
+    (tmp_path / "books" / "b.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    out = tmp_path / "out" / "qa1.jsonl"
+    args = ["data", "--task", "qa1", "--lengths", "300", "--split", "all", "--noise-dir", tmp_path / "books"]
+    assert_one_line_error(run(*args, "--out", out), "b.txt is binary")
+    assert list(out.parent.iterdir()) == []  # neither the file nor a temporary one
+
+
 def test_a_book_that_repeats_one_sentence_is_warned_about(tokenizer, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MEMFORMERS_CACHE", str(tmp_path / "cache"))
     _books(tmp_path / "varied", ["a", "b"])
