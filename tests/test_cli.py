@@ -128,6 +128,15 @@ def test_demo_asks_only_the_tasks_its_checkpoint_was_trained_on(classifier) -> N
     assert (SHIPPED_CHECKPOINT / "memformers.json").exists()  # the shipped model records its tasks, too
 
 
+def test_demo_says_what_it_shows_and_prints_the_chance_level(classifier) -> None:
+    args = ["demo", "--checkpoint", classifier, "--length", "600", "--samples", "2", "--table-lengths", "256,512"]
+    result = run(*args, "--table-samples", "2")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # the console wraps long lines
+    assert "Showing: 2 detect samples (facts hidden in 600 tokens of books the model never saw)" in text
+    assert text.count("(chance 17%)") == 2  # one per accuracy: 1 in 6 places
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Suspicious input: accepted, with one warning line
 
