@@ -10,7 +10,7 @@ Two tiers, each with one table of every mechanism and one kNN table (store size 
   kNN memory on the frozen backbone with only its gates trained (configs/smollm2_knn_gates.toml). 256 content
   tokens per segment.
 
-Every row is evaluated with `memformers eval --perplexity` on the same held-out documents (the test books, never
+Every row is evaluated with `memformers perplexity` on the same held-out documents (the test books, never
 trained on). A kNN model is trained once and read with several store sizes. Rows already evaluated are not run
 again (their JSON is kept under results/<tier folder>/).
 
@@ -141,13 +141,13 @@ def slug(name: str) -> str:
 
 
 def evaluate(rows: dict, folder: Path, tokens: int, documents: int, batch_size: int) -> dict[str, dict]:
-    """Each row's `memformers eval --perplexity` JSON (run once; kept under `folder`)."""
+    """Each row's `memformers perplexity` JSON (run once; kept under `folder`)."""
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, (checkpoint, extra) in rows.items():
         out = folder / f"{slug(name)}.json"
         if not out.exists():
-            command = [sys.executable, "-m", "memformers.cli", "eval", checkpoint, "--perplexity"]
+            command = [sys.executable, "-m", "memformers.cli", "perplexity", checkpoint]
             command += ["--tokens", str(tokens), "--documents", str(documents), "--batch-size", str(batch_size)]
             command += [*extra, "--device", "cpu", "--json", str(out)]
             print(" ".join(command[2:]), flush=True)

@@ -114,9 +114,10 @@ def test_eval_perplexity_command_on_a_saved_model_and_on_its_bare_backbone(tmp_p
     model = mf.RecurrentMemoryTransformer(transformers.LlamaForCausalLM(config), num_memory_tokens=0, segment_size=S)
     save_pretrained(model, tmp_path / "model", tokenizer, {"tokenizer": "minilm"})
     runner = CliRunner()
-    common = ["--perplexity", "--tokens", str(3 * S), "--documents", "2", "--batch-size", "2", "--device", "cpu"]
-    saved = runner.invoke(app, ["eval", str(tmp_path / "model"), *common, "--json", str(tmp_path / "a.json")])
+    common = ["--tokens", str(3 * S), "--documents", "2", "--batch-size", "2", "--device", "cpu"]
+    saved = runner.invoke(app, ["perplexity", str(tmp_path / "model"), *common, "--json", str(tmp_path / "a.json")])
     assert saved.exit_code == 0, saved.output
+    assert json.loads((tmp_path / "a.json").read_text())["command"].startswith("memformers perplexity ")
     result = json.loads((tmp_path / "a.json").read_text())
     assert result["mechanism"] == "RecurrentMemoryTransformer" and result["tokens"] == 2 * (3 * S - 1)
     assert result["perplexity"].keys() == {"1", "2", "3", "16+"}
@@ -127,8 +128,9 @@ def test_eval_perplexity_command_on_a_saved_model_and_on_its_bare_backbone(tmp_p
     bare = runner.invoke(
         app,
         [
-            "eval",
+            "eval",  # the old spelling still works, with a line that says so
             str(tmp_path / "model" / "backbone"),
+            "--perplexity",
             *common,
             "--segment-size",
             str(S),
@@ -137,8 +139,9 @@ def test_eval_perplexity_command_on_a_saved_model_and_on_its_bare_backbone(tmp_p
         ],
     )
     assert bare.exit_code == 0, bare.output
+    assert "memformers: warning: eval --perplexity is deprecated: use memformers perplexity" in bare.stderr
     assert json.loads((tmp_path / "b.json").read_text())["perplexity"] == pytest.approx(
         result["perplexity"], nan_ok=True
     )
-    missing = runner.invoke(app, ["eval", str(tmp_path / "model" / "backbone"), *common])
-    assert missing.exit_code != 0 and "segment_size" in missing.output
+    missing = runner.invoke(app, ["perplexity", str(tmp_path / "model" / "backbone"), *common])
+    assert missing.exit_code == 2 and "segment_size" in missing.stderr

@@ -110,11 +110,11 @@ def test_ten_million_tokens_stream_without_materialising():
 def test_two_million_token_sample_is_fast():
     tokenizer = _tokenizer("minilm")
     make_sample("qa1", 4096, tokenizer)  # noise tokenized (or loaded from the cache) once
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: other work on a shared machine does not count
     sample = make_sample("qa2", 2_000_000, tokenizer, seed=9)
     ids = sample.ids
-    elapsed = time.perf_counter() - start
-    print(f"\n2M-token qa2 sample generated and materialised in {elapsed:.3f} s")
+    elapsed = time.process_time() - start
+    print(f"\n2M-token qa2 sample generated and materialised in {elapsed:.3f} s of CPU time")
     assert len(ids) == 2_000_000
     assert elapsed < 15
 

@@ -239,8 +239,8 @@ def measure_inference(name: str, model: MemoryModel | None, backbone, length: in
         with Stopwatch(settings.device) as clock, torch.no_grad(), PeakMemory(settings.device) as meter:
             _full_attention_forward(backbone, ids, settings.segment_size)
         return record | {
-            "seconds": round(clock.seconds, 4),
-            "wall_seconds": round(clock.wall_seconds, 4),
+            "seconds": _digits(clock.seconds),
+            "wall_seconds": _digits(clock.wall_seconds),
             "tokens_per_s": round(length / clock.seconds, 1),
             "peak_bytes": meter.peak_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
@@ -311,12 +311,17 @@ def measure_training(name: str, model: MemoryModel | None, backbone, segments: i
         "segments": segments,
         "tokens": settings.train_batch * segments * content,
         "status": "ok",
-        "step_seconds": round(seconds, 4),
-        "all_seconds": [round(t, 4) for t in times],
+        "step_seconds": _digits(seconds),
+        "all_seconds": [_digits(t) for t in times],
         "tokens_per_s": round(settings.train_batch * segments * content / seconds, 1),
         # the CPU meter sees no tensors kept only by autograd, so training memory is measured on CUDA only
         "peak_bytes": getattr(meter, "peak_bytes", None),
     }
+
+
+def _digits(seconds: float) -> float:
+    """Four significant digits: a fast cell never rounds to 0 s (which would predict 0 s for every longer one)."""
+    return float(f"{seconds:.4g}")
 
 
 def predict_seconds(done: list[tuple[int, float]], length: int) -> float | None:
@@ -378,7 +383,7 @@ def run(
                     continue
             record = {"kind": "inference", "mechanism": name, "length": length, "status": "skipped", "reason": stop}
             if predicted is not None:  # labelled: an extrapolation from the measured lengths, not a measurement
-                record["extrapolated_seconds"] = float(f"{predicted:.4g}")  # significant digits: never rounds to 0
+                record["extrapolated_seconds"] = _digits(predicted)
                 record["extrapolated_tokens_per_s"] = round(length / predicted, 1)
             say(f"{LABELS[name]:>15} {length:>10,} tokens: skipped ({stop})")
             add(record)
@@ -497,7 +502,7 @@ def markdown_tables(records: list[Record], lengths: list[int]) -> str:
         for n in lengths:
             r = next((r for r in records if _is(r, "inference", name) and r["length"] == n), None)
             if r is None:
-                cells.append("")
+                cells.append("–")
             elif r["status"] == "ok":
                 cells.append(f"{r['tokens_per_s']:,.0f} tok/s · {_mib(r['peak_bytes'])}")
             else:
@@ -511,7 +516,7 @@ def markdown_tables(records: list[Record], lengths: list[int]) -> str:
             cells = []
             for c in counts:
                 r = next((r for r in records if _is(r, "training", name) and r["segments"] == c), None)
-                cells.append("" if r is None else f"{r['step_seconds']:.3f}" if r["status"] == "ok" else "skipped")
+                cells.append("–" if r is None else f"{r['step_seconds']:.3f}" if r["status"] == "ok" else "skipped")
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -453,18 +453,20 @@ def evaluate_file(
     tokenizer,
     task: str | None = None,
     on_cell=None,
+    records: list[dict] | None = None,
     **options,
 ) -> list[Cell]:
     """Score `model` on the records of a BABILong file, one cell per (task, length) the records name.
 
     Records without `task` take `task`; without `length`, the cell's length is the median of their token counts.
+    `records`: the file's records, where the caller has already read them (`read_babilong_file`).
     The allowed labels of the BABILong metric are each record's `answers`, else the task's leaderboard set, else the
     union of qa1–qa5's. `options` go to `score_samples` (batch_size, device, window, max_new_tokens, progress)."""
     from .tasks import answer_vocabulary, get_tokenizer
 
     tokenizer = get_tokenizer(tokenizer)
     groups: dict[tuple[str, int | None], list[dict]] = {}
-    for record in read_babilong_file(path):
+    for record in read_babilong_file(path) if records is None else records:
         name = str(record.get("task") or task or Path(path).stem)
         groups.setdefault((name, record.get("length")), []).append(record)
     cells = []

@@ -185,11 +185,15 @@ def markdown_table(rows: dict[str, dict], columns: Sequence[str] = TABLE_SEGMENT
     head = ["model", *(f"seg {c}" for c in columns), "overall", "state (floats/row)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result in rows.items():
-        cells = [f"{result['perplexity'][c]:.2f}" if c in result["perplexity"] else "–" for c in columns]
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {result['overall']:.2f} | {result['state_floats_per_row']:,.0f} |"
-        )
+        cells = [_number(result["perplexity"].get(c)) for c in columns]
+        cells += [_number(result["overall"]), f"{result['state_floats_per_row']:,.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    """Two decimals, or "–" for a cell with nothing in it (no tokens scored: NaN)."""
+    return "–" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def load_for_perplexity(checkpoint: str | Path, segment_size: int | None = None, device: str = "cpu"):
@@ -259,7 +263,9 @@ def run(
     if console is not None:
         console.print(table)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
-        json_out.with_suffix(".md").write_text(table + "\n")
+        for path, text in ((json_out, json.dumps(result, indent=2)), (json_out.with_suffix(".md"), table)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text + "\n")
+            tmp.replace(path)  # atomic: a reader never sees half a file
     return result

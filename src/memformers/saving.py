@@ -62,10 +62,19 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
 
 def read_config(path: str | os.PathLike) -> dict:
     """The `memformers.json` of a saved model, with a clear error when `path` is not one."""
+    from .errors import InputError
+
     file = Path(path) / CONFIG_NAME
-    if not file.exists():
-        raise ValueError(f"path {str(path)!r} is not a saved memformers model (no {CONFIG_NAME} inside)")
-    return json.loads(file.read_text())
+    if not file.is_file():
+        raise InputError(f"path {str(path)!r} is not a saved memformers model (no {CONFIG_NAME} inside)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{file} is not valid JSON ({error}); save the model again with save_pretrained") from None
+    if not isinstance(config, dict) or not {"mechanism", "backbone_class", "config"} <= set(config):
+        raise InputError(f"{file} lacks mechanism, backbone_class or config; save the model again with save_pretrained")
+    check_weight_files(path)
+    return config
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
@@ -88,3 +97,22 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Refuse a saved model whose safetensors files cannot be read (truncated, overwritten), naming the file: its
+    header is read, not its tensors, so this costs next to nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    from .errors import InputError
+
+    files = [Path(path) / WEIGHTS_NAME, *sorted((Path(path) / BACKBONE_DIR).glob("*.safetensors"))]
+    for file in files:
+        if not file.is_file():
+            raise InputError(f"{file} is missing; save the model again with save_pretrained")
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"{file} is not a readable safetensors file ({reason})") from None

@@ -498,10 +498,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Read a TOML config (or start from the defaults) and apply `section.key=value` overrides."""
+    from .errors import InputError
+
     data: dict = {}
     if path is not None:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        if not Path(path).is_file():
+            what = "a folder" if Path(path).is_dir() else "not found"
+            raise InputError(f"config: {str(path)!r} is {what}; give a training config file (TOML)")
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"config: {path} is not valid TOML ({error})") from None
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for key, value in items:
         keys = key.split(".") if isinstance(key, str) else key

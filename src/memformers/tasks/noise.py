@@ -31,6 +31,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from memformers.backbones import cache_dir
+from memformers.errors import InputError, warn_input
 
 AUSTEN_TEST = ("persuasion", "northangerabbey")
 AUSTEN_TRAIN = ("emma", "mansfieldpark", "prideprejudice", "sensesensibility")
@@ -85,8 +86,30 @@ def austen_texts() -> dict[str, str]:
 def _folder_books(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.glob("*.txt") if p.is_file())
     if not files:
-        raise ValueError(f"noise_dir: no .txt files in {str(folder)!r}; expected one book per .txt file")
+        raise InputError(f"noise_dir: no .txt files in {str(folder)!r}; expected one book per .txt file")
+    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix != ".txt" and p.name[0] != ".")
+    if others:
+        warn_input(
+            f"noise_dir: {folder} holds {len(others)} file(s) that are not .txt books (e.g. {others[0]!r}); "
+            "they are not read"
+        )
     return files
+
+
+def read_book(path: Path) -> str:
+    """A book's text: UTF-8 (a byte-order mark allowed); other text is read as Windows-1252, with a warning rather
+    than silently dropping its accented letters; a binary file is refused."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data[: 1 << 16]:
+        raise InputError(f"noise_dir: {path} is binary (it holds NUL bytes), not a text book; remove it")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        warn_input(
+            f"noise_dir: {path} is not UTF-8 (byte {data[error.start]:#04x} at {error.start:,}); read as "
+            "Windows-1252: convert it to UTF-8 if its letters come out wrong"
+        )
+        return data.decode("cp1252", errors="replace")
 
 
 def book_files(split: str, noise_dir: Path) -> list[Path]:
@@ -128,7 +151,7 @@ def load_noise(split: str = "train", noise_dir: Path | str | None = None) -> lis
         return [Book(name, tuple(split_sentences(texts[name]))) for name in names]
     books = []
     for path in book_files(split, Path(noise_dir)):
-        books.append(Book(path.stem, tuple(split_sentences(path.read_text(encoding="utf-8", errors="replace")))))
+        books.append(Book(path.stem, tuple(split_sentences(read_book(path)))))
     return books
 
 
@@ -207,7 +230,32 @@ def tokenized_noise(
         if len(_LOADED) >= 8:
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = _load_or_build(key, tokenizer, split, resolved)
+        if resolved is not None:
+            _check_variety(_LOADED[key], split, resolved)
     return _LOADED[key]
+
+
+VARIETY_SENTENCES = 20_000  # sentences looked at when judging whether the noise repeats itself
+MIN_DISTINCT_SENTENCES = 100
+
+
+def distinct_sentences(noise: TokenizedNoise, first: int = VARIETY_SENTENCES) -> tuple[int, int]:
+    """(distinct, looked at) among the first `first` sentences of the noise."""
+    count = min(first, noise.num_sentences)
+    seen = {noise.ids[noise.starts[i] : noise.starts[i + 1]].tobytes() for i in range(count)}
+    return len(seen), count
+
+
+def _check_variety(noise: TokenizedNoise, split: str, noise_dir: Path) -> None:
+    """Warn when a user's books repeat themselves (one sentence, or a short text pasted over and over): samples
+    of millions of tokens would repeat them, and a model can learn the repetition instead of the facts."""
+    distinct, looked_at = distinct_sentences(noise)
+    if distinct < MIN_DISTINCT_SENTENCES or distinct < looked_at // 2:
+        warn_input(
+            f"noise_dir: the {split} books of {noise_dir} hold only {distinct:,} distinct sentences (of the first "
+            f"{looked_at:,}; {noise.num_tokens:,} tokens), so long samples repeat them over and over: give more, "
+            "varied books"
+        )
 
 
 _LOADED: dict[str, TokenizedNoise] = {}

@@ -8,6 +8,7 @@ paper's three tasks; answer one of 6 places), copy, reverse, associative (algori
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,13 +192,18 @@ def export_jsonl(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    with out.open("w", encoding="utf-8") as f:
-        for name in names:
-            for length in lengths:
-                for index in range(samples):
-                    record = _record(name, length, index, seed, tok, tokenizer, noise_dir, split)
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    written += 1
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # renamed into place when whole: never half a file
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for name in names:
+                for length in lengths:
+                    for index in range(samples):
+                        record = _record(name, length, index, seed, tok, tokenizer, noise_dir, split)
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        written += 1
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return written
 
 
