@@ -16,6 +16,7 @@ import torch
 
 import memformers as mf
 from memformers import training
+from memformers.errors import InputWarning
 from memformers.training import Trainer, load_config, train
 
 # A 2-layer, 32-wide BERT from scratch on MiniLM's vocabulary: 48-position segments (43 content tokens).
@@ -530,7 +531,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_fp32_and_says_so(monk
     if native:
         assert training._usable_precision("bf16", on_cpu=True) == "bf16"
     else:
-        with pytest.warns(UserWarning, match=r'mixed_precision = "bf16".*training in fp32'):
+        with pytest.warns(InputWarning, match=r'mixed_precision = "bf16".*training in fp32'):
             assert training._usable_precision("bf16", on_cpu=True) == "no"
     assert training._usable_precision("bf16", on_cpu=False) == "bf16"  # a GPU decides for itself
     assert training._usable_precision("no", on_cpu=True) == "no"

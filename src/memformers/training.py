@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import warn_input
 from .segments import IGNORE_INDEX, shift_labels
 from .training_config import (  # noqa: F401 (the config API is re-exported here)
     CHECKPOINT_PREFIX,
@@ -400,10 +400,9 @@ def _usable_precision(requested: str, on_cpu: bool) -> str:
     """The precision to train in: bf16 on a CPU without bf16 instructions would only be slower, so fp32 instead."""
     if requested == "bf16" and on_cpu and not cpu_has_native_bf16():
         capability = torch.backends.cpu.get_cpu_capability()
-        warnings.warn(
+        warn_input(
             f'optim.mixed_precision = "bf16": this CPU ({capability}) has no bf16 instructions and would train about '
-            "10× slower than in fp32; training in fp32",
-            stacklevel=3,
+            "10× slower than in fp32; training in fp32"
         )
         return "no"
     return requested
