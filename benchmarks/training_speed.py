@@ -22,8 +22,9 @@ import tempfile
 import time
 
 import torch
-from common import write_result
+from common import machine, write_result
 
+from memformers import training
 from memformers.training import Trainer
 from memformers.training_config import load_config
 
@@ -40,6 +41,7 @@ VARIANTS = {  # name: (mixed precision, threads, prefetch)
 def run_variant(config_path: str, steps: int, precision: str, threads: int, prefetch: bool) -> dict:
     """`steps` optimizer steps of a fresh run; the median step time after the first, and the last losses."""
     torch.set_num_threads(threads)
+    training.cpu_has_native_bf16 = lambda: True  # measure bf16 even where the trainer would fall back to fp32
     with tempfile.TemporaryDirectory() as out:
         overrides = [
             f"optim.mixed_precision={precision}",
@@ -101,6 +103,9 @@ def main() -> None:
     lines += [
         f"| {r['variant']} | {r['step_s']:.2f} | ×{r['speed_up']:.2f} | {r['loss_after_steps']:.4f} |" for r in table
     ]
+    cpu = machine()
+    bf16 = "yes" if cpu["cpu_bf16"] else "no"
+    lines.insert(0, f"{cpu['cpu']} ({cpu['cpu_capability']}, bf16 instructions: {bf16})\n")
     print("\n".join(lines))
     path = write_result(
         args.name,
