@@ -6,11 +6,12 @@ hidden states. `BackboneInfo` says what kind of model it is (encoder or decoder)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -136,6 +137,25 @@ def run_backbone(
     if logits_to_keep is not None and not native and logits is not None and logits.dim() == 3:
         logits = logits[:, logits_to_keep]
     return logits, out.hidden_states[-1]
+
+
+def frozen_call(module: nn.Module, *args, **kwargs):
+    """`module(*args, **kwargs)` with its weights cut from the graph: gradients reach the inputs, never the weights,
+    and the module (its `requires_grad` flags included) is left as it was."""
+    weights = {name: parameter.detach() for name, parameter in module.named_parameters()}
+    return torch.func.functional_call(module, weights, args, kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode (no dropout) for the duration of the block, then in the modes it had."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
 
 
 @functools.cache

@@ -284,9 +284,7 @@ def measure_training(name: str, model: MemoryModel | None, backbone, segments: i
     ids = torch.randint(0, vocab, (settings.train_batch, segments * content), generator=generator)
     ids = ids.to(settings.device)  # [batch, segments · content]
     module = backbone if model is None else model
-    module.train()
-    if isinstance(model, LongMem):
-        model.train()  # its backbone stays in eval mode and frozen
+    module.train()  # LongMem reads its frozen backbone in eval mode all the same
 
     def step() -> None:
         if model is None:
@@ -398,8 +396,6 @@ def run(
                 record["reason"] = "out of memory"
             say(_describe(record))
             add(record)
-        if isinstance(model, MemorizingTransformer):
-            model.detach_from_backbone()
         del model, backbone
     return records
 

@@ -121,11 +121,38 @@ def run_step(
     gradient_checkpointing: bool,
     logit_positions: torch.Tensor | None = None,  # [kept] content positions; None: all
 ):
-    """One step, recomputed during backward when checkpointing (only one segment's activations kept)."""
+    """One step, recomputed during backward when checkpointing (only one segment's activations kept); with a
+    frozen backbone (`freeze_backbone`), gradients pass through the backbone but never reach its weights."""
     kwargs = {} if logit_positions is None else {"logit_positions": logit_positions}
+    step = model.step
+    if getattr(model, "freeze_backbone", False) and torch.is_grad_enabled():
+        step = _FrozenBackboneStep(model)
     if gradient_checkpointing and torch.is_grad_enabled():
-        return checkpoint(model.step, segment, state, use_reentrant=False, **kwargs)
-    return model.step(segment, state, **kwargs)
+        return checkpoint(step, segment, state, use_reentrant=False, **kwargs)
+    return step(segment, state, **kwargs)
+
+
+class _FrozenBackboneStep:
+    """`model.step` with the backbone's weights cut from the graph for the duration of the call (its flags, hooks and
+    methods untouched)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, segment: Segment, state: State, **kwargs):
+        weights = {f"model.backbone.{name}": p.detach() for name, p in self.model.backbone.named_parameters()}
+        return torch.func.functional_call(_StepAsForward(self.model), weights, (segment, state), kwargs)
+
+
+class _StepAsForward(nn.Module):
+    """A view of a mechanism whose `forward` is its `step` (what `functional_call` calls)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, segment: Segment, state: State, **kwargs):
+        return self.model.step(segment, state, **kwargs)
 
 
 def iterate(
@@ -304,6 +331,14 @@ class MemoryModel(nn.Module):
     bptt_depth: int | None = None
     gradient_checkpointing: bool = False
     skip_unused_logits: bool = True  # False: the LM head runs on every position (for timing and debugging)
+    freeze_backbone: bool = False  # True: only the mechanism's own weights train; the backbone's get no gradient
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what an optimizer should train: parameters that take gradients, without the
+        backbone's when it is frozen."""
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad and not (self.freeze_backbone and name.startswith("backbone.")):
+                yield name, parameter
 
     def _take_backbone(self, backbone, segment_size: int, alignment: str, kind: str | None = None, span: int = 1):
         """What every mechanism checks first: a name is loaded, the backbone described, `span` segments of

@@ -85,9 +85,8 @@ def build_model(config: TrainConfig):
 
 
 def _frozen_as_asked(model, m: ModelConfig):
-    """`model.freeze_backbone`: only the mechanism's own weights keep gradients."""
-    if m.freeze_backbone:
-        model.backbone.requires_grad_(False)
+    """`model.freeze_backbone`: only the mechanism's own weights train (the backbone is left as loaded)."""
+    model.freeze_backbone = model.freeze_backbone or m.freeze_backbone
     return model
 
 
@@ -471,9 +470,7 @@ class Trainer:
         o = self.config.optim
         split_lr = o.memory_lr is not None
         groups = {(own, decays): [] for own in ((False, True) if split_lr else (False,)) for decays in (True, False)}
-        for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
-                continue
+        for name, parameter in model.trainable_parameters():
             own = split_lr and not name.startswith("backbone.")
             decays = parameter.dim() >= 2 and name != "memory"
             groups[own, decays].append(parameter)

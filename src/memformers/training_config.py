@@ -480,8 +480,6 @@ def _validate_mechanism(m: ModelConfig) -> None:
         if lm.memory_size < lm.chunk_size or lm.memory_size % lm.chunk_size:
             allowed = f"a multiple of model.longmem.chunk_size={lm.chunk_size}"
             _fail("model.longmem.memory_size", lm.memory_size, allowed)
-        if m.gradient_checkpointing:
-            _fail("model.gradient_checkpointing", True, "false for LongMem (its frozen backbone keeps no activations)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

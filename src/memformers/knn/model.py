@@ -7,7 +7,8 @@ own (positions restart at 0), so the backbone never sees more than `segment_size
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from .. import backbones
 from ..recurrence import MemoryModel, StepOutput
 from ..rmt import _special_id, as_segment
 from ..segments import Alignment, Segment
-from .attention import COMBINES, Combine, KNNAttention, MemoryContext
+from .attention import COMBINES, Combine, KNNAttention
 from .store import BACKENDS, Backend, KNNStore
 
 MAX_MEMORY_SIZE = 1 << 20
@@ -26,7 +27,7 @@ MAX_MEMORY_SIZE = 1 << 20
 
 @dataclass
 class KNNMemoryState:
-    """The stores of every memory layer. They are written in place (like a generation cache) and hold no graph."""
+    """The stores of every memory layer: values (a step returns new ones), holding no graph."""
 
     stores: list[KNNStore]
 
@@ -34,9 +35,7 @@ class KNNMemoryState:
         return self  # nothing in a store carries gradients
 
     def reset(self, rows: torch.Tensor) -> KNNMemoryState:
-        for store in self.stores:
-            store.reset(rows)
-        return self
+        return KNNMemoryState([store.reset(rows) for store in self.stores])
 
     def select(self, rows: torch.Tensor, other: KNNMemoryState) -> KNNMemoryState:
         # The driver's rows without tokens wrote nothing, so a state selected against itself is itself.
@@ -107,8 +106,6 @@ class MemorizingTransformer(MemoryModel):
             KNNAttention(backbones.attention_adapter(backbone, layer), top_k, combine, normalize_keys, search)
             for layer in resolved
         )
-        for layer in self.layers:
-            layer.attach()
 
     # --- the two methods the driver needs --------------------------------------------------------------------
 
@@ -146,26 +143,34 @@ class MemorizingTransformer(MemoryModel):
                 f"state: {len(state.stores)} stores of batch {state.stores[0].batch_size} do not fit "
                 f"{len(self.layers)} memory layers and a segment of batch {segment.batch_size}"
             )
-        with self.memory(state, write_mask=segment.attention_mask):
+        with self.memory(state, write_mask=segment.attention_mask) as written:
             embeds = self.backbone.get_input_embeddings()(segment.input_ids)
             keep = logit_positions if self.token_level else None
             logits, hidden = backbones.run_backbone(self.backbone, embeds, segment.attention_mask, logits_to_keep=keep)
-        return StepOutput(logits=logits, hidden=hidden, logit_positions=keep), state
+        return StepOutput(logits=logits, hidden=hidden, logit_positions=keep), written.state
 
-    def memory(self, state: KNNMemoryState, write_mask: torch.Tensor | None = None) -> _MemoryScope:
-        """`with model.memory(state): backbone(...)`: the memory layers read (and, given a mask, write) `state`."""
-        return _MemoryScope(self, state, write_mask)
+    @contextlib.contextmanager
+    def memory(self, state: KNNMemoryState, write_mask: torch.Tensor | None = None) -> Iterator[_Written]:
+        """`with model.memory(state) as written: backbone(...)`: for the duration of the block the memory layers
+        take the place of the backbone's attention and read `state`; given a `write_mask` [batch, length] they also
+        remember those tokens, and `written.state` is the new state after the block (`state` itself is unchanged)."""
+        written = _Written(state)
+        with contextlib.ExitStack() as patches:
+            for layer, store in zip(self.layers, state.stores, strict=True):
+                patches.enter_context(layer.patched())
+                layer.store, layer.write_mask = store, write_mask
+            try:
+                yield written
+                written.state = KNNMemoryState([layer.store for layer in self.layers])
+            finally:
+                for layer in self.layers:
+                    layer.store = layer.write_mask = None
 
     def reset(self, state: KNNMemoryState, rows: torch.Tensor | None = None) -> KNNMemoryState:
-        """Clear the rows marked (every row when None): a new document starts there."""
+        """`state` with the rows marked (every row when None) cleared: a new document starts there."""
         if rows is None:
             rows = torch.ones(state.stores[0].batch_size, dtype=torch.bool)
         return state.reset(rows)
-
-    def detach_from_backbone(self) -> None:
-        """Give the backbone's attention modules their own forward back (the model is unusable afterwards)."""
-        for layer in self.layers:
-            layer.detach_from_backbone()
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -216,17 +221,8 @@ class MemorizingTransformer(MemoryModel):
         }
 
 
-class _MemoryScope:
-    """Sets each memory layer's context for the duration of a `with` block, and always clears it."""
+@dataclass
+class _Written:
+    """The state a `memory` block leaves behind (set when the block ends)."""
 
-    def __init__(self, model: MemorizingTransformer, state: KNNMemoryState, write_mask: torch.Tensor | None) -> None:
-        self.model, self.state, self.write_mask = model, state, write_mask
-
-    def __enter__(self) -> KNNMemoryState:
-        for layer, store in zip(self.model.layers, self.state.stores, strict=True):
-            layer.context = MemoryContext(store, self.write_mask)
-        return self.state
-
-    def __exit__(self, *exc) -> None:
-        for layer in self.model.layers:
-            layer.context = None
+    state: KNNMemoryState

@@ -22,8 +22,10 @@ chunks. Rows never share slots, so a row can only retrieve its own past.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +62,11 @@ class LongMem(MemoryModel):
     layer that reads the bank (default S/2, the middle). The bank keeps the most recent `memory_size` tokens per row
     in chunks of `chunk_size`; each query reads the tokens of its `top_k_chunks` best chunks, `query_block` queries
     per key-value head at a time (bounding retrieval memory; None: all at once). Only the SideNet (and its gate) is
-    trainable; the backbone and its embeddings, final norm and LM head stay frozen and in eval mode.
+    trainable; the backbone and its embeddings, final norm and LM head stay frozen (gradients pass through the
+    final norm and head, never into them) and read in eval mode, without any change to the backbone itself.
     """
+
+    freeze_backbone = True  # always: only the SideNet (and its gate) trains
 
     def __init__(
         self,
@@ -133,46 +138,47 @@ class LongMem(MemoryModel):
         self.token_level = True
         self.causal = True
 
-        # The SideNet: copies made before any hook is put on the backbone, so they carry none.
+        # The SideNet: the mechanism's own copies of backbone blocks (any patch or hook on those blocks is not ours).
         self.sidenet = nn.ModuleList(
             copy.deepcopy(blocks[self.stride * i + self.stride - 1]) for i in range(sidenet_layers)
         )
-        for module in self.sidenet.modules():  # hooks another mechanism put on the backbone stay there
+        for module in self.sidenet.modules():
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
             module.__dict__.pop("forward", None)
-        backbone.requires_grad_(False)
-        backbone.eval()
         self.sidenet.requires_grad_(True)
         fused_block = self.stride * self.fusion_layer + self.stride - 1
         fused = self.sidenet[self.fusion_layer]
         adapter = backbones.attention_adapter(backbone, fused_block, block=fused)
         self.fusion = JointAttention(adapter, top_k_chunks, search, query_block)
         self.memory_adapter = backbones.attention_adapter(backbone, self.memory_layer)
-        self._capture: _Capture | None = None
-        self._install_hooks(blocks)
 
     # --- reading the frozen backbone --------------------------------------------------------------------------
 
-    def _install_hooks(self, blocks: nn.ModuleList) -> None:
+    @contextlib.contextmanager
+    def _recording(self, capture: _Capture) -> Iterator[None]:
+        """Hooks on the backbone that record into `capture`, for the duration of the block only."""
+        blocks = backbones.decoder_layers(self.backbone)
+
         def before_first(module, args, kwargs):
-            if self._capture is not None:
-                hidden, self._capture.block_args, self._capture.block_kwargs = backbones.split_block_call(args, kwargs)
-                self._capture.hidden.append(hidden)
+            hidden, capture.block_args, capture.block_kwargs = backbones.split_block_call(args, kwargs)
+            capture.hidden.append(hidden)
 
         def after_block(module, args, output):
-            if self._capture is not None:
-                self._capture.hidden.append(output[0] if isinstance(output, tuple) else output)
+            capture.hidden.append(output[0] if isinstance(output, tuple) else output)
 
         def before_memory_attention(module, args, kwargs):
-            if self._capture is not None:
-                hidden = self.memory_adapter.split_call(args, kwargs).hidden
-                _, self._capture.keys, self._capture.values = self.memory_adapter.project(hidden)
+            hidden = self.memory_adapter.split_call(args, kwargs).hidden
+            _, capture.keys, capture.values = self.memory_adapter.project(hidden)
 
-        blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)
-        for block in blocks:
-            block.register_forward_hook(after_block)
-        self.memory_adapter.module.register_forward_pre_hook(before_memory_attention, with_kwargs=True)
+        handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+        handles += [block.register_forward_hook(after_block) for block in blocks]
+        handles.append(self.memory_adapter.module.register_forward_pre_hook(before_memory_attention, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def read_backbone(
@@ -186,17 +192,15 @@ class LongMem(MemoryModel):
 
         With a `cache` (generation) the backbone reads only the new tokens and appends their keys and values to it.
         """
-        self._capture = capture = _Capture()
-        try:
-            base = self.backbone.base_model
+        capture = _Capture()
+        base = self.backbone.base_model
+        with self._recording(capture), backbones.eval_mode(base):
             base(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 **backbones.cache_arguments(base, cache),
             )
-        finally:
-            self._capture = None
         return capture
 
     # --- the SideNet ------------------------------------------------------------------------------------------
@@ -226,26 +230,17 @@ class LongMem(MemoryModel):
         x = hidden_states[0]
         self.fusion.bank = bank
         try:
-            for i, layer in enumerate(self.sidenet):
-                out = layer(x, *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                x = out + (hidden_states[r * (i + 1)] - hidden_states[r * i])  # cross-network residual
+            with self.fusion.patched() if bank is not None else contextlib.nullcontext():  # None: no memory
+                for i, layer in enumerate(self.sidenet):
+                    out = layer(x, *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    x = out + (hidden_states[r * (i + 1)] - hidden_states[r * i])  # cross-network residual
         finally:
             self.fusion.bank = None
-        hidden = self.final_norm(x)
+        # The backbone's own final norm and LM head, frozen: gradients pass through them, never into them.
+        hidden = backbones.frozen_call(backbones.final_norm(self.backbone), x)
         head_input = hidden if logit_positions is None else hidden[:, logit_positions]
-        return self.backbone.get_output_embeddings()(head_input), hidden, capture
-
-    @property
-    def final_norm(self) -> nn.Module:
-        """The backbone's own (frozen) final norm."""
-        return backbones.final_norm(self.backbone)
-
-    def train(self, mode: bool = True) -> LongMem:
-        """Train the SideNet; the frozen backbone stays in eval mode (no dropout), as it only encodes."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        return backbones.frozen_call(self.backbone.get_output_embeddings(), head_input), hidden, capture
 
     # --- the two methods the driver needs --------------------------------------------------------------------
 
@@ -275,11 +270,6 @@ class LongMem(MemoryModel):
         """One segment: read the bank (earlier segments only), then write this segment's chunks to it. Logits only
         at `logit_positions`."""
         segment = as_segment(segment)
-        if self.gradient_checkpointing:
-            raise ValueError(
-                "gradient_checkpointing=True: recomputing a LongMem step would write its segment to the bank twice; "
-                "leave it False for LongMem (its backbone pass keeps no activations already)"
-            )
         if segment.input_ids.shape[1] > self.content_size:
             raise ValueError(f"segment has {segment.input_ids.shape[1]} tokens; this model takes {self.content_size}")
         if state.store.batch_size != segment.batch_size or state.chunk_size != self.chunk_size:
@@ -290,8 +280,8 @@ class LongMem(MemoryModel):
         logits, hidden, capture = self.side_forward(
             segment.input_ids, segment.attention_mask, state, logit_positions=logit_positions
         )
-        state.write(capture.keys, capture.values, segment.attention_mask)  # after the read
-        return StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions), state
+        written = state.write(capture.keys, capture.values, segment.attention_mask)  # after the read
+        return StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions), written
 
     # --- generation -------------------------------------------------------------------------------------------
 
