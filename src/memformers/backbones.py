@@ -20,6 +20,8 @@ import torch
 import transformers
 from torch import nn
 
+from .files import atomic_folder
+
 Kind = Literal["encoder", "decoder"]
 Head = Literal["none", "classification", "token"]
 
@@ -109,6 +111,35 @@ def describe(model: nn.Module, kind: Kind | None = None) -> BackboneInfo:
         max_positions=max_positions,
         class_name=name,
     )
+
+
+def take(
+    backbone: nn.Module | str, segment_size: int, kind: Kind | None = None, span: int = 1
+) -> tuple[transformers.PreTrainedModel, BackboneInfo]:
+    """What every mechanism does first: load a name, describe the backbone, and check that `span` segments of
+    `segment_size` positions fit its window."""
+    if isinstance(backbone, str):
+        backbone, _ = load(backbone)
+    info = describe(backbone, kind)
+    limit = info.max_positions
+    if limit is not None and span * segment_size > limit:
+        held = "a segment" if span == 1 else f"{span} segments"
+        raise ValueError(
+            f"segment_size={segment_size}: {held} span {span * segment_size} positions, more than the backbone's "
+            f"{limit}; use segment_size ≤ {limit // span}"
+        )
+    return backbone, info
+
+
+def special_id(config, *names: str, fallback: int | None = None) -> int | None:
+    """The first of the config's token ids `names` (e.g. "pad_token_id", "eos_token_id") that is set."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return fallback
 
 
 def run_backbone(
@@ -206,13 +237,9 @@ def smollm2_path() -> Path:
         config.__dict__.pop("quantization_config", None)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    # Write beside the target, then rename: an interrupted conversion never leaves a half-written cache.
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        tmp.replace(target)
+    with atomic_folder(target) as tmp:  # an interrupted conversion never leaves a half-written cache
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -304,6 +331,11 @@ def cache_arguments(model: nn.Module, cache: transformers.Cache | None) -> dict:
     if getattr(model.config, "use_cache", False) or "use_cache" in getattr(model.config, "__dict__", {}):
         return {"use_cache": False}
     return {}
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether the model's forward takes `position_ids` (GPT-2, Llama and most decoders do)."""
+    return "position_ids" in _signature(type(model).forward).parameters
 
 
 def split_block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

@@ -34,13 +34,53 @@ from torch import nn
 
 from .. import backbones
 from ..knn.store import BACKENDS, Backend, KNNStore
-from ..recurrence import MemoryModel, StepOutput
-from ..rmt import as_segment
-from ..segments import Alignment, Segment
+from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from ..segments import Segment, as_segment
 from .attention import JointAttention
 from .bank import MemoryBank
 
 MAX_MEMORY_SIZE = 1 << 22
+
+
+@dataclass(kw_only=True)
+class LongMemConfig(MechanismConfig):
+    """LongMem's knobs (and the driver's); None: the backbone's default, resolved when the model is built."""
+
+    fixed = ("segment_size", "alignment", "sidenet_layers", "memory_layer", "fusion_layer", "chunk_size")
+    resizable = ("memory_size",)
+
+    sidenet_layers: int | None = None  # S, dividing the backbone's L blocks (default L/2)
+    memory_layer: int | None = None  # the backbone block whose keys and values the bank holds (default 3L/4 − 1)
+    fusion_layer: int | None = None  # the SideNet layer that reads the bank (default S/2)
+    memory_size: int = 65_536  # tokens per row in the bank, FIFO
+    chunk_size: int = 4  # tokens per retrieved chunk
+    top_k_chunks: int = 16  # chunks each query reads
+    search: Backend = "torch"
+    query_block: int | None = 512  # queries per key-value head retrieved at once (bounds memory); None: all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("sidenet_layers", "memory_layer", "fusion_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be None (the backbone's default) or an int, got {value!r}")
+        if self.sidenet_layers is not None:
+            check_int("sidenet_layers", self.sidenet_layers, 1)
+        check_int("chunk_size", self.chunk_size, 1)
+        if (
+            isinstance(self.memory_size, bool)
+            or not isinstance(self.memory_size, int)
+            or not self.chunk_size <= self.memory_size <= MAX_MEMORY_SIZE
+            or self.memory_size % self.chunk_size
+        ):
+            raise ValueError(
+                f"memory_size must be an int multiple of chunk_size={self.chunk_size} in [{self.chunk_size}, "
+                f"{MAX_MEMORY_SIZE}], got {self.memory_size!r}"
+            )
+        check_int("top_k_chunks", self.top_k_chunks, 1)
+        check_choice("search", self.search, BACKENDS)
+        if self.query_block is not None:
+            check_int("query_block", self.query_block, 1)
 
 
 @dataclass
@@ -68,79 +108,44 @@ class LongMem(MemoryModel):
 
     freeze_backbone = True  # always: only the SideNet (and its gate) trains
 
+    config_class = LongMemConfig
+    generates = True
+
     def __init__(
-        self,
-        backbone: transformers.PreTrainedModel | str,
-        sidenet_layers: int | None = None,
-        memory_layer: int | None = None,
-        fusion_layer: int | None = None,
-        memory_size: int = 65_536,
-        chunk_size: int = 4,
-        top_k_chunks: int = 16,
-        segment_size: int = 512,
-        search: Backend = "torch",
-        alignment: Alignment = "left",
-        query_block: int | None = 512,
+        self, backbone: transformers.PreTrainedModel | str, config: LongMemConfig | None = None, **knobs
     ) -> None:
-        super().__init__()
-        backbone = self._take_backbone(backbone, segment_size, alignment)
+        config = self.make_config(config, knobs)
+        super().__init__(backbone, config)
         if not self.info.is_decoder or self.info.head != "token":
             raise ValueError(f"backbone: LongMem needs a causal LM (Llama family or GPT-2), got {self.info.class_name}")
-        blocks = backbones.decoder_layers(backbone)  # also rejects families without an attention adapter
+        blocks = backbones.decoder_layers(self.backbone)  # also rejects families without an attention adapter
         num_blocks = len(blocks)
-        if sidenet_layers is None:
-            sidenet_layers = max(1, num_blocks // 2)
-        if not isinstance(sidenet_layers, int) or not 1 <= sidenet_layers <= num_blocks:
-            raise ValueError(f"sidenet_layers must be an int in [1, {num_blocks}], got {sidenet_layers!r}")
+        sidenet_layers = max(1, num_blocks // 2) if config.sidenet_layers is None else config.sidenet_layers
+        check_int("sidenet_layers", sidenet_layers, 1, num_blocks)
         if num_blocks % sidenet_layers:
             raise ValueError(
                 f"sidenet_layers must divide the backbone's {num_blocks} blocks (each SideNet layer stands for an "
                 f"equal run of blocks), got {sidenet_layers}"
             )
-        if memory_layer is None:
-            memory_layer = max(0, 3 * num_blocks // 4 - 1)
-        if not isinstance(memory_layer, int) or not -num_blocks <= memory_layer < num_blocks:
-            raise ValueError(f"memory_layer must be an int in [{-num_blocks}, {num_blocks - 1}], got {memory_layer!r}")
-        if fusion_layer is None:
-            fusion_layer = sidenet_layers // 2
-        if not isinstance(fusion_layer, int) or not -sidenet_layers <= fusion_layer < sidenet_layers:
-            raise ValueError(
-                f"fusion_layer must be an int in [{-sidenet_layers}, {sidenet_layers - 1}], got {fusion_layer!r}"
-            )
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int ≥ 1, got {chunk_size!r}")
-        if (
-            not isinstance(memory_size, int)
-            or not chunk_size <= memory_size <= MAX_MEMORY_SIZE
-            or memory_size % chunk_size
-        ):
-            raise ValueError(
-                f"memory_size must be an int multiple of chunk_size={chunk_size} in [{chunk_size}, {MAX_MEMORY_SIZE}], "
-                f"got {memory_size!r}"
-            )
-        if not isinstance(top_k_chunks, int) or top_k_chunks < 1:
-            raise ValueError(f"top_k_chunks must be an int ≥ 1, got {top_k_chunks!r}")
-        if search not in BACKENDS:
-            raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
-        if query_block is not None and (not isinstance(query_block, int) or query_block < 1):
-            raise ValueError(f"query_block must be None (all queries at once) or an int ≥ 1, got {query_block!r}")
-
-        self.backbone = backbone
-        self.sidenet_layers = sidenet_layers
+        memory_layer = max(0, 3 * num_blocks // 4 - 1) if config.memory_layer is None else config.memory_layer
+        check_int("memory_layer", memory_layer, -num_blocks, num_blocks - 1)
+        fusion_layer = sidenet_layers // 2 if config.fusion_layer is None else config.fusion_layer
+        check_int("fusion_layer", fusion_layer, -sidenet_layers, sidenet_layers - 1)
+        # The config records the layers as resolved for this backbone.
+        self.config = config = dataclasses.replace(
+            config,
+            sidenet_layers=sidenet_layers,
+            memory_layer=memory_layer % num_blocks,
+            fusion_layer=fusion_layer % sidenet_layers,
+        )
         self.stride = num_blocks // sidenet_layers  # r: backbone blocks per SideNet layer
-        self.memory_layer = memory_layer % num_blocks
-        self.fusion_layer = fusion_layer % sidenet_layers
-        self.memory_size = memory_size
-        self.chunk_size = chunk_size
-        self.top_k_chunks = top_k_chunks
-        self.content_size = segment_size
-        self.search = search
+        self.content_size = config.segment_size
         self.token_level = True
         self.causal = True
 
         # The SideNet: the mechanism's own copies of backbone blocks (any patch or hook on those blocks is not ours).
         self.sidenet = nn.ModuleList(
-            copy.deepcopy(blocks[self.stride * i + self.stride - 1]) for i in range(sidenet_layers)
+            copy.deepcopy(blocks[self.stride * i + self.stride - 1]) for i in range(config.sidenet_layers)
         )
         for module in self.sidenet.modules():
             module._forward_hooks.clear()
@@ -149,9 +154,9 @@ class LongMem(MemoryModel):
         self.sidenet.requires_grad_(True)
         fused_block = self.stride * self.fusion_layer + self.stride - 1
         fused = self.sidenet[self.fusion_layer]
-        adapter = backbones.attention_adapter(backbone, fused_block, block=fused)
-        self.fusion = JointAttention(adapter, top_k_chunks, search, query_block)
-        self.memory_adapter = backbones.attention_adapter(backbone, self.memory_layer)
+        adapter = backbones.attention_adapter(self.backbone, fused_block, block=fused)
+        self.fusion = JointAttention(adapter, config.top_k_chunks, config.search, config.query_block)
+        self.memory_adapter = backbones.attention_adapter(self.backbone, self.memory_layer)
 
     # --- reading the frozen backbone --------------------------------------------------------------------------
 
@@ -349,28 +354,3 @@ class LongMem(MemoryModel):
             lengths = lengths + 1
             new_tokens.append(token)
         return torch.stack(new_tokens, dim=1).to(dtype)
-
-    # --- saving -----------------------------------------------------------------------------------------------
-
-    def extra_repr(self) -> str:
-        return (
-            f"sidenet_layers={self.sidenet_layers}, memory_layer={self.memory_layer}, "
-            f"fusion_layer={self.fusion_layer}, "
-            f"memory_size={self.memory_size}, chunk_size={self.chunk_size}, top_k_chunks={self.top_k_chunks}, "
-            f"segment_size={self.segment_size}"
-        )
-
-    def config_dict(self) -> dict:
-        """The constructor arguments, for `save_pretrained`."""
-        return {
-            "sidenet_layers": self.sidenet_layers,
-            "memory_layer": self.memory_layer,
-            "fusion_layer": self.fusion_layer,
-            "memory_size": self.memory_size,
-            "chunk_size": self.chunk_size,
-            "top_k_chunks": self.top_k_chunks,
-            "segment_size": self.segment_size,
-            "search": self.search,
-            "alignment": self.alignment,
-            "query_block": self.fusion.query_block,
-        }
