@@ -79,6 +79,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+from .registry import MECHANISMS
+
 app = typer.Typer(
     cls=OneLineErrors,
     help="Read millions of tokens through memory with any Hugging Face transformer.",
@@ -724,7 +726,9 @@ def bench(
     segment_size: int = typer.Option(512, help="Backbone positions per segment."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 on GPU)."),
-    mechanisms: str = typer.Option("rmt,knn,longmem,cache,full", help="Which to measure, comma-separated."),
+    mechanisms: str = typer.Option(
+        ",".join((*MECHANISMS, "full")), help="Which to measure, comma-separated (full: the backbone alone)."
+    ),
     train_segments: str = typer.Option("1,2,4,8", help="Segments back-propagated through in a training step."),
     time_budget: float = typer.Option(150.0, help="Seconds a cell may take; longer ones are skipped (and say so)."),
     mfu: bool = typer.Option(False, "--mfu", help="Also RMT inference's model FLOPs utilisation at batch 16."),

@@ -25,13 +25,17 @@ Config (TOML; every key optional unless marked):
   family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
   layers, hidden, heads, intermediate   default 4, 128, 4, 512
   dropout                 default 0.1
-[model.knn]               only for mechanism = "knn"; defaults from MemorizingTransformer
+[model.<mechanism>]       that mechanism's own knobs: the fields of its config class (registry.py), which checks
+                          them; the keys every mechanism shares (segment_size, alignment, bptt_depth,
+                          gradient_checkpointing) stay in [model]
+[model.rmt]               num_memory_tokens (also read from [model], where older configs set it)
+[model.knn]               KNNConfig; defaults from MemorizingTransformer
   memory_layers           decoder layers with kNN memory, negative = from the end (default [-4])
   memory_size, top_k      stored (key, value) pairs per row, head and layer (65536); neighbours per query (32)
   combine                 "gate" (default) or "joint"
   normalize_keys          L2-normalised keys with a learned temperature (default false)
   search                  "torch" (default) or "faiss"
-[model.longmem]           only for mechanism = "longmem"; defaults from LongMem (None = the backbone's default)
+[model.longmem]           LongMemConfig; defaults from LongMem (None = the backbone's default)
   sidenet_layers, memory_layer, fusion_layer   ints (default L/2, 3L/4 − 1, S/2)
   memory_size, chunk_size, top_k_chunks        default 65536, 4, 16
 [task]
