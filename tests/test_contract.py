@@ -136,3 +136,47 @@ def test_a_frozen_backbone_gets_no_gradient_and_keeps_its_flags() -> None:
     assert all(p.requires_grad and p.grad is None for p in backbone.parameters())
     assert {name for name, _ in model.trainable_parameters()} == {"layers.0.gate_bias", "layers.0.mix"}
     assert model.layers[0].mix.grad is not None
+
+
+def test_configs_check_themselves_and_name_the_knob() -> None:
+    for make, knob in (
+        (lambda: mf.RMTConfig(num_memory_tokens=-1), "num_memory_tokens"),
+        (lambda: mf.KNNConfig(top_k=0), "top_k"),
+        (lambda: mf.KNNConfig(memory_layers=()), "memory_layers"),
+        (lambda: mf.LongMemConfig(memory_size=10, chunk_size=4), "memory_size"),
+        (lambda: mf.CacheConfig(alignment="middle"), "alignment"),
+        (lambda: mf.CacheConfig(segment_size=0), "segment_size"),
+    ):
+        with pytest.raises(ValueError, match=knob):
+            make()
+    backbone = tiny_backbone("llama")
+    with pytest.raises(ValueError, match="topk: not a knob of KNNConfig"):
+        mf.MemorizingTransformer(backbone, topk=3)
+    model = mf.MemorizingTransformer(backbone, mf.KNNConfig(memory_layers=[-1], segment_size=SEGMENT))
+    assert model.config.memory_layers == (-1,) and model.top_k == 32  # knobs read through the config
+    model.top_k = 4  # and written through it, checked again
+    assert model.config.top_k == 4 and model.config_dict()["top_k"] == 4
+    with pytest.raises(ValueError, match="top_k"):
+        model.top_k = 0
+    assert model.config.top_k == 4
+
+
+def test_every_registered_mechanism_saves_and_loads_through_the_registry(tmp_path) -> None:
+    backbone = four_layer_llama()
+    for name in MECHANISMS:
+        model = build(name, backbone)
+        assert mf.MECHANISMS[name].model is type(model) and isinstance(model.config, mf.MECHANISMS[name].config)
+        model.save_pretrained(tmp_path / name)
+        loaded = mf.load(tmp_path / name)
+        assert type(loaded) is type(model) and loaded.config == model.config
+
+
+def test_the_library_never_imports_its_cli() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, memformers, memformers.bench, memformers.training, memformers.evaluation, memformers.perplexity;"
+        "assert 'memformers.cli' not in sys.modules, 'memformers.cli imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
