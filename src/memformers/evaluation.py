@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .babilong_metric import BABILONG_SCORER, babilong_correct, babilong_labels
+from .files import atomic_file
 from .segments import Segment, stack_segments, stream_segments
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,9 +306,8 @@ def save_cells(path: str | Path, cells: list[Cell], meta: dict | None = None) ->
     scorers = sorted({cell.scorer for cell in cells if cell.scorer})
     if scorers:
         record["scorer"] = scorers[0] if len(scorers) == 1 else scorers
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**record, "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({**record, "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
 
 
 def evaluate_grid(

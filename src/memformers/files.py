@@ -1,10 +1,12 @@
-"""Folders written atomically: built under a hidden name beside the target, then renamed into place, so a reader
-(or a crash) never sees half of one. Saved models, training checkpoints and converted backbones all go through here.
+"""Files and folders written atomically: built under a hidden name beside the target, then renamed into place, so a
+reader (or a crash) never sees half of one. Saved models, training checkpoints, converted backbones, result grids,
+pictures and the tokenized-noise cache all go through here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +50,17 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_folder(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """`with atomic_file(path) as tmp:` write the file `tmp` (same suffix, so writers that go by it still work); it
+    becomes `path` only when the block succeeds. Each process writes its own temporary file."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
+    try:
+        yield tmp
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
