@@ -1,7 +1,9 @@
 """What memformers needs of a Hugging Face model, and where the real pretrained backbones come from.
 
 A backbone is never edited: mechanisms feed it `inputs_embeds`, attention masks and position ids, and read its
-hidden states. `BackboneInfo` says what kind of model it is (encoder or decoder) and what its head returns.
+hidden states; attention patches and recording hooks exist only for the duration of one pass, and a frozen backbone
+runs with detached weights (`frozen_call`) instead of having its `requires_grad` flags changed. `BackboneInfo` says
+what kind of model it is (encoder or decoder) and what its head returns.
 """
 
 from __future__ import annotations

@@ -121,8 +121,9 @@ def class_answers(model) -> tuple[str, ...] | None:
 
 
 def generates(model) -> bool:
-    """Whether `model` is scored by generating its answer (a causal-LM head) rather than by its classes."""
-    return bool(getattr(model, "token_level", False) and getattr(model, "causal", False))
+    """Whether `model` is scored by generating its answer (a mechanism that declares `generates`, on a causal-LM
+    head) rather than by its classes."""
+    return bool(getattr(model, "generates", False) and model.token_level and model.causal)
 
 
 def generate_answers(
