@@ -9,6 +9,7 @@ import transformers
 from conftest import VOCAB, tiny_backbone, tiny_config
 
 import memformers as mf
+from memformers.knn import KNNStore
 
 SEGMENT = 16
 
@@ -44,9 +45,12 @@ def four_layer_llama():
 
 
 def tensors_of(value) -> list[torch.Tensor]:
-    """Every tensor a state holds, in a fixed order (dataclasses, stores, lists and tuples)."""
+    """Every tensor a state holds, in a fixed order (dataclasses, stores, lists and tuples); of a kNN store, what
+    it holds: each row's entries and its count (slots past a row's size are never read, so never compared)."""
     if isinstance(value, torch.Tensor):
         return [value]
+    if isinstance(value, KNNStore):
+        return [value.count] + [t for row in range(value.batch_size) for t in value.entries(row)]
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in tensors_of(item)]
     if hasattr(value, "__dict__"):

@@ -7,7 +7,8 @@ tensors and read under `no_grad`; gradients reach the queries through the memory
 
 A store is a value: `write` and `reset` return a new store and leave the one they were called on as it was, so a
 segment recomputed during backward (gradient checkpointing) searches exactly the store it searched the first time.
-The price is one copy of the store per write, a pass over memory far cheaper than the search that reads it.
+The price is one copy of the filled slots per write, a pass over memory far cheaper than the search that reads
+them for every query.
 
 Search backends return the top-k slots by inner product:
 - "torch": exact, blockwise matmul + top-k (CPU and GPU), memory bounded by the block size;
@@ -76,10 +77,20 @@ class KNNStore:
         keep = mask & (rank >= real - self.capacity)  # a segment longer than the store keeps its tail
         rows, tokens = keep.nonzero(as_tuple=True)  # [entries]
         slots = (self.count[rows] + rank[rows, tokens]) % self.capacity
-        out = self._with(self.keys.clone(), self.values.clone(), self.count + real.squeeze(1))
+        out = self._with(self._copy(self.keys), self._copy(self.values), self.count + real.squeeze(1))
         # Advanced indices around a slice: both sides are [entries, heads, head_dim].
         out.keys[rows, :, slots] = keys.detach()[rows, :, tokens].to(self.keys.dtype)
         out.values[rows, :, slots] = values.detach()[rows, :, tokens].to(self.values.dtype)
+        return out
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:  # [batch, heads, capacity, width]
+        """A copy of the slots that may hold entries, [0, size.max()), and of slot 0 (which `gather` reads for slot
+        -1, masked by every reader, so it must hold a number: a zero of the fresh store or an entry); the rest is
+        left unset, as nothing reads a slot past its row's size (searches mask them). So a write costs a pass over
+        what the store holds, never over its whole capacity."""
+        used = max(1, int(self.size.max()))
+        out = torch.empty_like(tensor)
+        out[:, :, :used] = tensor[:, :, :used]
         return out
 
     def _with(self, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> KNNStore:
