@@ -24,6 +24,8 @@ from typer.core import TyperGroup
 
 from .backbones import BackboneNotFoundError
 from .errors import InputError, InputWarning
+from .files import atomic_file
+from .registry import MECHANISMS
 
 EXIT_BAD_INPUT = 2  # click's status for a usage error
 # click's exceptions, wherever this typer takes click from (newer releases carry their own copy)
@@ -78,8 +80,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
-
-from .registry import MECHANISMS
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -162,10 +162,8 @@ def check_device(device: str) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def progress_bar() -> Progress:
