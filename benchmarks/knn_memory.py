@@ -51,13 +51,14 @@ def build_backbone(args) -> transformers.PreTrainedModel:
     return transformers.LlamaForCausalLM(config).to(args.device)
 
 
-def fill(store: KNNStore, size: int, chunk: int = 65_536) -> None:
-    """Random keys and values up to `size` entries per row."""
+def fill(store: KNNStore, size: int, chunk: int = 65_536) -> KNNStore:
+    """The store with random keys and values up to `size` entries per row."""
     batch, heads, _, head_dim = store.keys.shape
     for start in range(0, size, chunk):
         n = min(chunk, size - start)
         kv = torch.randn(batch, heads, n, head_dim, device=store.keys.device, dtype=store.keys.dtype)
-        store.write(kv, kv)
+        store = store.write(kv, kv)
+    return store
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def step_times(args) -> dict:
     states = {}
     for size in args.memory_sizes:  # a store of exactly `size` entries: full, so FIFO keeps it at `size`
         store = KNNStore(args.batch, adapter.num_kv_heads, adapter.head_dim, max(size, 1), device=device)
-        fill(store, size)
+        store = fill(store, size)
         states[size] = KNNMemoryState([store])
     runs = {"backbone": lambda: bare_step(backbone, ids)}
     for size, state in states.items():
@@ -117,7 +118,6 @@ def step_times(args) -> dict:
             "all": times[str(size)],
         }
         print(f"memory {size:>7}: {median:.3f} s per step, x{median / base:.2f}")
-    model.detach_from_backbone()
     return result
 
 
@@ -134,7 +134,7 @@ def search_times(args) -> dict:
     result = {}
     for heads, num_queries, size in shapes:
         store = KNNStore(1, heads, args.head_dim, size, device=device)
-        fill(store, size)
+        store = fill(store, size)
         queries = torch.randn(1, heads, num_queries, args.head_dim, device=device)
         entry = {"heads": heads, "queries": num_queries, "keys": size, "head_dim": args.head_dim, "k": args.top_k}
         found = {backend: search_once(store, queries, args.top_k, backend) for backend in backends}  # warm-up

@@ -62,7 +62,7 @@ def test_memory_grows_with_length_for_full_attention_only() -> None:
 
 def test_cells_over_the_time_budget_are_skipped_with_the_reason_and_an_extrapolation(monkeypatch) -> None:
     # a measurement that takes 1 ms per token, whatever the machine's load: the budget check is what is tested
-    def measure(name, model, backbone, length, settings):
+    def measure(name, model, backbone, length, settings, progress=None):
         record = {"kind": "inference", "mechanism": name, "length": length, "status": "ok", "seconds": length / 1000}
         return record | {"tokens_per_s": 1000.0, "peak_bytes": None}
 

@@ -141,7 +141,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = tiny_cache("llama", alignment="right")
     model.save_pretrained(tmp_path / "cache")
     loaded = mf.load(tmp_path / "cache")
-    assert isinstance(loaded, mf.SegmentCacheTransformer) and "SegmentCacheTransformer" in mf.MECHANISMS
+    assert isinstance(loaded, mf.SegmentCacheTransformer) and mf.MECHANISMS["cache"].model is mf.SegmentCacheTransformer
     assert (loaded.segment_size, loaded.alignment) == (S, "right")
     ids = random_ids(1, 2 * S + 3)
     with torch.no_grad():

@@ -69,7 +69,7 @@ class LastFactOracle(MemoryModel):
     def init_state(self, batch_size):
         return LastFactState(torch.full((batch_size,), -1))
 
-    def step(self, segment, state):
+    def step(self, segment, state, logit_positions=None):  # logits everywhere: it cannot skip
         answer = state.answer.clone() if not self.forget else torch.full_like(state.answer, -1)
         for row, ids in enumerate(segment.input_ids.tolist()):
             for i, token in enumerate(ids):
@@ -126,7 +126,7 @@ def test_grid_resumes_from_saved_cells(tokenizer, tmp_path):
     assert {r["length"] for r in saved} == {300, 600} and all(r["accuracy"] == 1.0 for r in saved)
 
     class Refuses(LastFactOracle):
-        def step(self, segment, state):
+        def step(self, segment, state, logit_positions=None):
             raise AssertionError("a finished cell was evaluated again")
 
     again = evaluate_grid(Refuses(tokenizer), ["memorize"], [300, 600], 4, tokenizer, path, batch_size=4)
@@ -322,6 +322,7 @@ class Answers(MemoryModel):
 
     token_level = True
     causal = True
+    generates = True
     alignment = "right"
 
     def __init__(self, tokenizer, fixed: str | None = None) -> None:
@@ -339,7 +340,7 @@ class Answers(MemoryModel):
             if token in self.actors and hits and "?" not in self.tokenizer.convert_ids_to_tokens(ids[i + 1 : i + 6]):
                 places[token] = hits[0]
 
-    def step(self, segment, state):
+    def step(self, segment, state, logit_positions=None):  # logits everywhere: it cannot skip
         assert not torch.is_grad_enabled(), "reading for generation must not build a graph over the haystack"
         rows = [dict(places) for places in state.rows]
         for row, ids in enumerate(segment.input_ids.tolist()):

@@ -8,7 +8,6 @@ import torch
 from conftest import VOCAB, tiny_backbone
 
 import memformers as mf
-from memformers.knn.attention import MemoryContext
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 SEGMENT = 16
@@ -58,8 +57,7 @@ def _layer_inputs(family: str, combine: str, stored: int, top_k: int):
     layer = model.layers[0]
     adapter = layer.adapter
     state = model.init_state(2)
-    store = state.stores[0]
-    store.write(
+    store = state.stores[0].write(
         torch.randn(2, adapter.num_kv_heads, stored, adapter.head_dim),
         torch.randn(2, adapter.num_kv_heads, stored, adapter.head_dim),
     )
@@ -81,13 +79,12 @@ def test_memory_attention_is_exact_when_top_k_covers_the_store(family: str) -> N
     model, layer, adapter, store = _layer_inputs(family, "gate", stored=30, top_k=48)
     open_gate(model)
     hidden = torch.randn(2, 6, 32)
-    layer.context = MemoryContext(store, None)
-    with torch.no_grad():
+    layer.store = store
+    with torch.no_grad(), layer.patched():
         out, _ = adapter.module(hidden, position_embeddings=_rotary(model, 6))
         query, _, _ = adapter.project(hidden)  # memory sees pre-rotary queries and keys
         expected = _exact(adapter, query, store.keys[:, :, :30], store.values[:, :, :30])
         expected = adapter.output(expected.transpose(1, 2).reshape(2, 6, -1))
-    layer.context = None
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -97,8 +94,8 @@ def test_joint_softmax_is_one_softmax_over_memory_and_local_keys() -> None:
         layer.mix.fill_(1.0)  # gate_bias stays 0: exactly the joint softmax
     hidden = torch.randn(2, 6, 32)
     cos_sin = _rotary(model, 6)
-    layer.context = MemoryContext(store, None)
-    with torch.no_grad():
+    layer.store = store
+    with torch.no_grad(), layer.patched():
         out, _ = adapter.module(hidden, position_embeddings=cos_sin)
         query, key, value = adapter.project(hidden)
         call = adapter.split_call((hidden,), {"position_embeddings": cos_sin})  # the call the module received
@@ -112,7 +109,6 @@ def test_joint_softmax_is_one_softmax_over_memory_and_local_keys() -> None:
         weights = (torch.cat([memory_scores, local_scores], -1) * adapter.scaling).softmax(-1)
         all_values = torch.cat([store.values[:, :, :30], value], 2).repeat_interleave(group, 1)
         expected = adapter.output((weights @ all_values).transpose(1, 2).reshape(2, 6, -1))
-    layer.context = None
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -139,7 +135,6 @@ def test_segment_one_reaches_segment_three_through_the_store(search: str) -> Non
             open_gate(model)
         with torch.no_grad():
             a, b = model(ids).logits[:, -SEGMENT:], model(changed).logits[:, -SEGMENT:]
-        model.detach_from_backbone()
         return a, b
 
     a, b = third_segment(3 * SEGMENT, open_=True)
@@ -180,24 +175,24 @@ def test_rows_never_mix_and_reset_clears_one_row(family: str) -> None:
             real = mask[row].bool()
             torch.testing.assert_close(both.logits[row][real], alone.logits[0][real], rtol=1e-5, atol=1e-5)
         # A planted key in row 0 that every query prefers is never returned to row 1.
-        state = model.init_state(2)
-        store = state.stores[0]
-        heads, dim = store.keys.shape[1], store.keys.shape[3]
+        empty = model.init_state(2)
+        heads, dim = empty.stores[0].keys.shape[1], empty.stores[0].keys.shape[3]
         planted = torch.zeros(2, heads, 1, dim)
         planted[0] = 1e4
-        store.write(planted, planted, torch.tensor([[1], [0]]))
-        model.step(ids[:, :SEGMENT], state)
+        state = mf.knn.KNNMemoryState([empty.stores[0].write(planted, planted, torch.tensor([[1], [0]]))])
+        _, state = model.step(ids[:, :SEGMENT], state)
+        store = state.stores[0]
         slots = store.search(torch.ones(2, heads, 3, dim), k=4)[1]
         assert bool((slots[0, :, :, 0] == 0).all()) and store.size.tolist() == [17, 16]
         assert not bool((store.gather(slots)[1][1] == 1e4).any())
         # Reset row 0 only: it reads as a fresh document; row 1 keeps its memory.
-        model.step(ids[:, SEGMENT : 2 * SEGMENT], state)
-        kept = store.entries(1)
-        model.reset(state, torch.tensor([True, False]))
-        out, _ = model.step(ids[:, 2 * SEGMENT :], state)
+        _, state = model.step(ids[:, SEGMENT : 2 * SEGMENT], state)
+        kept = state.stores[0].entries(1)
+        state = model.reset(state, torch.tensor([True, False]))
+        out, state = model.step(ids[:, 2 * SEGMENT :], state)
         fresh, _ = model.step(ids[:1, 2 * SEGMENT :], model.init_state(1))
         torch.testing.assert_close(out.logits[0], fresh.logits[0], rtol=1e-5, atol=1e-5)
-        assert all(torch.equal(a, b[:, : a.shape[1]]) for a, b in zip(kept, store.entries(1), strict=True))
+        assert all(torch.equal(a, b[:, : a.shape[1]]) for a, b in zip(kept, state.stores[0].entries(1), strict=True))
 
 
 def test_gate_and_temperature_learn_the_store_does_not() -> None:
@@ -236,14 +231,13 @@ def test_generate_reads_the_context_through_memory() -> None:
         assert torch.equal(new[row], expected[0, len(last) :])
     # With the gate open, what is in memory changes what is generated; the state can be kept and reset.
     open_gate(model)
-    state = model.init_state(2)
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, state=state)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    state, _ = model.read_context(ids, attention_mask=mask)
     assert state.stores[0].size.tolist() == [32, 32]
     other = ids.clone()
     other[:, :SEGMENT] = (other[:, :SEGMENT] + 1) % VOCAB
     assert not torch.equal(first, model.generate(other, attention_mask=mask, max_new_tokens=6, do_sample=False))
-    model.reset(state)
-    assert state.stores[0].size.tolist() == [0, 0]
+    assert model.reset(state).stores[0].size.tolist() == [0, 0]
 
 
 def test_save_and_load_round_trip(tmp_path) -> None:
@@ -278,9 +272,12 @@ def test_bad_arguments_name_themselves() -> None:
     ):
         with pytest.raises(ValueError, match=name):
             mf.MemorizingTransformer(backbone, **{"segment_size": SEGMENT, **kwargs})
-    mf.MemorizingTransformer(backbone, memory_layers=(-1,), segment_size=SEGMENT).detach_from_backbone()
-    model = mf.MemorizingTransformer(backbone, memory_layers=(-1,), segment_size=SEGMENT)
-    with pytest.raises(ValueError, match="twice"):
-        mf.MemorizingTransformer(backbone, memory_layers=(-1,), segment_size=SEGMENT)
-    model.detach_from_backbone()
+    # Two models on one backbone are fine (each patches the attention only while it runs); nesting passes is not.
+    first = mf.MemorizingTransformer(backbone, memory_layers=(-1,), segment_size=SEGMENT)
+    second = mf.MemorizingTransformer(backbone, memory_layers=(-1,), segment_size=SEGMENT)
+    ids = torch.randint(0, VOCAB, (1, SEGMENT))
+    with torch.no_grad():
+        first(ids), second(ids)
+        with first.memory(first.init_state(1)), pytest.raises(ValueError, match="one mechanism's pass at a time"):
+            second(ids)
     assert "forward" not in backbone.model.layers[-1].self_attn.__dict__

@@ -21,7 +21,7 @@ def test_fifo_keeps_exactly_the_newest_entries() -> None:
     for length, lengths in ((7, (7, 3)), (8, (8, 8)), (25, (25, 4)), (5, (0, 5))):
         keys = numbered(2, 3, length, start)
         mask = (torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
-        store.write(keys, -keys, mask)
+        store = store.write(keys, -keys, mask)
         for row in range(2):
             written[row] += list(range(start, start + lengths[row]))
         start += length
@@ -42,7 +42,7 @@ def test_a_row_never_retrieves_another_rows_entries() -> None:
     planted = torch.full((8,), 100.0)  # a key every query of direction (1, …, 1) prefers
     keys[0, :, 17] = planted
     values[0, :, 17] = 12345.0
-    store.write(keys, values)
+    store = store.write(keys, values)
     queries = torch.ones(3, 2, 5, 8)
     for backend in ("torch", "faiss"):
         scores, slots = store.search(queries, k=40, backend=backend)
@@ -52,7 +52,7 @@ def test_a_row_never_retrieves_another_rows_entries() -> None:
         assert not bool((found_values[1:] == 12345.0).any())  # … rows 1 and 2 never see it
         for row in (1, 2):  # every row's results are those of its own store alone
             alone = KNNStore(1, 2, 8, 64)
-            alone.write(keys[row : row + 1], values[row : row + 1])
+            alone = alone.write(keys[row : row + 1], values[row : row + 1])
             alone_scores, alone_slots = alone.search(queries[row : row + 1], k=40, backend=backend)
             assert torch.equal(alone_slots[0], slots[row])
             torch.testing.assert_close(alone_scores[0], scores[row])
@@ -61,18 +61,19 @@ def test_a_row_never_retrieves_another_rows_entries() -> None:
 def test_reset_clears_one_row_and_keeps_the_others() -> None:
     torch.manual_seed(2)
     store = KNNStore(batch_size=3, num_heads=2, head_dim=8, capacity=16)
-    store.write(torch.randn(3, 2, 12, 8), torch.randn(3, 2, 12, 8))
+    store = store.write(torch.randn(3, 2, 12, 8), torch.randn(3, 2, 12, 8))
     before = [store.entries(row) for row in range(3)]
     queries = torch.randn(3, 2, 4, 8)
     before_slots = store.search(queries, k=5)[1]
-    store.reset(torch.tensor([False, True, False]))
-    assert store.size.tolist() == [12, 0, 12]
+    kept = store
+    store = store.reset(torch.tensor([False, True, False]))
+    assert store.size.tolist() == [12, 0, 12] and kept.size.tolist() == [12, 12, 12]  # a new store; the old one kept
     scores, slots = store.search(queries, k=5)
     assert bool((slots[1] == -1).all()) and bool(torch.isinf(scores[1]).all())
     for row in (0, 2):
         assert all(torch.equal(a, b) for a, b in zip(store.entries(row), before[row], strict=True))
         assert torch.equal(slots[row], before_slots[row])
-    store.write(torch.ones(3, 2, 2, 8), torch.ones(3, 2, 2, 8))  # the reset row starts writing at slot 0 again
+    store = store.write(torch.ones(3, 2, 2, 8), torch.ones(3, 2, 2, 8))  # the reset row starts writing at slot 0 again
     assert store.size.tolist() == [14, 2, 14]
     assert torch.equal(store.entries(1)[0], torch.ones(2, 2, 8))
 
@@ -84,7 +85,7 @@ def test_torch_and_faiss_return_the_same_neighbours(sizes) -> None:
     for row, size in enumerate(sizes):
         mask = torch.zeros(2, size, dtype=torch.long)
         mask[row] = 1
-        store.write(torch.randn(2, 2, size, 16), torch.randn(2, 2, size, 16), mask)
+        store = store.write(torch.randn(2, 2, size, 16), torch.randn(2, 2, size, 16), mask)
     queries = torch.randn(2, 2, 33, 16)
     torch_scores, torch_slots = store.search(queries, k=32, backend="torch")
     faiss_scores, faiss_slots = store.search(queries, k=32, backend="faiss")
@@ -104,7 +105,7 @@ def test_torch_and_faiss_return_the_same_neighbours(sizes) -> None:
 def test_search_and_gather_hold_no_graph() -> None:
     store = KNNStore(batch_size=1, num_heads=1, head_dim=4, capacity=8)
     keys = torch.randn(1, 1, 5, 4, requires_grad=True)
-    store.write(keys * 2, keys * 3)
+    store = store.write(keys * 2, keys * 3)
     assert not store.keys.requires_grad and store.keys.grad_fn is None
     queries = torch.randn(1, 1, 2, 4, requires_grad=True)
     scores, slots = store.search(queries, k=3)
@@ -119,3 +120,14 @@ def test_bad_arguments_name_themselves() -> None:
     with pytest.raises(ValueError, match="backend"):
         store.search(torch.randn(1, 1, 2, 4), k=2, backend="annoy")
     assert faiss_search(torch.randn(1, 1, 2, 4), store.keys, store.size, 2)[1].eq(-1).all()
+
+
+def test_write_returns_a_new_store_and_leaves_the_old_one_as_it_was() -> None:
+    """A store is a value: what a recomputed step (gradient checkpointing) searches is what it searched first."""
+    store = KNNStore(batch_size=2, num_heads=1, head_dim=4, capacity=3).write(
+        torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4)
+    )
+    keys, values, count = store.keys.clone(), store.values.clone(), store.count.clone()
+    written = store.write(torch.full((2, 1, 2, 4), 7.0), torch.full((2, 1, 2, 4), 7.0))
+    assert torch.equal(store.keys, keys) and torch.equal(store.values, values) and torch.equal(store.count, count)
+    assert written.count.tolist() == [4, 4] and bool((written.keys == 7).any())

@@ -384,7 +384,6 @@ def test_a_saved_backbone_goes_into_another_mechanism(tmp_path):
         ("model.knn.depth", 2, "model.knn.depth"),
         ("model.longmem.memory_size", 250, "model.longmem.memory_size"),
         ("model.longmem.sidenet_layers", 3, r"model\.longmem.*sidenet_layers"),
-        ("model.gradient_checkpointing", True, "model.gradient_checkpointing"),
     ],
 )
 def test_bad_mechanism_values_name_the_key(tmp_path, key, value, message):

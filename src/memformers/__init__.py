@@ -1,24 +1,26 @@
 """memformers: any Hugging Face transformer reads millions of tokens through memory."""
 
 from . import backbones
-from .cache import SegmentCacheTransformer
-from .knn import MemorizingTransformer
-from .longmem import LongMem
-from .recurrence import MemoryModel, RecurrentOutput, StepOutput
-from .rmt import MemoryState, RecurrentMemoryTransformer
+from .cache import CacheConfig, SegmentCacheTransformer
+from .knn import KNNConfig, MemorizingTransformer
+from .longmem import LongMem, LongMemConfig
+from .recurrence import MechanismConfig, MemoryModel, RecurrentOutput, StepOutput
+from .registry import MECHANISMS
+from .rmt import MemoryState, RecurrentMemoryTransformer, RMTConfig
 from .saving import load, save_pretrained
 from .segments import Segment, split_into_segments, stream_segments
 
-MECHANISMS = {
-    cls.__name__: cls for cls in (RecurrentMemoryTransformer, MemorizingTransformer, LongMem, SegmentCacheTransformer)
-}
-
 __all__ = [
     "MECHANISMS",
+    "CacheConfig",
+    "KNNConfig",
     "LongMem",
+    "LongMemConfig",
+    "MechanismConfig",
     "MemorizingTransformer",
     "MemoryModel",
     "MemoryState",
+    "RMTConfig",
     "RecurrentMemoryTransformer",
     "RecurrentOutput",
     "Segment",

@@ -1,16 +1,19 @@
 """What memformers needs of a Hugging Face model, and where the real pretrained backbones come from.
 
 A backbone is never edited: mechanisms feed it `inputs_embeds`, attention masks and position ids, and read its
-hidden states. `BackboneInfo` says what kind of model it is (encoder or decoder) and what its head returns.
+hidden states; attention patches and recording hooks exist only for the duration of one pass, and a frozen backbone
+runs with detached weights (`frozen_call`) instead of having its `requires_grad` flags changed. `BackboneInfo` says
+what kind of model it is (encoder or decoder) and what its head returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +21,8 @@ from typing import Literal
 import torch
 import transformers
 from torch import nn
+
+from .files import atomic_folder
 
 Kind = Literal["encoder", "decoder"]
 Head = Literal["none", "classification", "token"]
@@ -110,6 +115,35 @@ def describe(model: nn.Module, kind: Kind | None = None) -> BackboneInfo:
     )
 
 
+def take(
+    backbone: nn.Module | str, segment_size: int, kind: Kind | None = None, span: int = 1
+) -> tuple[transformers.PreTrainedModel, BackboneInfo]:
+    """What every mechanism does first: load a name, describe the backbone, and check that `span` segments of
+    `segment_size` positions fit its window."""
+    if isinstance(backbone, str):
+        backbone, _ = load(backbone)
+    info = describe(backbone, kind)
+    limit = info.max_positions
+    if limit is not None and span * segment_size > limit:
+        held = "a segment" if span == 1 else f"{span} segments"
+        raise ValueError(
+            f"segment_size={segment_size}: {held} span {span * segment_size} positions, more than the backbone's "
+            f"{limit}; use segment_size ≤ {limit // span}"
+        )
+    return backbone, info
+
+
+def special_id(config, *names: str, fallback: int | None = None) -> int | None:
+    """The first of the config's token ids `names` (e.g. "pad_token_id", "eos_token_id") that is set."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return fallback
+
+
 def run_backbone(
     model: nn.Module,
     inputs_embeds: torch.Tensor,  # [batch, length, hidden]
@@ -136,6 +170,25 @@ def run_backbone(
     if logits_to_keep is not None and not native and logits is not None and logits.dim() == 3:
         logits = logits[:, logits_to_keep]
     return logits, out.hidden_states[-1]
+
+
+def frozen_call(module: nn.Module, *args, **kwargs):
+    """`module(*args, **kwargs)` with its weights cut from the graph: gradients reach the inputs, never the weights,
+    and the module (its `requires_grad` flags included) is left as it was."""
+    weights = {name: parameter.detach() for name, parameter in module.named_parameters()}
+    return torch.func.functional_call(module, weights, args, kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode (no dropout) for the duration of the block, then in the modes it had."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
 
 
 @functools.cache
@@ -186,13 +239,9 @@ def smollm2_path() -> Path:
         config.__dict__.pop("quantization_config", None)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    # Write beside the target, then rename: an interrupted conversion never leaves a half-written cache.
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        tmp.replace(target)
+    with atomic_folder(target) as tmp:  # an interrupted conversion never leaves a half-written cache
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -284,6 +333,11 @@ def cache_arguments(model: nn.Module, cache: transformers.Cache | None) -> dict:
     if getattr(model.config, "use_cache", False) or "use_cache" in getattr(model.config, "__dict__", {}):
         return {"use_cache": False}
     return {}
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether the model's forward takes `position_ids` (GPT-2, Llama and most decoders do)."""
+    return "position_ids" in _signature(type(model).forward).parameters
 
 
 def split_block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

@@ -6,7 +6,7 @@ cache) and the backbone with full attention (one SDPA forward over the whole inp
 ids with the *same* backbone weights (a fresh copy per mechanism, so no mechanism's hooks or frozen parameters leak
 into another's run), and we measure:
 
-- inference: tokens/s and peak memory at each length, streaming one document (`cli.stream_throughput`); full
+- inference: tokens/s and peak memory at each length, streaming one document (`profiling.stream_throughput`); full
   attention as one forward pass whose LM head runs segment by segment (logits are discarded as streaming does);
 - training: the time of one forward + backward over 1, 2, 4, 8 segments (full back-propagation through them);
 - where a measurement would exceed the time budget (predicted from the previous lengths) or memory, it is skipped
@@ -21,35 +21,26 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
-from . import backbones
+from . import backbones, registry
 from . import flops as flops_model
-from .cache import SegmentCacheTransformer
-from .knn import MemorizingTransformer
-from .longmem import LongMem
-from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss
+from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss, stream_throughput
 from .recurrence import MemoryModel
-from .rmt import RecurrentMemoryTransformer
 from .segments import stream_segments
 
-MECHANISMS = ("rmt", "knn", "longmem", "cache", "full")
-LABELS = {
-    "rmt": "RMT",
-    "knn": "kNN memory",
-    "longmem": "LongMem",
-    "cache": "segment cache",
-    "full": "full attention",
-}
+MECHANISMS = (*registry.MECHANISMS, "full")  # every registered mechanism, and the backbone with full attention
+LABELS = {name: m.label for name, m in registry.MECHANISMS.items()} | {"full": "full attention"}
 DEFAULT_LENGTHS = (1024, 2048, 4096, 16_384, 65_536, 262_144, 1_048_576)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Record = dict
 OnRecord = Callable[[Record], None]
+Progress = Callable[[str, "int | None"], AbstractContextManager]  # (description, segments) → yields a callback
 
 
 @dataclass
@@ -105,6 +96,19 @@ class BenchSettings:
         if not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s!r}")
         return self
+
+    def knobs(self, name: str) -> dict:
+        """The knobs these settings give mechanism `name` (its config's defaults for the rest)."""
+        chosen = {
+            "rmt": {"num_memory_tokens": self.memory_tokens},
+            "knn": {"memory_layers": (self.knn_layer,), "memory_size": self.knn_memory_size, "top_k": self.knn_top_k},
+            "longmem": {
+                "memory_size": self.longmem_memory_size,
+                "chunk_size": self.longmem_chunk_size,
+                "top_k_chunks": self.longmem_top_k_chunks,
+            },
+        }
+        return chosen.get(name, {})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -162,28 +166,7 @@ def build_mechanism(name: str, settings: BenchSettings) -> tuple[MemoryModel | N
     s = settings.segment_size
     if name == "full":
         return None, backbone
-    if name == "rmt":
-        model = RecurrentMemoryTransformer(backbone, num_memory_tokens=settings.memory_tokens, segment_size=s)
-    elif name == "knn":
-        model = MemorizingTransformer(
-            backbone,
-            memory_layers=(settings.knn_layer,),
-            memory_size=settings.knn_memory_size,
-            top_k=settings.knn_top_k,
-            segment_size=s,
-        )
-    elif name == "longmem":
-        model = LongMem(
-            backbone,
-            memory_size=settings.longmem_memory_size,
-            chunk_size=settings.longmem_chunk_size,
-            top_k_chunks=settings.longmem_top_k_chunks,
-            segment_size=s,
-        )
-    elif name == "cache":
-        model = SegmentCacheTransformer(backbone, segment_size=s)
-    else:
-        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {name!r}")
+    model = registry.get(name).model(backbone, segment_size=s, **settings.knobs(name))
     return model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval(), backbone
 
 
@@ -221,15 +204,25 @@ class Stopwatch:
 # --- measuring --------------------------------------------------------------------------------------------------
 
 
-def measure_inference(name: str, model: MemoryModel | None, backbone, length: int, settings: BenchSettings) -> Record:
+def no_progress(description: str, total: int | None) -> nullcontext:
+    """Progress display off (the default): the driver gets no callback."""
+    return nullcontext(None)
+
+
+def measure_inference(
+    name: str,
+    model: MemoryModel | None,
+    backbone,
+    length: int,
+    settings: BenchSettings,
+    progress: Progress = no_progress,
+) -> Record:
     """Read `length` tokens once: tokens/s, peak memory (bytes) and the process's peak resident memory.
 
     Time is taken without the CPU's live-tensor meter, which slows a mechanism of many small operations by up to
     a third (full attention, a few large ones, hardly at all); on the CPU a second, metered pass (the CLI's
-    `stream_throughput`) measures memory, up to `memory_up_to` tokens. CUDA: one pass, the allocator's peak.
+    `profiling.stream_throughput`) measures memory, up to `memory_up_to` tokens. CUDA: one pass, the allocator's peak.
     """
-    from .cli import progress_bar, stream_throughput
-
     vocab = backbone.get_input_embeddings().num_embeddings
     cuda = settings.device == "cuda"
     record = {"kind": "inference", "mechanism": name, "length": length, "status": "ok"}
@@ -249,20 +242,20 @@ def measure_inference(name: str, model: MemoryModel | None, backbone, length: in
     chunks = token_chunks(length, vocab, settings.seed, settings.device)
     reset_peak_rss()
     with (
-        progress_bar() as bar,
+        progress(f"{LABELS[name]} · {length:,} tokens", segments) as callback,
         torch.no_grad(),
         PeakMemory(settings.device) if cuda else nullcontext() as meter,
         Stopwatch(settings.device) as clock,
     ):
-        task = bar.add_task(f"{LABELS[name]} · {length:,} tokens", total=segments, rate="")
-        for _ in model.stream(stream_segments(chunks, model.content_size)):
-            bar.update(task, advance=1)
+        for _ in model.stream(stream_segments(chunks, model.content_size), callback=callback):
+            pass
     record |= {"seconds": round(clock.seconds, 4), "wall_seconds": round(clock.wall_seconds, 4)}
     record["tokens_per_s"] = round(length / clock.seconds, 1)
     record |= {"peak_bytes": meter.peak_bytes if cuda else None, "peak_rss_bytes": peak_rss_bytes()}
     if not cuda and length <= settings.memory_up_to:
         chunks = token_chunks(length, vocab, settings.seed, settings.device)
-        _, record["peak_bytes"], _ = stream_throughput(model, chunks, segments, f"{LABELS[name]} · memory")
+        with progress(f"{LABELS[name]} · memory", segments) as callback:
+            _, record["peak_bytes"], _ = stream_throughput(model, chunks, callback)
     return record
 
 
@@ -284,9 +277,7 @@ def measure_training(name: str, model: MemoryModel | None, backbone, segments: i
     ids = torch.randint(0, vocab, (settings.train_batch, segments * content), generator=generator)
     ids = ids.to(settings.device)  # [batch, segments · content]
     module = backbone if model is None else model
-    module.train()
-    if isinstance(model, LongMem):
-        model.train()  # its backbone stays in eval mode and frozen
+    module.train()  # LongMem reads its frozen backbone in eval mode all the same
 
     def step() -> None:
         if model is None:
@@ -342,9 +333,12 @@ def run(
     done: list[Record] | None = None,
     on_record: OnRecord | None = None,
     say: Callable[[str], None] = print,
+    progress: Progress = no_progress,
 ) -> list[Record]:
     """Every mechanism: inference at every length, then training at every segment count. `done` records (from an
-    interrupted run with the same settings) are kept and not measured again; `on_record` sees every record."""
+    interrupted run with the same settings) are kept and not measured again; `on_record` sees every record;
+    `progress(description, segments)` is a context manager yielding a progress callback for each streamed pass
+    (the CLI's shows a bar)."""
     settings.check()
     records = list(done or [])
     have = {_key(r) for r in records}
@@ -372,7 +366,7 @@ def run(
                 stop = f"predicted {predicted:.3g} s > time budget {settings.time_budget_s:.3g} s"
             if stop is None:
                 try:
-                    record = measure_inference(name, model, backbone, length, settings)
+                    record = measure_inference(name, model, backbone, length, settings, progress)
                 except torch.OutOfMemoryError:
                     stop = blocked = "out of memory"
                     torch.cuda.empty_cache()
@@ -398,8 +392,6 @@ def run(
                 record["reason"] = "out of memory"
             say(_describe(record))
             add(record)
-        if isinstance(model, MemorizingTransformer):
-            model.detach_from_backbone()
         del model, backbone
     return records
 

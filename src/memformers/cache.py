@@ -18,7 +18,6 @@ position encodings that pretrained Hugging Face decoders do not have.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +26,8 @@ import transformers
 from transformers import DynamicCache
 
 from . import backbones
-from .recurrence import MemoryModel, StepOutput
-from .rmt import _special_id, as_segment
-from .segments import Alignment, Segment
+from .recurrence import MechanismConfig, MemoryModel, StepOutput
+from .segments import Segment, as_segment
 
 
 @dataclass
@@ -83,34 +81,37 @@ class CacheState:
         return CacheState(tuple(map(pad, self.keys)), tuple(map(pad, self.values)), mask)
 
 
+@dataclass(kw_only=True)
+class CacheConfig(MechanismConfig):
+    """The segment cache has no knobs of its own: a segment and the one before it."""
+
+
 class SegmentCacheTransformer(MemoryModel):
     """A decoder reading segment by segment, each segment attending also to the previous one (detached cache).
 
     `backbone` is a decoder `transformers.PreTrainedModel` (causal-LM head or base model) or a name for
     `memformers.backbones.load`. `segment_size` tokens of input per segment; attention spans up to twice that,
-    so `2·segment_size` must fit the backbone's positions.
+    so `2·segment_size` must fit the backbone's positions. Knobs: `CacheConfig` (as keywords, or `config=`).
     """
 
+    config_class = CacheConfig
+    generates = True
+
     def __init__(
-        self,
-        backbone: transformers.PreTrainedModel | str,
-        segment_size: int = 512,
-        gradient_checkpointing: bool = False,
-        alignment: Alignment = "left",
+        self, backbone: transformers.PreTrainedModel | str, config: CacheConfig | None = None, **knobs
     ) -> None:
-        super().__init__()
-        backbone = self._take_backbone(backbone, segment_size, alignment, span=2)  # a segment and its cache
+        config = self.make_config(config, knobs)
+        super().__init__(backbone, config, span=2)  # a segment and its cache
+        backbone = self.backbone
         if not self.info.is_decoder or self.info.head not in ("token", "none"):
             raise ValueError(
                 f"backbone: the segment cache needs a decoder with a causal-LM head or none, got "
                 f"{self.info.class_name} ({self.info.kind}, head {self.info.head!r})"
             )
-        self.backbone = backbone
-        self.content_size = segment_size
-        self.gradient_checkpointing = gradient_checkpointing
+        self.content_size = config.segment_size
         self.token_level = self.info.head == "token"
         self.causal = True
-        self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+        self._takes_positions = backbones.takes_position_ids(backbone)
 
     def init_state(self, batch_size: int) -> CacheState:
         """No cache before the first segment."""
@@ -181,7 +182,7 @@ class SegmentCacheTransformer(MemoryModel):
         device, dtype = prompts[0].device, prompts[0].dtype
         batch, cached = state.mask.shape
         width = max(len(p) for p in prompts)
-        pad = _special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
+        pad = backbones.special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
         ids = torch.full((batch, cached + width), pad, dtype=dtype, device=device)
         mask = torch.cat([state.mask, torch.zeros(batch, width, dtype=torch.long, device=device)], 1)
         for row, prompt in enumerate(prompts):  # [cache, right-padded][prompt, left-padded]
@@ -195,14 +196,3 @@ class SegmentCacheTransformer(MemoryModel):
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
         )
         return out[:, cached + width :]
-
-    def extra_repr(self) -> str:
-        return f"segment_size={self.segment_size}"
-
-    def config_dict(self) -> dict:
-        """The constructor arguments, for `save_pretrained`."""
-        return {
-            "segment_size": self.segment_size,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "alignment": self.alignment,
-        }

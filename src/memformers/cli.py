@@ -8,6 +8,7 @@ one `memformers: warning: …` line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from typer.core import TyperGroup
 
 from .backbones import BackboneNotFoundError
 from .errors import InputError, InputWarning
+from .files import atomic_file
+from .registry import MECHANISMS
 
 EXIT_BAD_INPUT = 2  # click's status for a usage error
 # click's exceptions, wherever this typer takes click from (newer releases carry their own copy)
@@ -159,10 +162,8 @@ def check_device(device: str) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def progress_bar() -> Progress:
@@ -177,21 +178,25 @@ def progress_bar() -> Progress:
     )
 
 
-def stream_throughput(model, token_chunks, num_segments: int, description: str) -> tuple[float, int, int | None]:
-    """Stream one document through `model`; (tokens/s, peak activation bytes, peak resident bytes)."""
-    from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss
-    from .segments import stream_segments
-
-    reset_peak_rss()
-    tokens = 0
+@contextlib.contextmanager
+def segment_progress(description: str, total: int | None):
+    """A progress bar for one streamed document; yields the driver's progress callback."""
     start = time.perf_counter()
-    with progress_bar() as bar, torch.no_grad(), PeakMemory() as meter:
-        task = bar.add_task(description, total=num_segments, rate="")
-        for segment, _, _ in model.stream(stream_segments(token_chunks, model.content_size)):
-            tokens += segment.input_ids.shape[1]
-            rate = tokens / (time.perf_counter() - start)
-            bar.update(task, advance=1, rate=f"{rate:,.0f} tokens/s")
-    return tokens / (time.perf_counter() - start), meter.peak_bytes, peak_rss_bytes()
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def callback(done: int, _total: int | None, tokens: int) -> None:
+            bar.update(task, completed=done, rate=f"{tokens / (time.perf_counter() - start):,.0f} tokens/s")
+
+        yield callback
+
+
+def stream_throughput(model, token_chunks, num_segments: int, description: str) -> tuple[float, int, int | None]:
+    """Stream one document through `model` under a progress bar; (tokens/s, peak activation bytes, peak resident)."""
+    from .profiling import stream_throughput as measure
+
+    with segment_progress(description, num_segments) as callback:
+        return measure(model, token_chunks, callback)
 
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "rmt-cpu"
@@ -719,7 +724,9 @@ def bench(
     segment_size: int = typer.Option(512, help="Backbone positions per segment."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 on GPU)."),
-    mechanisms: str = typer.Option("rmt,knn,longmem,cache,full", help="Which to measure, comma-separated."),
+    mechanisms: str = typer.Option(
+        ",".join((*MECHANISMS, "full")), help="Which to measure, comma-separated (full: the backbone alone)."
+    ),
     train_segments: str = typer.Option("1,2,4,8", help="Segments back-propagated through in a training step."),
     time_budget: float = typer.Option(150.0, help="Seconds a cell may take; longer ones are skipped (and say so)."),
     mfu: bool = typer.Option(False, "--mfu", help="Also RMT inference's model FLOPs utilisation at batch 16."),
@@ -742,7 +749,7 @@ def bench(
         train_segments=tuple(parse_ints(train_segments, "--train-segments", minimum=1)),
         time_budget_s=time_budget,
     ).check()
-    records = measure.run(settings, say=console.print)
+    records = measure.run(settings, say=console.print, progress=segment_progress)
     result = {"settings": settings.to_dict(), "records": records, "crossover": measure.crossover(records)}
     if mfu:
         result["mfu"] = measure.rmt_mfu(settings)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .babilong_metric import BABILONG_SCORER, babilong_correct, babilong_labels
+from .files import atomic_file
 from .segments import Segment, stack_segments, stream_segments
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,8 +121,9 @@ def class_answers(model) -> tuple[str, ...] | None:
 
 
 def generates(model) -> bool:
-    """Whether `model` is scored by generating its answer (a causal-LM head) rather than by its classes."""
-    return bool(getattr(model, "token_level", False) and getattr(model, "causal", False))
+    """Whether `model` is scored by generating its answer (a mechanism that declares `generates`, on a causal-LM
+    head) rather than by its classes."""
+    return bool(getattr(model, "generates", False) and model.token_level and model.causal)
 
 
 def generate_answers(
@@ -305,9 +307,8 @@ def save_cells(path: str | Path, cells: list[Cell], meta: dict | None = None) ->
     scorers = sorted({cell.scorer for cell in cells if cell.scorer})
     if scorers:
         record["scorer"] = scorers[0] if len(scorers) == 1 else scorers
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**record, "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({**record, "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
 
 
 def evaluate_grid(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .recurrence import iterate
 from .segments import IGNORE_INDEX, shift_labels, split_into_segments
@@ -75,12 +76,12 @@ class SegmentScores:
 
 
 def state_floats(state, batch_size: int) -> float:
-    """Floats one row of a mechanism's state holds (its memory, cache, stores or bank; shared initial values not
-    counted): the state size a mechanism pays for, read off the state itself."""
+    """Floats one row of a mechanism's state holds (its memory, cache, stores or bank; weights a state refers to,
+    such as RMT's learned initial memory, not counted): the state size a mechanism pays for, read off the state."""
     seen: set[int] = set()
 
     def walk(value, name: str = "") -> float:
-        if id(value) in seen or name == "initial":  # RMT's initial memory is a parameter shared by all rows
+        if id(value) in seen or isinstance(value, nn.Parameter):  # a weight shared by every row, not state
             return 0.0
         seen.add(id(value))
         if isinstance(value, torch.Tensor):
@@ -236,11 +237,9 @@ def run(
 
     model, tokenizer_name = load_for_perplexity(checkpoint, segment_size, device)
     if memory_size is not None:
-        if not hasattr(model, "memory_size"):
+        if "memory_size" not in model.config.resizable:
             raise ValueError(f"memory_size: {type(model).__name__} has no memory store to resize")
-        if not isinstance(memory_size, int) or memory_size < 1:
-            raise ValueError(f"memory_size must be an int ≥ 1, got {memory_size!r}")
-        model.memory_size = memory_size  # only the store's capacity: no weight depends on it
+        model.memory_size = memory_size  # only the store's capacity (checked by the config): no weight depends on it
     tokens = tokens or 20 * model.content_size
     docs = [
         torch.from_numpy(d) for d in lm_documents(get_tokenizer(tokenizer_name), tokens, documents, split, noise_dir)

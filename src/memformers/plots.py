@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .evaluation import Cell, format_length  # noqa: E402
+from .files import atomic_file  # noqa: E402
 
 
 def accuracy_heatmap(cells: list[Cell], path: str | Path, title: str = "") -> Path:
@@ -93,9 +94,7 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
 
 def _save_atomically(fig, path: Path) -> Path:
     """A reader (a browser refreshing the picture, a run killed mid-write) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
     return path

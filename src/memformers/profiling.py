@@ -8,6 +8,7 @@ Measured under `torch.no_grad()`, as tensors kept only by autograd are invisible
 
 from __future__ import annotations
 
+import time
 import weakref
 from pathlib import Path
 
@@ -124,3 +125,19 @@ def keep_freed_memory(bytes_kept: int = 1 << 30) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, bytes_kept)) and bool(mallopt(m_trim_threshold, 2 * bytes_kept))
+
+
+def stream_throughput(
+    model, token_chunks, callback=None
+) -> tuple[float, int, int | None]:  # tokens/s, peak activation bytes, peak resident bytes
+    """Stream one document (an iterator of id chunks) through `model` without a graph; `callback` is the driver's
+    progress callback (segments done, total or None, tokens done)."""
+    from .segments import stream_segments
+
+    reset_peak_rss()
+    tokens = 0
+    start = time.perf_counter()
+    with torch.no_grad(), PeakMemory() as meter:
+        for segment, _, _ in model.stream(stream_segments(token_chunks, model.content_size), callback=callback):
+            tokens += segment.input_ids.shape[1]
+    return tokens / (time.perf_counter() - start), meter.peak_bytes, peak_rss_bytes()

@@ -1,21 +1,40 @@
-"""The segment-recurrence driver: the one loop every memory mechanism runs through.
+"""The segment-recurrence driver (the one loop every memory mechanism runs through) and the mechanism contract.
 
-A mechanism supplies `init_state` and `step`; the driver owns cutting into segments, the loop, truncated
-back-propagation, gradient checkpointing, gathering logits, the loss, streaming and progress callbacks.
+The driver owns cutting into segments, the loop, truncated back-propagation, gradient checkpointing, gathering
+logits, the loss, streaming and progress callbacks. A mechanism provides, and nothing more:
+- a config: a `MechanismConfig` subclass whose fields are its knobs, checked when it is made; `fixed` and
+  `resizable` say which knobs a saved model keeps and which only size a state;
+- a state: a dataclass with `detach()`, `reset(rows)` and `select(rows, other)` (see `State`);
+- a model: a `MemoryModel` subclass with `config_class`, an `__init__(backbone, config=None, **knobs)` that calls
+  `super().__init__(backbone, config)` and sets `content_size`, `token_level` and `causal`, and
+  `init_state(batch_size)` and `step(segment, state, logit_positions=None)`; with `generates = True`, also
+  `generate_from(state, prompts, max_new_tokens)`; `decoder_only = False` if it also reads encoders; its own
+  parameters exempt from weight decay in `no_weight_decay()`;
+- one entry in `registry.py`.
+
+States are values: a step returns a new state and never changes the one it was given. Then recomputing a step
+during backward (gradient checkpointing) reads exactly what it read the first time, and gives the same loss,
+gradients and state, with no special case in the driver. (The alternative, a declared "mutates in place" contract,
+would need the driver to snapshot states around recomputation: the same copy, made far from the state it copies.)
 
 Logits nobody reads are not computed. A small decoder spends most of its time in the LM head (16 × 128 × 30,522
 logits per segment for a 3-layer Llama on MiniLM's vocabulary), yet reading a context for generation needs none,
-and a question-answering loss needs the few answer positions of the last segment. So the driver tells a mechanism
-whose `step` takes `logit_positions` which content positions of a segment need logits (an empty tensor: none), and
-the mechanism hands it to the backbone's head (`backbones.run_backbone`). Losses and returned logits are unchanged.
+and a question-answering loss needs the few answer positions of the last segment. So the driver tells a step
+which content positions of a segment need logits (`logit_positions`, an empty tensor: none), and the mechanism
+hands it to the backbone's head (`backbones.run_backbone`), saying in `StepOutput.logit_positions` which positions
+it computed (None: all). Losses and returned logits are unchanged.
+
+A frozen backbone (`freeze_backbone`) runs with its weights detached: gradients pass through it to the mechanism's
+own weights, never into the backbone's, and its `requires_grad` flags stay the user's.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +86,9 @@ class RecurrentOutput:
 class SegmentModel(Protocol):
     """A memory mechanism: a state and a step. `content_size` tokens of input per segment.
 
-    A `step` may also take `logit_positions` ([kept] content positions, empty for none; None: all): the driver then
-    passes it where logits are not needed everywhere, and the step returns token logits [batch, kept, vocab] with
-    `StepOutput.logit_positions` set, leaving its hidden states and new state as they would be without it.
+    `logit_positions` ([kept] content positions, empty for none; None: all) says where token logits are needed: a
+    step returns token logits [batch, kept, vocab] with `StepOutput.logit_positions` set to them, or all of them
+    with it None (a step that cannot skip); its hidden states and new state are the same either way.
     """
 
     content_size: int
@@ -78,7 +97,9 @@ class SegmentModel(Protocol):
 
     def init_state(self, batch_size: int) -> State: ...
 
-    def step(self, segment: Segment, state: State) -> tuple[StepOutput, State]: ...
+    def step(
+        self, segment: Segment, state: State, logit_positions: torch.Tensor | None = None
+    ) -> tuple[StepOutput, State]: ...
 
 
 ProgressCallback = Callable[[int, int | None, int], None]  # (segments done, total or None, tokens done)
@@ -102,13 +123,6 @@ def detach_before(index: int, num_segments: int | None, bptt_depth: int | None) 
 LogitPositions = Callable[[Segment], "torch.Tensor | None"]  # a segment → its content positions needing logits
 
 
-def skips_logits(model: SegmentModel) -> bool:
-    """Whether `model.step` takes `logit_positions` (and its `skip_unused_logits` switch, default on, is on)."""
-    if not getattr(model, "skip_unused_logits", True):
-        return False
-    return "logit_positions" in inspect.signature(model.step).parameters
-
-
 def no_logits(segment: Segment) -> torch.Tensor:  # [0]
     """No position needs logits (reading context, throughput runs)."""
     return torch.zeros(0, dtype=torch.long, device=segment.input_ids.device)
@@ -121,11 +135,38 @@ def run_step(
     gradient_checkpointing: bool,
     logit_positions: torch.Tensor | None = None,  # [kept] content positions; None: all
 ):
-    """One step, recomputed during backward when checkpointing (only one segment's activations kept)."""
+    """One step, recomputed during backward when checkpointing (only one segment's activations kept); with a
+    frozen backbone (`freeze_backbone`), gradients pass through the backbone but never reach its weights."""
     kwargs = {} if logit_positions is None else {"logit_positions": logit_positions}
+    step = model.step
+    if getattr(model, "freeze_backbone", False) and torch.is_grad_enabled():
+        step = _FrozenBackboneStep(model)
     if gradient_checkpointing and torch.is_grad_enabled():
-        return checkpoint(model.step, segment, state, use_reentrant=False, **kwargs)
-    return model.step(segment, state, **kwargs)
+        return checkpoint(step, segment, state, use_reentrant=False, **kwargs)
+    return step(segment, state, **kwargs)
+
+
+class _FrozenBackboneStep:
+    """`model.step` with the backbone's weights cut from the graph for the duration of the call (its flags, hooks and
+    methods untouched)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, segment: Segment, state: State, **kwargs):
+        weights = {f"model.backbone.{name}": p.detach() for name, p in self.model.backbone.named_parameters()}
+        return torch.func.functional_call(_StepAsForward(self.model), weights, (segment, state), kwargs)
+
+
+class _StepAsForward(nn.Module):
+    """A view of a mechanism whose `forward` is its `step` (what `functional_call` calls)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, segment: Segment, state: State, **kwargs):
+        return self.model.step(segment, state, **kwargs)
 
 
 def iterate(
@@ -140,12 +181,12 @@ def iterate(
 ) -> Iterator[tuple[Segment, StepOutput, State]]:
     """The loop. Yields each segment with its output and the state after it; holds nothing else.
 
-    `logit_positions(segment)` says which content positions need logits (None: all); a model whose step cannot
-    skip logits (`skips_logits`) computes them all, as does every model when it is not given.
+    `logit_positions(segment)` says which content positions need logits (None: all); every position gets them when
+    it is not given or the model's `skip_unused_logits` switch is off.
     """
     if bptt_depth is not None and bptt_depth < 0:
         raise ValueError(f"bptt_depth must be None or ≥ 0, got {bptt_depth}")
-    if logit_positions is not None and not skips_logits(model):
+    if not getattr(model, "skip_unused_logits", True):
         logit_positions = None
     tokens = 0
     for segment in segments:
@@ -291,42 +332,150 @@ def _reassemble(
     return out
 
 
-class MemoryModel(nn.Module):
-    """Base of every mechanism: the public `forward`/`stream` API on top of the driver.
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """`value` must be an int (not a bool) in [minimum, maximum]; else a ValueError naming `name`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = f"an int ≥ {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
-    Subclasses set `content_size`, `token_level`, `causal` and implement `init_state` and `step`.
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class MechanismConfig:
+    """The knobs every mechanism has, the driver's; a mechanism's config adds its own. Each config checks itself
+    when made (a `ValueError` naming the knob), so a model, a saved JSON and the trainer's TOML check them alike."""
+
+    # Knobs a saved model keeps when training continues under a new config (they shape weights or segments), and
+    # knobs that follow the new config (only a state's capacity); the others stay as saved.
+    fixed: ClassVar[tuple[str, ...]] = ("segment_size", "alignment")
+    resizable: ClassVar[tuple[str, ...]] = ()
+
+    segment_size: int = 512  # the backbone's input length per segment, memory and special tokens included
+    alignment: Alignment = "left"  # "right": every row ends on a full last segment
+    bptt_depth: int | None = None  # memory transitions gradients cross; None: all
+    gradient_checkpointing: bool = False  # keep only one segment's activations during backward
+
+    def __post_init__(self) -> None:
+        check_int("segment_size", self.segment_size, 1)
+        check_choice("alignment", self.alignment, ("left", "right"))
+        if self.bptt_depth is not None:
+            check_int("bptt_depth", self.bptt_depth, 0)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON data (tuples as lists): what `save_pretrained` records."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def knobs(cls) -> tuple[str, ...]:
+        """The names of this mechanism's own knobs (not the driver's)."""
+        common = {f.name for f in dataclasses.fields(MechanismConfig)}
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in common)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MechanismConfig:
+        """A config from plain data; an unknown key fails naming the allowed ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a knob of {cls.__name__}; allowed: {sorted(names)}")
+        return cls(**data)
+
+
+@functools.cache
+def _field_names(config_class: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(config_class))
+
+
+class MemoryModel(nn.Module):
+    """Base of every mechanism: the public `forward`/`stream`/`generate` API on top of the driver.
+
+    A subclass calls `super().__init__(backbone, config)`, sets `content_size`, `token_level` and `causal`, and
+    implements `init_state` and `step` (and `generate_from` when it sets `generates`). Its knobs live in
+    `self.config` (a `MechanismConfig`); `model.knob` reads one and `model.knob = value` replaces the config by a
+    checked copy.
     """
 
+    config_class: ClassVar[type[MechanismConfig]] = MechanismConfig
+    generates: ClassVar[bool] = False  # implements `generate_from` (decoders with a causal-LM head)
+    decoder_only: ClassVar[bool] = True  # needs a decoder backbone (RMT also reads encoders)
     content_size: int
     token_level: bool
     causal: bool
-    alignment: Alignment = "left"
-    bptt_depth: int | None = None
-    gradient_checkpointing: bool = False
     skip_unused_logits: bool = True  # False: the LM head runs on every position (for timing and debugging)
+    freeze_backbone: bool = False  # True: only the mechanism's own weights train; the backbone's get no gradient
 
-    def _take_backbone(self, backbone, segment_size: int, alignment: str, kind: str | None = None, span: int = 1):
-        """What every mechanism checks first: a name is loaded, the backbone described, `span` segments of
-        `segment_size` positions must fit its window, and the alignment must be known. Returns the backbone."""
+    def __init__(
+        self, backbone=None, config: MechanismConfig | None = None, kind: str | None = None, span: int = 1
+    ) -> None:
+        """Load `backbone` when it is a name, describe it, and check that `span` segments fit its window (without
+        a backbone: a model that computes its steps itself). `config`: the config class's defaults when None."""
+        super().__init__()
         from . import backbones
 
-        if isinstance(backbone, str):
-            backbone, _ = backbones.load(backbone)
-        self.info = backbones.describe(backbone, kind)
-        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
-            raise ValueError(f"segment_size must be an int ≥ 1, got {segment_size!r}")
-        limit = self.info.max_positions
-        if limit is not None and span * segment_size > limit:
-            held = "a segment" if span == 1 else f"{span} segments"
-            raise ValueError(
-                f"segment_size={segment_size}: {held} span {span * segment_size} positions, more than the backbone's "
-                f"{limit}; use segment_size ≤ {limit // span}"
-            )
-        if alignment not in ("left", "right"):
-            raise ValueError(f"alignment must be 'left' or 'right', got {alignment!r}")
-        self.segment_size = segment_size
-        self.alignment = alignment
-        return backbone
+        config = self.config_class() if config is None else config
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        if backbone is not None:
+            self.backbone, self.info = backbones.take(backbone, config.segment_size, kind, span)
+
+    @classmethod
+    def make_config(cls, config: MechanismConfig | None, knobs: dict) -> MechanismConfig:
+        """The config a constructor was given: `config`, or one made from keyword knobs (not both)."""
+        if config is not None:
+            if knobs:
+                raise ValueError(f"give either config or keyword knobs, got both (knobs {sorted(knobs)})")
+            return config
+        return cls.config_class.from_dict(knobs)
+
+    @classmethod
+    def from_config(cls, backbone, config: MechanismConfig) -> MemoryModel:
+        return cls(backbone, config)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and name in _field_names(type(config)):
+                return getattr(config, name)
+            raise
+
+    def __setattr__(self, name: str, value) -> None:
+        config = self.__dict__.get("config")
+        if config is not None and name in _field_names(type(config)):
+            self.__dict__["config"] = dataclasses.replace(config, **{name: value})  # checked again
+        else:
+            super().__setattr__(name, value)
+
+    def config_dict(self) -> dict:
+        """The knobs, as `save_pretrained` records them."""
+        return self.config.to_dict()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.config_dict().items())
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what an optimizer should train: parameters that take gradients, without the
+        backbone's when it is frozen."""
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad and not (self.freeze_backbone and name.startswith("backbone.")):
+                yield name, parameter
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters an optimizer should not decay besides biases and norms (a mechanism's own say)."""
+        return set()
 
     def forward(
         self,
@@ -463,7 +612,7 @@ class MemoryModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not generate")
 
     def _check_generation(self, max_new_tokens: int) -> None:
-        if not (self.causal and self.token_level) or type(self).generate_from is MemoryModel.generate_from:
+        if not (self.generates and self.causal and self.token_level):
             raise ValueError(f"generate needs a decoder with a causal-LM head, got {self.info.class_name}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")

@@ -12,6 +12,7 @@ Layouts (`segment_size` positions at most, padding only at the end of a row):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,8 @@ import transformers
 from torch import nn
 
 from . import backbones
-from .recurrence import MemoryModel, StepOutput
-from .segments import Alignment, Segment, check_input_ids
+from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from .segments import Segment, as_segment
 
 
 @dataclass
@@ -41,12 +42,22 @@ class MemoryState:
         return MemoryState(torch.where(rows.view(-1, 1, 1), self.memory, other.memory), self.initial)
 
 
-def as_segment(segment: Segment | torch.Tensor) -> Segment:
-    """Accept a bare [batch, length] id tensor wherever a `Segment` is expected."""
-    if isinstance(segment, Segment):
-        return segment
-    mask = check_input_ids(segment, None)
-    return Segment(segment, mask, None, 0, None)
+@dataclass(kw_only=True)
+class RMTConfig(MechanismConfig):
+    """RMT's knobs (and the driver's)."""
+
+    fixed = ("segment_size", "alignment", "num_memory_tokens")
+
+    num_memory_tokens: int = 10  # m memory vectors (the papers use 10); 0: the backbone alone on the same segments
+    kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
+    cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
+    sep_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_memory_tokens", self.num_memory_tokens, 0)
+        if self.kind is not None:
+            check_choice("kind", self.kind, ("encoder", "decoder"))
 
 
 class RecurrentMemoryTransformer(MemoryModel):
@@ -54,34 +65,20 @@ class RecurrentMemoryTransformer(MemoryModel):
 
     `backbone` is a `transformers.PreTrainedModel` or a name for `memformers.backbones.load`. The head decides the
     outputs: a *ForSequenceClassification encoder classifies from the last segment's [CLS]; masked- and causal-LM
-    heads give token logits; a base model gives hidden states.
+    heads give token logits; a base model gives hidden states. Knobs: `RMTConfig` (as keywords, or `config=`).
     """
 
-    def __init__(
-        self,
-        backbone: transformers.PreTrainedModel | str,
-        num_memory_tokens: int = 10,
-        segment_size: int = 512,
-        bptt_depth: int | None = None,
-        gradient_checkpointing: bool = False,
-        alignment: Alignment = "left",
-        kind: str | None = None,
-        cls_token_id: int | None = None,
-        sep_token_id: int | None = None,
-    ) -> None:
-        super().__init__()
-        backbone = self._take_backbone(backbone, segment_size, alignment, kind)
-        if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
-            raise ValueError(f"num_memory_tokens must be an int ≥ 0, got {num_memory_tokens!r}")
-        if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 0):
-            raise ValueError(f"bptt_depth must be None (full back-propagation) or an int ≥ 0, got {bptt_depth!r}")
-        self.backbone = backbone
-        self.num_memory_tokens = num_memory_tokens
-        self.bptt_depth = bptt_depth
-        self.gradient_checkpointing = gradient_checkpointing
+    config_class = RMTConfig
+    generates = True  # decoders with a causal-LM head
+    decoder_only = False
+
+    def __init__(self, backbone: transformers.PreTrainedModel | str, config: RMTConfig | None = None, **knobs) -> None:
+        config = self.make_config(config, knobs)
+        super().__init__(backbone, config, config.kind)
+        backbone = self.backbone
         self.token_level = self.info.head == "token"
         self.causal = self.info.is_decoder
-        m = num_memory_tokens
+        m = config.num_memory_tokens
         if self.info.is_decoder:
             if self.info.head == "classification":
                 raise ValueError(
@@ -89,17 +86,22 @@ class RecurrentMemoryTransformer(MemoryModel):
                     "sequence-classification head reads the last position, which RMT fills with write memory"
                 )
             overhead = 2 * m
+            self.config = dataclasses.replace(config, kind="decoder", cls_token_id=None, sep_token_id=None)
         else:
             overhead = m + 3 if m else 2
-            self.cls_token_id, self.sep_token_id = _encoder_special_ids(backbone, cls_token_id, sep_token_id)
-        self.content_size = segment_size - overhead
+            cls_id, sep_id = _encoder_special_ids(backbone, config.cls_token_id, config.sep_token_id)
+            self.config = dataclasses.replace(config, kind="encoder", cls_token_id=cls_id, sep_token_id=sep_id)
+        self.content_size = config.segment_size - overhead
         if self.content_size < 1:
             raise ValueError(
-                f"segment_size={segment_size} leaves no room for content: {self.info.kind} RMT with "
+                f"segment_size={config.segment_size} leaves no room for content: {self.info.kind} RMT with "
                 f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
             )
         embeddings = backbone.get_input_embeddings().weight
         self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
+
+    def no_weight_decay(self) -> set[str]:
+        return {"memory"}  # the initial memory is a starting point, not a weight to shrink
 
     # --- the two methods the driver needs --------------------------------------------------------------------
 
@@ -213,35 +215,20 @@ class RecurrentMemoryTransformer(MemoryModel):
             row_embeds = torch.cat([state.memory[row].to(embeds.dtype), self._embed(prompt)])
             embeds[row, width - len(row_embeds) :] = row_embeds
             mask[row, width - len(row_embeds) :] = 1
-        generate_kwargs.setdefault("pad_token_id", _special_id(self.backbone.config, "pad_token_id", "eos_token_id"))
+        pad = backbones.special_id(self.backbone.config, "pad_token_id", "eos_token_id")
+        generate_kwargs.setdefault("pad_token_id", pad)
         return self.backbone.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
         )
-
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.info.kind}, num_memory_tokens={self.num_memory_tokens}, segment_size={self.segment_size}, "
-            f"content_size={self.content_size}, bptt_depth={self.bptt_depth}"
-        )
-
-    def config_dict(self) -> dict:
-        """The constructor arguments, for `save_pretrained`."""
-        return {
-            "num_memory_tokens": self.num_memory_tokens,
-            "segment_size": self.segment_size,
-            "bptt_depth": self.bptt_depth,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "alignment": self.alignment,
-            "kind": self.info.kind,
-            **({} if self.info.is_decoder else {"cls_token_id": self.cls_token_id, "sep_token_id": self.sep_token_id}),
-        }
 
 
 def _encoder_special_ids(backbone, cls_token_id: int | None, sep_token_id: int | None) -> tuple[int, int]:
     """[CLS] and [SEP] ids: given, else from the config, else from the tokenizer saved beside the backbone."""
     config = backbone.config
-    cls_token_id = cls_token_id if cls_token_id is not None else _special_id(config, "cls_token_id", "bos_token_id")
-    sep_token_id = sep_token_id if sep_token_id is not None else _special_id(config, "sep_token_id", "eos_token_id")
+    if cls_token_id is None:
+        cls_token_id = backbones.special_id(config, "cls_token_id", "bos_token_id")
+    if sep_token_id is None:
+        sep_token_id = backbones.special_id(config, "sep_token_id", "eos_token_id")
     if cls_token_id is None or sep_token_id is None:
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(config._name_or_path)
@@ -255,13 +242,3 @@ def _encoder_special_ids(backbone, cls_token_id: int | None, sep_token_id: int |
             "config nor a tokenizer beside it gives them, so pass cls_token_id=… and sep_token_id=…"
         )
     return int(cls_token_id), int(sep_token_id)
-
-
-def _special_id(config, *names: str, fallback: int | None = None) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return fallback

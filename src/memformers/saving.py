@@ -1,21 +1,22 @@
 """`save_pretrained` / `load`: a mechanism, its backbone and its own weights in one folder.
 
 Layout: `memformers.json` (mechanism and constructor arguments), `backbone/` (the backbone's own
-`save_pretrained`, safetensors), `memformers.safetensors` (every parameter outside the backbone). Written to a
-temporary folder and renamed into place, so an interrupted save never leaves a broken checkpoint.
+`save_pretrained`, safetensors), `memformers.safetensors` (every parameter outside the backbone). The mechanism is
+found by name in the registry and rebuilt from its config class. Written atomically (`files.atomic_folder`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .files import atomic_folder
 
 CONFIG_NAME = "memformers.json"
 WEIGHTS_NAME = "memformers.safetensors"
@@ -35,28 +36,19 @@ def own_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
     """Write `model` (a memformers mechanism) to the folder `path`, atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.backbone.save_pretrained(tmp / BACKBONE_DIR)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / BACKBONE_DIR)
-    save_file(own_state_dict(model), tmp / WEIGHTS_NAME)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "mechanism": type(model).__name__,
-        "backbone_class": type(model.backbone).__name__,
-        "config": model.config_dict(),
-        "extra": extra or {},
-    }
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        path.replace(old)
-    tmp.replace(path)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_folder(path) as tmp:
+        model.backbone.save_pretrained(tmp / BACKBONE_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+        save_file(own_state_dict(model), tmp / WEIGHTS_NAME)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "mechanism": type(model).__name__,
+            "backbone_class": type(model.backbone).__name__,
+            "config": model.config_dict(),
+            "extra": extra or {},
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 
 
@@ -79,15 +71,17 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
     """Load a model written by `save_pretrained`: the same mechanism, backbone and weights, bit for bit."""
-    from . import MECHANISMS
+    from . import registry
 
     config = read_config(path)
-    mechanism = MECHANISMS.get(config["mechanism"])
-    if mechanism is None:
-        raise ValueError(f"{path}: unknown mechanism {config['mechanism']!r}; known: {sorted(MECHANISMS)}")
+    try:
+        mechanism = registry.get(config["mechanism"])
+        knobs = mechanism.config.from_dict(config["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     backbone_class = getattr(transformers, config["backbone_class"])
     backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR)
-    model = mechanism(backbone, **config["config"])
+    model = mechanism.model.from_config(backbone, knobs)
     missing, unexpected = model.load_state_dict(load_file(Path(path) / WEIGHTS_NAME), strict=False)
     missing = [name for name in missing if not name.startswith(f"{BACKBONE_DIR}.")]
     if missing or unexpected:

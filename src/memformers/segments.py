@@ -69,6 +69,14 @@ def check_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return attention_mask
 
 
+def as_segment(segment: Segment | torch.Tensor) -> Segment:
+    """Accept a bare [batch, length] id tensor wherever a `Segment` is expected."""
+    if isinstance(segment, Segment):
+        return segment
+    mask = check_input_ids(segment, None)
+    return Segment(segment, mask, None, 0, None)
+
+
 def split_into_segments(
     input_ids: torch.Tensor,  # [batch, length]
     content_size: int,

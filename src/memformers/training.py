@@ -20,6 +20,7 @@ Checkpoints are written to a hidden temporary folder and renamed into place, so 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import warn_input
+from .files import fresh_folder, replace_folder, staging
 from .segments import IGNORE_INDEX, shift_labels
 from .training_config import (  # noqa: F401 (the config API is re-exported here)
     CHECKPOINT_PREFIX,
@@ -71,78 +73,51 @@ def build_model(config: TrainConfig):
     else:
         kwargs = {"num_labels": len(answers)} | labels if m.head == "classification" else {}
         backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
-    special = {}
-    if m.head != "causal-lm":
+    from . import registry
+
+    mechanism = registry.get(m.mechanism)
+    config = m.mechanism_config()
+    if m.head != "causal-lm":  # the task tokenizer's [CLS] and [SEP], for mechanisms whose layout has them
         special = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
-    cls, kwargs = mechanism_arguments(m)
+        config = dataclasses.replace(config, **{k: v for k, v in special.items() if k in config.knobs()})
     try:
-        model = cls(backbone, **kwargs, **(special if m.mechanism == "rmt" else {}))
+        model = mechanism.model(backbone, config)
     except ValueError as error:
         raise ValueError(f"[model.{m.mechanism}] {error}") from None
-    model.bptt_depth = m.bptt_depth  # the driver's knobs, for every mechanism
-    model.gradient_checkpointing = m.gradient_checkpointing
     return _frozen_as_asked(model, m), tokenizer
 
 
 def _frozen_as_asked(model, m: ModelConfig):
-    """`model.freeze_backbone`: only the mechanism's own weights keep gradients."""
-    if m.freeze_backbone:
-        model.backbone.requires_grad_(False)
+    """`model.freeze_backbone`: only the mechanism's own weights train (the backbone is left as loaded)."""
+    model.freeze_backbone = model.freeze_backbone or m.freeze_backbone
     return model
-
-
-def mechanism_arguments(m: ModelConfig) -> tuple[type, dict]:
-    """The mechanism class of `model.mechanism` and its constructor arguments from the config (no backbone)."""
-    from . import LongMem, MemorizingTransformer, RecurrentMemoryTransformer, SegmentCacheTransformer
-
-    common = {"segment_size": m.segment_size, "alignment": m.alignment}
-    if m.mechanism == "rmt":
-        return RecurrentMemoryTransformer, common | {"num_memory_tokens": m.num_memory_tokens}
-    if m.mechanism == "cache":
-        return SegmentCacheTransformer, common
-    if m.mechanism == "knn":
-        k = m.knn
-        knobs = {"memory_layers": tuple(k.memory_layers), "memory_size": k.memory_size, "top_k": k.top_k}
-        knobs |= {"combine": k.combine, "normalize_keys": k.normalize_keys, "search": k.search}
-        return MemorizingTransformer, common | knobs
-    lm = m.longmem
-    knobs = {key: getattr(lm, key) for key in ("sidenet_layers", "memory_layer", "fusion_layer")}
-    knobs = {key: value for key, value in knobs.items() if value is not None}
-    knobs |= {"memory_size": lm.memory_size, "chunk_size": lm.chunk_size, "top_k_chunks": lm.top_k_chunks}
-    return LongMem, common | knobs
 
 
 def _continue_from(m: ModelConfig, path: Path):
     """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config.
 
-    kNN/LongMem `memory_size` (only the state's capacity) follows the config; the knobs that shape weights or
-    segments must equal the saved ones; the others stay as saved. To put a saved backbone into another mechanism, give
-    its `backbone/` folder instead.
+    The knobs that shape weights or segments (the config class's `fixed`) must equal the saved ones; those that
+    only size a state (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config; the others stay
+    as saved. To put a saved backbone into another mechanism, give its `backbone/` folder instead.
     """
+    from . import registry
     from .saving import load
 
     model = load(path)
-    cls, wanted = mechanism_arguments(m)
-    if not isinstance(model, cls):
+    mechanism = registry.get(m.mechanism)
+    if not isinstance(model, mechanism.model):
         raise ValueError(
             f"model.mechanism = {m.mechanism!r}, but {path} holds a {type(model).__name__}; to wrap its backbone in "
             f"another mechanism set model.backbone = {str(path / 'backbone')!r}"
         )
-    saved = model.config_dict()
-    fixed = ("num_memory_tokens", "segment_size", "alignment", "memory_layers", "sidenet_layers", "memory_layer")
-    fixed += ("fusion_layer", "combine", "normalize_keys", "chunk_size")
-    for key in fixed:
-        if key not in wanted or key not in saved:
-            continue
-        value = list(wanted[key]) if isinstance(wanted[key], tuple) else wanted[key]
-        if saved[key] != value:
-            section = f"{m.mechanism}." if m.mechanism in ("knn", "longmem") and key != "segment_size" else ""
-            section = "" if key == "alignment" else section
-            raise ValueError(f"model.{section}{key} = {value!r}, but the model saved in {path} has {saved[key]!r}")
-    if m.mechanism in ("knn", "longmem"):  # no weight depends on the store's capacity
-        model.memory_size = wanted["memory_size"]
-    model.bptt_depth = m.bptt_depth
-    model.gradient_checkpointing = m.gradient_checkpointing
+    wanted, saved = m.mechanism_config().to_dict(), model.config_dict()
+    top = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in model.config.fixed:
+        if wanted[key] is not None and wanted[key] != saved[key]:  # None: the backbone's default, as saved
+            name = f"model.{key}" if key in top else f"model.{m.mechanism}.{key}"
+            raise ValueError(f"{name} = {wanted[key]!r}, but the model saved in {path} has {saved[key]!r}")
+    follow = (*model.config.resizable, "bptt_depth", "gradient_checkpointing")
+    model.config = dataclasses.replace(model.config, **{key: getattr(m.mechanism_config(), key) for key in follow})
     return model
 
 
@@ -336,15 +311,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _atomic_dir(target: Path) -> Path:
-    """A fresh hidden folder beside `target` to write into before renaming."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 @contextlib.contextmanager
 def _quiet_saving():
     """No per-shard progress bar from transformers in the middle of the training bar."""
@@ -357,18 +323,6 @@ def _quiet_saving():
     finally:
         if enabled:
             logging.enable_progress_bar()
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; a previous `target` stays complete until the very last rename."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        target.replace(old)
-    tmp.replace(target)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -466,16 +420,15 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _param_groups(self, model) -> list[dict]:
-        """No weight decay on biases, norms and the memory's initial vectors; `memory_lr` for the mechanism's own
+        """No weight decay on biases, norms and what the mechanism exempts (`no_weight_decay`); `memory_lr` for its own
         weights (everything outside the backbone), when set."""
         o = self.config.optim
         split_lr = o.memory_lr is not None
         groups = {(own, decays): [] for own in ((False, True) if split_lr else (False,)) for decays in (True, False)}
-        for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
-                continue
+        no_decay = model.no_weight_decay()
+        for name, parameter in model.trainable_parameters():
             own = split_lr and not name.startswith("backbone.")
-            decays = parameter.dim() >= 2 and name != "memory"
+            decays = parameter.dim() >= 2 and name not in no_decay
             groups[own, decays].append(parameter)
         if not any(groups.values()):
             raise ValueError("model.freeze_backbone: nothing left to train (the mechanism has no weights of its own)")
@@ -538,9 +491,9 @@ class Trainer:
         from .saving import save_pretrained
 
         target = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = staging(target)
         if self.accelerator.is_main_process:
-            _atomic_dir(target)
+            fresh_folder(target)
         self.accelerator.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
@@ -555,7 +508,7 @@ class Trainer:
             }
             torch.save(trainer, tmp / "trainer.pt")
             (tmp / "trainer.json").write_text(json.dumps({"state": asdict(self.state)} | self.extra(), indent=2))
-            _replace_dir(tmp, target)
+            replace_folder(tmp, target)
             for old in checkpoints(self.output_dir)[: -self.config.output.keep_checkpoints]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()

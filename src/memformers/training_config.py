@@ -25,13 +25,17 @@ Config (TOML; every key optional unless marked):
   family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
   layers, hidden, heads, intermediate   default 4, 128, 4, 512
   dropout                 default 0.1
-[model.knn]               only for mechanism = "knn"; defaults from MemorizingTransformer
+[model.<mechanism>]       that mechanism's own knobs: the fields of its config class (registry.py), which checks
+                          them; the keys every mechanism shares (segment_size, alignment, bptt_depth,
+                          gradient_checkpointing) stay in [model]
+[model.rmt]               num_memory_tokens (also read from [model], where older configs set it)
+[model.knn]               KNNConfig; defaults from MemorizingTransformer
   memory_layers           decoder layers with kNN memory, negative = from the end (default [-4])
   memory_size, top_k      stored (key, value) pairs per row, head and layer (65536); neighbours per query (32)
   combine                 "gate" (default) or "joint"
   normalize_keys          L2-normalised keys with a learned temperature (default false)
   search                  "torch" (default) or "faiss"
-[model.longmem]           only for mechanism = "longmem"; defaults from LongMem (None = the backbone's default)
+[model.longmem]           LongMemConfig; defaults from LongMem (None = the backbone's default)
   sidenet_layers, memory_layer, fusion_layer   ints (default L/2, 3L/4 − 1, S/2)
   memory_size, chunk_size, top_k_chunks        default 65536, 4, 16
 [task]
@@ -96,7 +100,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 HEADS = ("classification", "causal-lm", "masked-lm")
-MECHANISMS = ("rmt", "cache", "knn", "longmem")
 FAMILIES = ("bert", "llama")
 SCHEDULES = ("global", "per-stage", "constant")
 PRECISIONS = ("no", "bf16")
@@ -119,26 +122,6 @@ class ScratchConfig:
 
 
 @dataclass
-class KnnConfig:
-    memory_layers: list[int] = field(default_factory=lambda: [-4])
-    memory_size: int = 65_536
-    top_k: int = 32
-    combine: str = "gate"
-    normalize_keys: bool = False
-    search: str = "torch"
-
-
-@dataclass
-class LongMemConfig:
-    sidenet_layers: int | None = None
-    memory_layer: int | None = None
-    fusion_layer: int | None = None
-    memory_size: int = 65_536
-    chunk_size: int = 4
-    top_k_chunks: int = 16
-
-
-@dataclass
 class ModelConfig:
     mechanism: str = "rmt"
     backbone: str = "scratch"
@@ -150,8 +133,31 @@ class ModelConfig:
     freeze_backbone: bool = False
     alignment: str = "right"
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    longmem: LongMemConfig = field(default_factory=LongMemConfig)
+    # [model.<mechanism>] tables, by registry name: that mechanism's own knobs (its config class's fields)
+    knobs: dict[str, dict] = field(default_factory=dict)
+
+    def mechanism_config(self, name: str | None = None):
+        """The config of mechanism `name` (default: `mechanism`) from these keys, checked by its config class; an
+        error names the key (`model.<mechanism>.<knob>`, or `model.<knob>` for the keys every mechanism shares)."""
+        from . import registry
+
+        name = name or self.mechanism
+        cls = registry.get(name).config
+        top = {f.name for f in fields(ModelConfig)}
+        common = {key: getattr(self, key) for key in ("segment_size", "alignment", "bptt_depth")}
+        common["gradient_checkpointing"] = self.gradient_checkpointing
+        # A knob of the mechanism that [model] also has (num_memory_tokens) is read there unless the table gives it.
+        shared = {key: getattr(self, key) for key in cls.knobs() if key in top}
+        table = self.knobs.get(name, {})
+        clash = sorted(set(table) & set(common))
+        if clash:
+            raise ValueError(f"model.{name}.{clash[0]}: set it in [model], where every mechanism reads it")
+        try:
+            return cls.from_dict(common | shared | table)
+        except ValueError as error:
+            key = str(error).split(" ", 1)[0].rstrip(":")
+            prefix = "model." if key in common or key in shared and key not in table else f"model.{name}."
+            raise ValueError(f"{prefix}{error}") from None
 
 
 @dataclass
@@ -254,8 +260,10 @@ class TrainConfig:
         return self.optim.total_steps or len(self.stages) * self.curriculum.max_steps_per_stage
 
     def to_dict(self) -> dict:
-        """Plain data (TOML/JSON-ready: None values left out)."""
-        return _drop_none(asdict(self))
+        """Plain data (TOML/JSON-ready: None values left out), mechanism tables under [model] as in the file."""
+        data = _drop_none(asdict(self))
+        data["model"] |= data["model"].pop("knobs", {})
+        return data
 
 
 def _drop_none(value):
@@ -321,7 +329,13 @@ _TYPES = {
     "list[int] | str": (list, str),
     "list[int]": (list,),
 }
-_SUBSECTIONS = {"ScratchConfig": ScratchConfig, "KnnConfig": KnnConfig, "LongMemConfig": LongMemConfig}
+_SUBSECTIONS = {"ScratchConfig": ScratchConfig}
+
+
+def _is_mechanism(name: str) -> bool:
+    from .registry import MECHANISMS
+
+    return name in MECHANISMS
 
 
 def _section(cls, data: dict, prefix: str):
@@ -332,7 +346,12 @@ def _section(cls, data: dict, prefix: str):
     values = {}
     for key, value in data.items():
         name = f"{prefix}.{key}"
-        if key not in known:
+        if cls is ModelConfig and _is_mechanism(key):  # [model.<mechanism>]: checked by its config class
+            if not isinstance(value, dict):
+                _fail(name, value, "a table")
+            values.setdefault("knobs", {})[key] = dict(value)
+            continue
+        if key not in known or key == "knobs":
             raise ValueError(f"{name}: unknown key; allowed keys of [{prefix}]: {sorted(known)}")
         kind = known[key].type
         if kind in _SUBSECTIONS:
@@ -368,8 +387,6 @@ def validate(config: TrainConfig) -> None:
     m, s, t, c, o, out = config.model, config.model.scratch, config.task, config.curriculum, config.optim, config.output
     if m.head not in HEADS:
         _fail("model.head", m.head, f"one of {HEADS}")
-    if m.num_memory_tokens < 0:
-        _fail("model.num_memory_tokens", m.num_memory_tokens, "an int ≥ 0")
     _validate_mechanism(m)
     if m.segment_size < 2:
         _fail("model.segment_size", m.segment_size, "an int ≥ 2")
@@ -452,36 +469,15 @@ def validate(config: TrainConfig) -> None:
 
 
 def _validate_mechanism(m: ModelConfig) -> None:
-    """The mechanism's name and its own knobs, each error naming its key."""
-    from .knn.attention import COMBINES
-    from .knn.store import BACKENDS
+    """The mechanism's name and its knobs (every [model.<mechanism>] table given), each error naming its key."""
+    from . import registry
 
-    if m.mechanism not in MECHANISMS:
-        _fail("model.mechanism", m.mechanism, f"one of {MECHANISMS}")
-    if m.mechanism != "rmt" and m.head != "causal-lm":
+    if not _is_mechanism(m.mechanism):
+        _fail("model.mechanism", m.mechanism, f"one of {tuple(registry.MECHANISMS)}")
+    if registry.get(m.mechanism).model.decoder_only and m.head != "causal-lm":
         _fail("model.head", m.head, f"'causal-lm' for mechanism {m.mechanism!r} (it needs a decoder)")
-    k, lm = m.knn, m.longmem
-    if m.mechanism == "knn":
-        if not k.memory_layers:
-            _fail("model.knn.memory_layers", k.memory_layers, "a non-empty list of layer indices")
-        if k.memory_size < 1:
-            _fail("model.knn.memory_size", k.memory_size, "an int ≥ 1")
-        if k.top_k < 1:
-            _fail("model.knn.top_k", k.top_k, "an int ≥ 1")
-        if k.combine not in COMBINES:
-            _fail("model.knn.combine", k.combine, f"one of {COMBINES}")
-        if k.search not in BACKENDS:
-            _fail("model.knn.search", k.search, f"one of {BACKENDS}")
-    if m.mechanism == "longmem":
-        for key in ("sidenet_layers", "chunk_size", "top_k_chunks"):
-            value = getattr(lm, key)
-            if value is not None and value < 1:
-                _fail(f"model.longmem.{key}", value, "an int ≥ 1")
-        if lm.memory_size < lm.chunk_size or lm.memory_size % lm.chunk_size:
-            allowed = f"a multiple of model.longmem.chunk_size={lm.chunk_size}"
-            _fail("model.longmem.memory_size", lm.memory_size, allowed)
-        if m.gradient_checkpointing:
-            _fail("model.gradient_checkpointing", True, "false for LongMem (its frozen backbone keeps no activations)")
+    for name in {m.mechanism, *m.knobs}:
+        m.mechanism_config(name)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,25 +1,21 @@
 """kNN-augmented attention (Memorizing Transformers, arXiv 2203.08913) for one decoder layer of a pretrained model.
 
-The layer's attention module keeps its weights; its `forward` is replaced (once, by `KNNAttention.attach`) by one
-that computes, from the layer's own projections:
-- local attention over the segment with the layer's own attention function (rotary, mask and generation cache as
-  the backbone has them), so that with the gate closed the layer's output is bit-identical;
-- memory attention: each query's top-k (key, value) pairs from a `KNNStore`, no positions (pre-rotary queries and
-  keys), retrieved before the segment's own keys and values are written;
-- their combination, per head, before the layer's output projection:
-  `out = local·(1 − g) + memory·g`, with
+A `MemoryAttention` layer (see `memformers.memory_attention`: local attention with the layer's own weights, the
+mix `out = local·(1 − g) + memory·g`, patching only for the duration of a pass) whose memory is a `KNNStore`:
+- search: each query's top-k (key, value) pairs, no positions (pre-rotary queries and keys), retrieved before the
+  segment's own keys and values are written (a new store, kept for the step's new state);
+- gate, per head:
   - combine="gate" (the paper): `g = mix · sigmoid(gate_bias)`;
   - combine="joint" (one softmax over [memory ; local]): `g = mix · sigmoid(gate_bias + lse_memory − lse_local)`,
     which with mix = 1 and gate_bias = 0 is exactly a joint softmax.
   `mix` is zero-initialised, so g = 0 exactly and the pretrained model's outputs are unchanged until fine-tuning
   moves it (its gradient is not zero: `mix` learns first, then `gate_bias`, which starts at the paper's 0).
-Queries with nothing in memory use g = 0. Outside a memory step (`context` unset) the module runs its own forward.
+Queries with nothing in memory use g = 0.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,22 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import AttentionAdapter
+from ..memory_attention import LocalAttention, MemoryAttention
 from .store import Backend, KNNStore
 
 Combine = Literal["gate", "joint"]
 COMBINES = ("gate", "joint")
 
 
-@dataclass
-class MemoryContext:
-    """What a memory layer needs during one forward pass of the backbone."""
-
-    store: KNNStore
-    write_mask: torch.Tensor | None  # [batch, length] tokens to remember after reading; None = read only
-
-
-class KNNAttention(nn.Module):
-    """The trainable part of one memory layer (gate, mix, temperature) and its replacement attention forward."""
+class KNNAttention(MemoryAttention):
+    """The trainable part of one memory layer (gate, mix, temperature), its search and its write."""
 
     def __init__(
         self,
@@ -52,10 +41,9 @@ class KNNAttention(nn.Module):
         normalize_keys: bool = False,
         search: Backend = "torch",
     ) -> None:
-        super().__init__()
+        super().__init__(adapter)
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-        self.adapter = adapter  # a plain dataclass: the backbone's module is not registered twice
         self.top_k = top_k
         self.combine = combine
         self.normalize_keys = normalize_keys
@@ -67,53 +55,20 @@ class KNNAttention(nn.Module):
         self.log_temperature = nn.Parameter(torch.full((heads,), 0.5 * math.log(adapter.head_dim)))
         if not normalize_keys:
             self.log_temperature.requires_grad_(False)
-        self.context: MemoryContext | None = None
+        self.store: KNNStore | None = None  # during a pass: the store read, then the one written
+        self.write_mask: torch.Tensor | None = None  # [batch, length] tokens to remember; None = read only
 
-    # --- installing on the backbone ---------------------------------------------------------------------------
-
-    def attach(self) -> None:
-        """Replace the attention module's forward by ours (which falls back to the original outside a step)."""
-        module = self.adapter.module
-        if "forward" in module.__dict__:
-            raise ValueError(
-                f"backbone: layer {self.adapter.layer}'s attention already has a replaced forward (kNN memory "
-                "attached twice?); build one MemorizingTransformer per backbone, or call detach() on the other"
-            )
-        original = type(module).forward.__get__(module)
-
-        def forward(*args, **kwargs):
-            if self.context is None:
-                return original(*args, **kwargs)
-            return self.attend(*args, **kwargs)
-
-        module.forward = forward
-
-    def detach_from_backbone(self) -> None:
-        """Give the attention module its own forward back."""
-        self.adapter.module.__dict__.pop("forward", None)
-
-    # --- the replaced forward ---------------------------------------------------------------------------------
-
-    def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        adapter = self.adapter
-        call = adapter.split_call(args, kwargs)
-        query, key, value = adapter.project(call.hidden)  # pre-rotary: what memory sees
-        local_query, local_key = adapter.rotate(query, key, call)
-        local_key, local_value = adapter.update_cache(local_key, value, call)
-        local = adapter.attend(local_query, local_key, local_value, call)  # [b, heads, n, d], the layer's own
+    def read(self, query: torch.Tensor, local: LocalAttention) -> tuple[torch.Tensor, torch.Tensor]:
         local_lse = None
         if self.combine == "joint":  # [b, heads, n]
-            local_lse = attention_lse(local_query, local_key, call.attention_mask, adapter.scaling)
+            local_lse = attention_lse(local.query, local.key, local.call.attention_mask, self.adapter.scaling)
+        memory, memory_lse = self.memory_attention(query, self.store)
+        return memory, self.gate(memory_lse, local_lse)
 
-        store = self.context.store
-        memory_key = F.normalize(key, dim=-1) if self.normalize_keys else key
-        memory, memory_lse = self.memory_attention(query, store)
-        g = self.gate(memory_lse, local_lse).to(local.dtype)  # [b, heads, n, 1]
-        out = local + g * (memory - local)  # local·(1 − g) + memory·g; exactly local where g = 0
-        if self.context.write_mask is not None:  # retrieve before write
-            store.write(memory_key, value, self.context.write_mask)
-        out = out.transpose(1, 2).reshape(*call.hidden.shape[:-1], -1)  # [b, n, heads * d]
-        return adapter.output(out), None
+    def after_read(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.write_mask is not None:  # retrieve before write
+            memory_key = F.normalize(key, dim=-1) if self.normalize_keys else key
+            self.store = self.store.write(memory_key, value, self.write_mask)
 
     def memory_attention(
         self,
@@ -129,7 +84,7 @@ class KNNAttention(nn.Module):
             scale = self.log_temperature.exp().view(1, kv_heads, group, 1, 1)
         else:
             scale = self.adapter.scaling
-        grouped = query.reshape(batch, kv_heads, group * length, head_dim)  # heads of one group share a store
+        grouped = self.grouped(query)  # heads of one group share a store
         _, slots = store.search(grouped.detach(), self.top_k, self.search)  # [b, kv_heads, group * n, k]
         keys, values = store.gather(slots)  # [b, kv_heads, group * n, k, d], no graph
         keys, values = keys.to(query.dtype), values.to(query.dtype)

@@ -7,7 +7,8 @@ own (positions restart at 0), so the backbone never sees more than `segment_size
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +16,9 @@ import transformers
 from torch import nn
 
 from .. import backbones
-from ..recurrence import MemoryModel, StepOutput
-from ..rmt import _special_id, as_segment
-from ..segments import Alignment, Segment
-from .attention import COMBINES, Combine, KNNAttention, MemoryContext
+from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from ..segments import Segment, as_segment
+from .attention import COMBINES, Combine, KNNAttention
 from .store import BACKENDS, Backend, KNNStore
 
 MAX_MEMORY_SIZE = 1 << 20
@@ -26,7 +26,7 @@ MAX_MEMORY_SIZE = 1 << 20
 
 @dataclass
 class KNNMemoryState:
-    """The stores of every memory layer. They are written in place (like a generation cache) and hold no graph."""
+    """The stores of every memory layer: values (a step returns new ones), holding no graph."""
 
     stores: list[KNNStore]
 
@@ -34,9 +34,7 @@ class KNNMemoryState:
         return self  # nothing in a store carries gradients
 
     def reset(self, rows: torch.Tensor) -> KNNMemoryState:
-        for store in self.stores:
-            store.reset(rows)
-        return self
+        return KNNMemoryState([store.reset(rows) for store in self.stores])
 
     def select(self, rows: torch.Tensor, other: KNNMemoryState) -> KNNMemoryState:
         # The driver's rows without tokens wrote nothing, so a state selected against itself is itself.
@@ -48,6 +46,37 @@ class KNNMemoryState:
         return sum(store.nbytes() for store in self.stores)
 
 
+@dataclass(kw_only=True)
+class KNNConfig(MechanismConfig):
+    """kNN memory's knobs (and the driver's); defaults from the paper where it gives them."""
+
+    fixed = ("segment_size", "alignment", "memory_layers", "combine", "normalize_keys")
+    resizable = ("memory_size",)
+
+    memory_layers: tuple[int, ...] = (-4,)  # decoder layers with memory; negative counts from the top
+    memory_size: int = 65_536  # (key, value) pairs per batch row, head and memory layer, FIFO
+    top_k: int = 32  # neighbours each query attends to
+    combine: Combine = "gate"  # "gate" (the paper's per-head sigmoid gate) or "joint" (one softmax)
+    normalize_keys: bool = False  # L2-normalised memory queries and keys, with a learned per-head temperature
+    search: Backend = "torch"  # "torch" (exact, blockwise) or "faiss" (exact, CPU stores)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.memory_layers, list):
+            self.memory_layers = tuple(self.memory_layers)
+        if not isinstance(self.memory_layers, tuple) or not self.memory_layers:
+            raise ValueError(f"memory_layers must name at least one layer, got {self.memory_layers!r}")
+        for layer in self.memory_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(f"memory_layers must hold ints, got {self.memory_layers!r}")
+        check_int("memory_size", self.memory_size, 1, MAX_MEMORY_SIZE)
+        check_int("top_k", self.top_k, 1)
+        check_choice("combine", self.combine, COMBINES)
+        if not isinstance(self.normalize_keys, bool):
+            raise ValueError(f"normalize_keys must be True or False, got {self.normalize_keys!r}")
+        check_choice("search", self.search, BACKENDS)
+
+
 class MemorizingTransformer(MemoryModel):
     """kNN memory in `memory_layers` of a Llama-family (Llama, Mistral, Qwen2, SmolLM2) or GPT-2 decoder.
 
@@ -55,60 +84,40 @@ class MemorizingTransformer(MemoryModel):
     nearest by inner product. `combine` is "gate" (the paper's per-head sigmoid gate) or "joint" (one softmax over
     memory and local keys); either way a zero-initialised per-head mix keeps the pretrained outputs unchanged at
     first. `normalize_keys` L2-normalises memory queries and keys with a learned per-head temperature. `search` is
-    "torch" (exact blockwise top-k, CPU or GPU) or "faiss" (exact, CPU stores).
+    "torch" (exact blockwise top-k, CPU or GPU) or "faiss" (exact, CPU stores). Knobs: `KNNConfig` (as keywords,
+    or `config=`).
     """
 
-    def __init__(
-        self,
-        backbone: transformers.PreTrainedModel | str,
-        memory_layers: Sequence[int] = (-4,),
-        memory_size: int = 65_536,
-        top_k: int = 32,
-        segment_size: int = 512,
-        combine: Combine = "gate",
-        normalize_keys: bool = False,
-        search: Backend = "torch",
-        alignment: Alignment = "left",
-    ) -> None:
-        super().__init__()
-        backbone = self._take_backbone(backbone, segment_size, alignment)
+    config_class = KNNConfig
+    generates = True
+
+    def __init__(self, backbone: transformers.PreTrainedModel | str, config: KNNConfig | None = None, **knobs) -> None:
+        config = self.make_config(config, knobs)
+        super().__init__(backbone, config)
         if not self.info.is_decoder:
             raise ValueError(
                 f"backbone: kNN memory needs a decoder (Llama family or GPT-2), got {self.info.class_name}"
             )
-        if not isinstance(memory_size, int) or not 1 <= memory_size <= MAX_MEMORY_SIZE:
-            raise ValueError(f"memory_size must be an int in [1, {MAX_MEMORY_SIZE}], got {memory_size!r}")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int ≥ 1, got {top_k!r}")
-        if combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-        if search not in BACKENDS:
-            raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
-        memory_layers = tuple(memory_layers)
-        if not memory_layers:
-            raise ValueError("memory_layers must name at least one layer, got ()")
-        num_layers = len(backbones.decoder_layers(backbone))
+        num_layers = len(backbones.decoder_layers(self.backbone))
+        memory_layers = config.memory_layers
         resolved = [layer % num_layers if -num_layers <= layer < num_layers else None for layer in memory_layers]
         if None in resolved or len(set(resolved)) != len(resolved):
             raise ValueError(
                 f"memory_layers must be distinct layers in [{-num_layers}, {num_layers - 1}], got {memory_layers}"
             )
-        self.backbone = backbone
-        self.memory_layers = memory_layers
-        self.memory_size = memory_size
-        self.top_k = top_k
-        self.content_size = segment_size
-        self.combine = combine
-        self.normalize_keys = normalize_keys
-        self.search = search
+        self.content_size = config.segment_size
         self.token_level = self.info.head == "token"
         self.causal = True
         self.layers = nn.ModuleList(
-            KNNAttention(backbones.attention_adapter(backbone, layer), top_k, combine, normalize_keys, search)
+            KNNAttention(
+                backbones.attention_adapter(self.backbone, layer),
+                config.top_k,
+                config.combine,
+                config.normalize_keys,
+                config.search,
+            )
             for layer in resolved
         )
-        for layer in self.layers:
-            layer.attach()
 
     # --- the two methods the driver needs --------------------------------------------------------------------
 
@@ -146,26 +155,34 @@ class MemorizingTransformer(MemoryModel):
                 f"state: {len(state.stores)} stores of batch {state.stores[0].batch_size} do not fit "
                 f"{len(self.layers)} memory layers and a segment of batch {segment.batch_size}"
             )
-        with self.memory(state, write_mask=segment.attention_mask):
+        with self.memory(state, write_mask=segment.attention_mask) as written:
             embeds = self.backbone.get_input_embeddings()(segment.input_ids)
             keep = logit_positions if self.token_level else None
             logits, hidden = backbones.run_backbone(self.backbone, embeds, segment.attention_mask, logits_to_keep=keep)
-        return StepOutput(logits=logits, hidden=hidden, logit_positions=keep), state
+        return StepOutput(logits=logits, hidden=hidden, logit_positions=keep), written.state
 
-    def memory(self, state: KNNMemoryState, write_mask: torch.Tensor | None = None) -> _MemoryScope:
-        """`with model.memory(state): backbone(...)`: the memory layers read (and, given a mask, write) `state`."""
-        return _MemoryScope(self, state, write_mask)
+    @contextlib.contextmanager
+    def memory(self, state: KNNMemoryState, write_mask: torch.Tensor | None = None) -> Iterator[_Written]:
+        """`with model.memory(state) as written: backbone(...)`: for the duration of the block the memory layers
+        take the place of the backbone's attention and read `state`; given a `write_mask` [batch, length] they also
+        remember those tokens, and `written.state` is the new state after the block (`state` itself is unchanged)."""
+        written = _Written(state)
+        with contextlib.ExitStack() as patches:
+            for layer, store in zip(self.layers, state.stores, strict=True):
+                patches.enter_context(layer.patched())
+                layer.store, layer.write_mask = store, write_mask
+            try:
+                yield written
+                written.state = KNNMemoryState([layer.store for layer in self.layers])
+            finally:
+                for layer in self.layers:
+                    layer.store = layer.write_mask = None
 
     def reset(self, state: KNNMemoryState, rows: torch.Tensor | None = None) -> KNNMemoryState:
-        """Clear the rows marked (every row when None): a new document starts there."""
+        """`state` with the rows marked (every row when None) cleared: a new document starts there."""
         if rows is None:
             rows = torch.ones(state.stores[0].batch_size, dtype=torch.bool)
         return state.reset(rows)
-
-    def detach_from_backbone(self) -> None:
-        """Give the backbone's attention modules their own forward back (the model is unusable afterwards)."""
-        for layer in self.layers:
-            layer.detach_from_backbone()
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -181,7 +198,7 @@ class MemorizingTransformer(MemoryModel):
                 f"max_new_tokens={max_new_tokens}: the prompt segment ({width} tokens) and the new tokens exceed "
                 f"the backbone's {self.info.max_positions} positions"
             )
-        pad = _special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
+        pad = backbones.special_id(self.backbone.config, "pad_token_id", "eos_token_id", "bos_token_id", fallback=0)
         ids = torch.full((batch, width), pad, dtype=dtype, device=device)
         mask = torch.zeros(batch, width, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):  # left padding, as generate expects
@@ -194,39 +211,9 @@ class MemorizingTransformer(MemoryModel):
             )
         return out[:, width:]
 
-    # --- saving -----------------------------------------------------------------------------------------------
 
-    def extra_repr(self) -> str:
-        return (
-            f"memory_layers={self.memory_layers}, memory_size={self.memory_size}, top_k={self.top_k}, "
-            f"segment_size={self.segment_size}, combine={self.combine!r}, search={self.search!r}"
-        )
+@dataclass
+class _Written:
+    """The state a `memory` block leaves behind (set when the block ends)."""
 
-    def config_dict(self) -> dict:
-        """The constructor arguments, for `save_pretrained`."""
-        return {
-            "memory_layers": list(self.memory_layers),
-            "memory_size": self.memory_size,
-            "top_k": self.top_k,
-            "segment_size": self.segment_size,
-            "combine": self.combine,
-            "normalize_keys": self.normalize_keys,
-            "search": self.search,
-            "alignment": self.alignment,
-        }
-
-
-class _MemoryScope:
-    """Sets each memory layer's context for the duration of a `with` block, and always clears it."""
-
-    def __init__(self, model: MemorizingTransformer, state: KNNMemoryState, write_mask: torch.Tensor | None) -> None:
-        self.model, self.state, self.write_mask = model, state, write_mask
-
-    def __enter__(self) -> KNNMemoryState:
-        for layer, store in zip(self.model.layers, self.state.stores, strict=True):
-            layer.context = MemoryContext(store, self.write_mask)
-        return self.state
-
-    def __exit__(self, *exc) -> None:
-        for layer in self.model.layers:
-            layer.context = None
+    state: KNNMemoryState

@@ -5,6 +5,11 @@ oldest entries are overwritten first (FIFO) and slots `[0, size)` are always the
 slots, so a search can only return a row's own entries. The store holds no graph: it is written with detached
 tensors and read under `no_grad`; gradients reach the queries through the memory attention, never the store.
 
+A store is a value: `write` and `reset` return a new store and leave the one they were called on as it was, so a
+segment recomputed during backward (gradient checkpointing) searches exactly the store it searched the first time.
+The price is one copy of the filled slots per write, a pass over memory far cheaper than the search that reads
+them for every query.
+
 Search backends return the top-k slots by inner product:
 - "torch": exact, blockwise matmul + top-k (CPU and GPU), memory bounded by the block size;
 - "faiss": exact `faiss.knn` per row and head on the CPU (imported only when used), faster for large stores.
@@ -61,8 +66,8 @@ class KNNStore:
         keys: torch.Tensor,  # [batch, heads, length, head_dim]
         values: torch.Tensor,  # [batch, heads, length, head_dim]
         mask: torch.Tensor | None = None,  # [batch, length], 1 = a real token to remember
-    ) -> None:
-        """Append each row's real tokens in order; only the newest `capacity` survive."""
+    ) -> KNNStore:
+        """A new store: this one with each row's real tokens appended in order; only the newest `capacity` survive."""
         batch, _, length, _ = keys.shape
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=keys.device)
@@ -72,10 +77,27 @@ class KNNStore:
         keep = mask & (rank >= real - self.capacity)  # a segment longer than the store keeps its tail
         rows, tokens = keep.nonzero(as_tuple=True)  # [entries]
         slots = (self.count[rows] + rank[rows, tokens]) % self.capacity
+        out = self._with(self._copy(self.keys), self._copy(self.values), self.count + real.squeeze(1))
         # Advanced indices around a slice: both sides are [entries, heads, head_dim].
-        self.keys[rows, :, slots] = keys.detach()[rows, :, tokens].to(self.keys.dtype)
-        self.values[rows, :, slots] = values.detach()[rows, :, tokens].to(self.values.dtype)
-        self.count += real.squeeze(1)
+        out.keys[rows, :, slots] = keys.detach()[rows, :, tokens].to(self.keys.dtype)
+        out.values[rows, :, slots] = values.detach()[rows, :, tokens].to(self.values.dtype)
+        return out
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:  # [batch, heads, capacity, width]
+        """A copy of the slots that may hold entries, [0, size.max()), and of slot 0 (which `gather` reads for slot
+        -1, masked by every reader, so it must hold a number: a zero of the fresh store or an entry); the rest is
+        left unset, as nothing reads a slot past its row's size (searches mask them). So a write costs a pass over
+        what the store holds, never over its whole capacity."""
+        used = max(1, int(self.size.max()))
+        out = torch.empty_like(tensor)
+        out[:, :, :used] = tensor[:, :, :used]
+        return out
+
+    def _with(self, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> KNNStore:
+        """A store of the same capacity holding these tensors."""
+        out = KNNStore.__new__(KNNStore)
+        out.capacity, out.keys, out.values, out.count = self.capacity, keys, values, count
+        return out
 
     @torch.no_grad()
     def search(
@@ -101,14 +123,13 @@ class KNNStore:
         return keys, values
 
     @torch.no_grad()
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Forget everything in the rows marked (all rows when None): a new document starts there."""
+    def reset(self, rows: torch.Tensor | None = None) -> KNNStore:
+        """A new store: this one with everything forgotten in the rows marked (all rows when None)."""
         if rows is None:
             rows = torch.ones(self.batch_size, dtype=torch.bool, device=self.count.device)
         rows = rows.to(self.count.device).bool()
-        self.count.masked_fill_(rows, 0)
-        self.keys[rows] = 0
-        self.values[rows] = 0
+        keep = lambda t: t.masked_fill(rows.view(-1, *[1] * (t.dim() - 1)), 0)  # noqa: E731
+        return self._with(keep(self.keys), keep(self.values), keep(self.count))
 
     def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's valid keys and values, oldest first: each [heads, size, head_dim] (for inspection and tests)."""
@@ -120,12 +141,10 @@ class KNNStore:
         """This store in the rows marked, `other` elsewhere (a copy; the same store when both are one)."""
         if other is self:
             return self
-        out = KNNStore.__new__(KNNStore)
-        out.capacity = self.capacity
         where = lambda a, b: torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
-        out.keys, out.values = where(self.keys, other.keys), where(self.values, other.values)
-        out.count = where(self.count, other.count)
-        return out
+        return self._with(
+            where(self.keys, other.keys), where(self.values, other.values), where(self.count, other.count)
+        )
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes

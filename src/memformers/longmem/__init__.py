@@ -2,6 +2,6 @@
 
 from .attention import JointAttention
 from .bank import MemoryBank
-from .model import LongMem
+from .model import LongMem, LongMemConfig
 
-__all__ = ["JointAttention", "LongMem", "MemoryBank"]
+__all__ = ["JointAttention", "LongMem", "LongMemConfig", "MemoryBank"]

@@ -7,14 +7,16 @@ from torch import nn
 
 from .. import backbones
 from ..knn.store import Backend
+from ..memory_attention import LocalAttention, MemoryAttention
 from .bank import MemoryBank
 
 
-class JointAttention(nn.Module):
+class JointAttention(MemoryAttention):
     """The fusion layer's attention: local attention and memory attention over retrieved chunks, gated per head.
 
-    Replaces the `forward` of the SideNet's own copy of an attention module (never the backbone's); the copy's
-    projections compute queries, keys and values, its own attention function the local part.
+    Takes the place of the `forward` of the SideNet's own copy of an attention module (never the backbone's) while a
+    SideNet pass runs (`patched`); the copy's projections compute queries, keys and values, its own attention
+    function the local part.
     """
 
     def __init__(
@@ -24,36 +26,17 @@ class JointAttention(nn.Module):
         search: Backend = "torch",
         query_block: int | None = None,
     ) -> None:
-        super().__init__()
-        self.adapter = adapter  # a plain dataclass: the attention module is registered by its SideNet layer
+        super().__init__(adapter)
         self.top_k_chunks = top_k_chunks
         self.search = search
         self.query_block = query_block  # queries per key-value head retrieved at once; None: all
         # sigmoid(0) = 0.5: memory and local attention weighted equally at first, as in Memorizing Transformers.
         self.gate_bias = nn.Parameter(torch.zeros(adapter.num_heads))
-        self.bank: MemoryBank | None = None
-        module = adapter.module
-        original = type(module).forward.__get__(module)
+        self.bank: MemoryBank | None = None  # the bank read during a pass
 
-        def forward(*args, **kwargs):
-            if self.bank is None:
-                return original(*args, **kwargs)
-            return self.attend(*args, **kwargs)
-
-        module.forward = forward
-
-    def attend(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        adapter = self.adapter
-        call = adapter.split_call(args, kwargs)
-        query, key, value = adapter.project(call.hidden)  # pre-rotary: what memory sees
-        local_query, local_key = adapter.rotate(query, key, call)
-        local_key, local_value = adapter.update_cache(local_key, value, call)  # generation: past + new tokens
-        local = adapter.attend(local_query, local_key, local_value, call)  # [b, heads, n, d]
+    def read(self, query: torch.Tensor, local: LocalAttention) -> tuple[torch.Tensor, torch.Tensor]:
         memory, found = self.memory_attention(query, self.bank)
-        g = torch.sigmoid(self.gate_bias).view(1, -1, 1, 1) * found.unsqueeze(-1)  # [b, heads, n, 1]
-        out = local + g.to(local.dtype) * (memory - local)  # local·(1 − g) + memory·g
-        out = out.transpose(1, 2).reshape(*call.hidden.shape[:-1], -1)  # [b, n, heads · d]
-        return adapter.output(out), None
+        return memory, torch.sigmoid(self.gate_bias).view(1, -1, 1, 1) * found.unsqueeze(-1)  # [b, heads, n, 1]
 
     def memory_attention(
         self,
@@ -68,8 +51,7 @@ class JointAttention(nn.Module):
         autograd keeps every block's keys and values for the backward, as the unblocked attention would.)
         """
         batch, heads, length, d = query.shape
-        kv_heads = self.adapter.num_kv_heads
-        grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * length, d)
+        grouped = self.grouped(query)
         block = self.query_block or grouped.shape[2]
         parts = [self._attend_block(part, bank) for part in grouped.split(block, dim=2)]
         out = torch.cat([part for part, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]

@@ -20,7 +20,8 @@ class MemoryBank:
 
     `store.keys` [batch, kv_heads, chunks, head_dim] are chunk-mean keys (the search index); `store.values`
     [batch, kv_heads, chunks, chunk_size · (2·head_dim + 1)] hold per token its key, its value and a 1 (0 = empty
-    place in a chunk that was cut short by the end of a segment). Written in place, with no graph.
+    place in a chunk that was cut short by the end of a segment). A value, like its store: writing returns a new
+    bank. It holds no graph.
     """
 
     store: KNNStore
@@ -30,8 +31,7 @@ class MemoryBank:
         return self  # nothing in the bank carries gradients
 
     def reset(self, rows: torch.Tensor) -> MemoryBank:
-        self.store.reset(rows)
-        return self
+        return MemoryBank(self.store.reset(rows), self.chunk_size)
 
     def select(self, rows: torch.Tensor, other: MemoryBank) -> MemoryBank:
         return MemoryBank(self.store.select(rows, other.store), self.chunk_size)
@@ -46,8 +46,8 @@ class MemoryBank:
         keys: torch.Tensor,  # [batch, kv_heads, length, head_dim] pre-rotary
         values: torch.Tensor,  # [batch, kv_heads, length, head_dim]
         mask: torch.Tensor,  # [batch, length] 1 = a real token to remember
-    ) -> None:
-        """Cut each row's real tokens, in order, into chunks of `chunk_size` and append them."""
+    ) -> MemoryBank:
+        """A new bank: this one with each row's real tokens, in order, cut into chunks of `chunk_size` and appended."""
         batch, heads, length, d = keys.shape
         c = self.chunk_size
         mask = mask.to(keys.device).bool()
@@ -63,7 +63,7 @@ class MemoryBank:
         valid = payload[..., 2 * d]  # [batch, heads, chunks, c]
         mean_keys = payload[..., :d].sum(dim=3) / valid.sum(dim=3, keepdim=True).clamp(min=1)
         chunk_mask = valid[:, 0].any(dim=-1)  # [batch, chunks]
-        self.store.write(mean_keys, payload.flatten(-2), chunk_mask)
+        return MemoryBank(self.store.write(mean_keys, payload.flatten(-2), chunk_mask), self.chunk_size)
 
     @torch.no_grad()
     def retrieve(

@@ -22,8 +22,10 @@ chunks. Rows never share slots, so a row can only retrieve its own past.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +34,53 @@ from torch import nn
 
 from .. import backbones
 from ..knn.store import BACKENDS, Backend, KNNStore
-from ..recurrence import MemoryModel, StepOutput
-from ..rmt import as_segment
-from ..segments import Alignment, Segment
+from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from ..segments import Segment, as_segment
 from .attention import JointAttention
 from .bank import MemoryBank
 
 MAX_MEMORY_SIZE = 1 << 22
+
+
+@dataclass(kw_only=True)
+class LongMemConfig(MechanismConfig):
+    """LongMem's knobs (and the driver's); None: the backbone's default, resolved when the model is built."""
+
+    fixed = ("segment_size", "alignment", "sidenet_layers", "memory_layer", "fusion_layer", "chunk_size")
+    resizable = ("memory_size",)
+
+    sidenet_layers: int | None = None  # S, dividing the backbone's L blocks (default L/2)
+    memory_layer: int | None = None  # the backbone block whose keys and values the bank holds (default 3L/4 − 1)
+    fusion_layer: int | None = None  # the SideNet layer that reads the bank (default S/2)
+    memory_size: int = 65_536  # tokens per row in the bank, FIFO
+    chunk_size: int = 4  # tokens per retrieved chunk
+    top_k_chunks: int = 16  # chunks each query reads
+    search: Backend = "torch"
+    query_block: int | None = 512  # queries per key-value head retrieved at once (bounds memory); None: all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("sidenet_layers", "memory_layer", "fusion_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be None (the backbone's default) or an int, got {value!r}")
+        if self.sidenet_layers is not None:
+            check_int("sidenet_layers", self.sidenet_layers, 1)
+        check_int("chunk_size", self.chunk_size, 1)
+        if (
+            isinstance(self.memory_size, bool)
+            or not isinstance(self.memory_size, int)
+            or not self.chunk_size <= self.memory_size <= MAX_MEMORY_SIZE
+            or self.memory_size % self.chunk_size
+        ):
+            raise ValueError(
+                f"memory_size must be an int multiple of chunk_size={self.chunk_size} in [{self.chunk_size}, "
+                f"{MAX_MEMORY_SIZE}], got {self.memory_size!r}"
+            )
+        check_int("top_k_chunks", self.top_k_chunks, 1)
+        check_choice("search", self.search, BACKENDS)
+        if self.query_block is not None:
+            check_int("query_block", self.query_block, 1)
 
 
 @dataclass
@@ -60,119 +102,88 @@ class LongMem(MemoryModel):
     layer that reads the bank (default S/2, the middle). The bank keeps the most recent `memory_size` tokens per row
     in chunks of `chunk_size`; each query reads the tokens of its `top_k_chunks` best chunks, `query_block` queries
     per key-value head at a time (bounding retrieval memory; None: all at once). Only the SideNet (and its gate) is
-    trainable; the backbone and its embeddings, final norm and LM head stay frozen and in eval mode.
+    trainable; the backbone and its embeddings, final norm and LM head stay frozen (gradients pass through the
+    final norm and head, never into them) and read in eval mode, without any change to the backbone itself.
     """
 
+    freeze_backbone = True  # always: only the SideNet (and its gate) trains
+
+    config_class = LongMemConfig
+    generates = True
+
     def __init__(
-        self,
-        backbone: transformers.PreTrainedModel | str,
-        sidenet_layers: int | None = None,
-        memory_layer: int | None = None,
-        fusion_layer: int | None = None,
-        memory_size: int = 65_536,
-        chunk_size: int = 4,
-        top_k_chunks: int = 16,
-        segment_size: int = 512,
-        search: Backend = "torch",
-        alignment: Alignment = "left",
-        query_block: int | None = 512,
+        self, backbone: transformers.PreTrainedModel | str, config: LongMemConfig | None = None, **knobs
     ) -> None:
-        super().__init__()
-        backbone = self._take_backbone(backbone, segment_size, alignment)
+        config = self.make_config(config, knobs)
+        super().__init__(backbone, config)
         if not self.info.is_decoder or self.info.head != "token":
             raise ValueError(f"backbone: LongMem needs a causal LM (Llama family or GPT-2), got {self.info.class_name}")
-        blocks = backbones.decoder_layers(backbone)  # also rejects families without an attention adapter
+        blocks = backbones.decoder_layers(self.backbone)  # also rejects families without an attention adapter
         num_blocks = len(blocks)
-        if sidenet_layers is None:
-            sidenet_layers = max(1, num_blocks // 2)
-        if not isinstance(sidenet_layers, int) or not 1 <= sidenet_layers <= num_blocks:
-            raise ValueError(f"sidenet_layers must be an int in [1, {num_blocks}], got {sidenet_layers!r}")
+        sidenet_layers = max(1, num_blocks // 2) if config.sidenet_layers is None else config.sidenet_layers
+        check_int("sidenet_layers", sidenet_layers, 1, num_blocks)
         if num_blocks % sidenet_layers:
             raise ValueError(
                 f"sidenet_layers must divide the backbone's {num_blocks} blocks (each SideNet layer stands for an "
                 f"equal run of blocks), got {sidenet_layers}"
             )
-        if memory_layer is None:
-            memory_layer = max(0, 3 * num_blocks // 4 - 1)
-        if not isinstance(memory_layer, int) or not -num_blocks <= memory_layer < num_blocks:
-            raise ValueError(f"memory_layer must be an int in [{-num_blocks}, {num_blocks - 1}], got {memory_layer!r}")
-        if fusion_layer is None:
-            fusion_layer = sidenet_layers // 2
-        if not isinstance(fusion_layer, int) or not -sidenet_layers <= fusion_layer < sidenet_layers:
-            raise ValueError(
-                f"fusion_layer must be an int in [{-sidenet_layers}, {sidenet_layers - 1}], got {fusion_layer!r}"
-            )
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int ≥ 1, got {chunk_size!r}")
-        if (
-            not isinstance(memory_size, int)
-            or not chunk_size <= memory_size <= MAX_MEMORY_SIZE
-            or memory_size % chunk_size
-        ):
-            raise ValueError(
-                f"memory_size must be an int multiple of chunk_size={chunk_size} in [{chunk_size}, {MAX_MEMORY_SIZE}], "
-                f"got {memory_size!r}"
-            )
-        if not isinstance(top_k_chunks, int) or top_k_chunks < 1:
-            raise ValueError(f"top_k_chunks must be an int ≥ 1, got {top_k_chunks!r}")
-        if search not in BACKENDS:
-            raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
-        if query_block is not None and (not isinstance(query_block, int) or query_block < 1):
-            raise ValueError(f"query_block must be None (all queries at once) or an int ≥ 1, got {query_block!r}")
-
-        self.backbone = backbone
-        self.sidenet_layers = sidenet_layers
+        memory_layer = max(0, 3 * num_blocks // 4 - 1) if config.memory_layer is None else config.memory_layer
+        check_int("memory_layer", memory_layer, -num_blocks, num_blocks - 1)
+        fusion_layer = sidenet_layers // 2 if config.fusion_layer is None else config.fusion_layer
+        check_int("fusion_layer", fusion_layer, -sidenet_layers, sidenet_layers - 1)
+        # The config records the layers as resolved for this backbone.
+        self.config = config = dataclasses.replace(
+            config,
+            sidenet_layers=sidenet_layers,
+            memory_layer=memory_layer % num_blocks,
+            fusion_layer=fusion_layer % sidenet_layers,
+        )
         self.stride = num_blocks // sidenet_layers  # r: backbone blocks per SideNet layer
-        self.memory_layer = memory_layer % num_blocks
-        self.fusion_layer = fusion_layer % sidenet_layers
-        self.memory_size = memory_size
-        self.chunk_size = chunk_size
-        self.top_k_chunks = top_k_chunks
-        self.content_size = segment_size
-        self.search = search
+        self.content_size = config.segment_size
         self.token_level = True
         self.causal = True
 
-        # The SideNet: copies made before any hook is put on the backbone, so they carry none.
+        # The SideNet: the mechanism's own copies of backbone blocks (any patch or hook on those blocks is not ours).
         self.sidenet = nn.ModuleList(
-            copy.deepcopy(blocks[self.stride * i + self.stride - 1]) for i in range(sidenet_layers)
+            copy.deepcopy(blocks[self.stride * i + self.stride - 1]) for i in range(config.sidenet_layers)
         )
-        for module in self.sidenet.modules():  # hooks another mechanism put on the backbone stay there
+        for module in self.sidenet.modules():
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
             module.__dict__.pop("forward", None)
-        backbone.requires_grad_(False)
-        backbone.eval()
         self.sidenet.requires_grad_(True)
         fused_block = self.stride * self.fusion_layer + self.stride - 1
         fused = self.sidenet[self.fusion_layer]
-        adapter = backbones.attention_adapter(backbone, fused_block, block=fused)
-        self.fusion = JointAttention(adapter, top_k_chunks, search, query_block)
-        self.memory_adapter = backbones.attention_adapter(backbone, self.memory_layer)
-        self._capture: _Capture | None = None
-        self._install_hooks(blocks)
+        adapter = backbones.attention_adapter(self.backbone, fused_block, block=fused)
+        self.fusion = JointAttention(adapter, config.top_k_chunks, config.search, config.query_block)
+        self.memory_adapter = backbones.attention_adapter(self.backbone, self.memory_layer)
 
     # --- reading the frozen backbone --------------------------------------------------------------------------
 
-    def _install_hooks(self, blocks: nn.ModuleList) -> None:
+    @contextlib.contextmanager
+    def _recording(self, capture: _Capture) -> Iterator[None]:
+        """Hooks on the backbone that record into `capture`, for the duration of the block only."""
+        blocks = backbones.decoder_layers(self.backbone)
+
         def before_first(module, args, kwargs):
-            if self._capture is not None:
-                hidden, self._capture.block_args, self._capture.block_kwargs = backbones.split_block_call(args, kwargs)
-                self._capture.hidden.append(hidden)
+            hidden, capture.block_args, capture.block_kwargs = backbones.split_block_call(args, kwargs)
+            capture.hidden.append(hidden)
 
         def after_block(module, args, output):
-            if self._capture is not None:
-                self._capture.hidden.append(output[0] if isinstance(output, tuple) else output)
+            capture.hidden.append(output[0] if isinstance(output, tuple) else output)
 
         def before_memory_attention(module, args, kwargs):
-            if self._capture is not None:
-                hidden = self.memory_adapter.split_call(args, kwargs).hidden
-                _, self._capture.keys, self._capture.values = self.memory_adapter.project(hidden)
+            hidden = self.memory_adapter.split_call(args, kwargs).hidden
+            _, capture.keys, capture.values = self.memory_adapter.project(hidden)
 
-        blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)
-        for block in blocks:
-            block.register_forward_hook(after_block)
-        self.memory_adapter.module.register_forward_pre_hook(before_memory_attention, with_kwargs=True)
+        handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+        handles += [block.register_forward_hook(after_block) for block in blocks]
+        handles.append(self.memory_adapter.module.register_forward_pre_hook(before_memory_attention, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def read_backbone(
@@ -186,17 +197,15 @@ class LongMem(MemoryModel):
 
         With a `cache` (generation) the backbone reads only the new tokens and appends their keys and values to it.
         """
-        self._capture = capture = _Capture()
-        try:
-            base = self.backbone.base_model
+        capture = _Capture()
+        base = self.backbone.base_model
+        with self._recording(capture), backbones.eval_mode(base):
             base(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 **backbones.cache_arguments(base, cache),
             )
-        finally:
-            self._capture = None
         return capture
 
     # --- the SideNet ------------------------------------------------------------------------------------------
@@ -226,26 +235,17 @@ class LongMem(MemoryModel):
         x = hidden_states[0]
         self.fusion.bank = bank
         try:
-            for i, layer in enumerate(self.sidenet):
-                out = layer(x, *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                x = out + (hidden_states[r * (i + 1)] - hidden_states[r * i])  # cross-network residual
+            with self.fusion.patched() if bank is not None else contextlib.nullcontext():  # None: no memory
+                for i, layer in enumerate(self.sidenet):
+                    out = layer(x, *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    x = out + (hidden_states[r * (i + 1)] - hidden_states[r * i])  # cross-network residual
         finally:
             self.fusion.bank = None
-        hidden = self.final_norm(x)
+        # The backbone's own final norm and LM head, frozen: gradients pass through them, never into them.
+        hidden = backbones.frozen_call(backbones.final_norm(self.backbone), x)
         head_input = hidden if logit_positions is None else hidden[:, logit_positions]
-        return self.backbone.get_output_embeddings()(head_input), hidden, capture
-
-    @property
-    def final_norm(self) -> nn.Module:
-        """The backbone's own (frozen) final norm."""
-        return backbones.final_norm(self.backbone)
-
-    def train(self, mode: bool = True) -> LongMem:
-        """Train the SideNet; the frozen backbone stays in eval mode (no dropout), as it only encodes."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        return backbones.frozen_call(self.backbone.get_output_embeddings(), head_input), hidden, capture
 
     # --- the two methods the driver needs --------------------------------------------------------------------
 
@@ -275,11 +275,6 @@ class LongMem(MemoryModel):
         """One segment: read the bank (earlier segments only), then write this segment's chunks to it. Logits only
         at `logit_positions`."""
         segment = as_segment(segment)
-        if self.gradient_checkpointing:
-            raise ValueError(
-                "gradient_checkpointing=True: recomputing a LongMem step would write its segment to the bank twice; "
-                "leave it False for LongMem (its backbone pass keeps no activations already)"
-            )
         if segment.input_ids.shape[1] > self.content_size:
             raise ValueError(f"segment has {segment.input_ids.shape[1]} tokens; this model takes {self.content_size}")
         if state.store.batch_size != segment.batch_size or state.chunk_size != self.chunk_size:
@@ -290,8 +285,8 @@ class LongMem(MemoryModel):
         logits, hidden, capture = self.side_forward(
             segment.input_ids, segment.attention_mask, state, logit_positions=logit_positions
         )
-        state.write(capture.keys, capture.values, segment.attention_mask)  # after the read
-        return StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions), state
+        written = state.write(capture.keys, capture.values, segment.attention_mask)  # after the read
+        return StepOutput(logits=logits, hidden=hidden, logit_positions=logit_positions), written
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -359,28 +354,3 @@ class LongMem(MemoryModel):
             lengths = lengths + 1
             new_tokens.append(token)
         return torch.stack(new_tokens, dim=1).to(dtype)
-
-    # --- saving -----------------------------------------------------------------------------------------------
-
-    def extra_repr(self) -> str:
-        return (
-            f"sidenet_layers={self.sidenet_layers}, memory_layer={self.memory_layer}, "
-            f"fusion_layer={self.fusion_layer}, "
-            f"memory_size={self.memory_size}, chunk_size={self.chunk_size}, top_k_chunks={self.top_k_chunks}, "
-            f"segment_size={self.segment_size}"
-        )
-
-    def config_dict(self) -> dict:
-        """The constructor arguments, for `save_pretrained`."""
-        return {
-            "sidenet_layers": self.sidenet_layers,
-            "memory_layer": self.memory_layer,
-            "fusion_layer": self.fusion_layer,
-            "memory_size": self.memory_size,
-            "chunk_size": self.chunk_size,
-            "top_k_chunks": self.top_k_chunks,
-            "segment_size": self.segment_size,
-            "search": self.search,
-            "alignment": self.alignment,
-            "query_block": self.fusion.query_block,
-        }

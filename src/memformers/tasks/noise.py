@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from memformers.backbones import cache_dir
 from memformers.errors import InputError, warn_input
+from memformers.files import atomic_file
 
 AUSTEN_TEST = ("persuasion", "northangerabbey")
 AUSTEN_TRAIN = ("emma", "mansfieldpark", "prideprejudice", "sensesensibility")
@@ -285,8 +285,6 @@ def _load_or_build(key: str, tokenizer: PreTrainedTokenizerBase, split: str, noi
     noise = TokenizedNoise(
         np.concatenate(pieces), starts, np.asarray(book_starts, dtype=np.int64), tuple(b.name for b in books)
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, ids=noise.ids, starts=noise.starts, book_starts=noise.book_starts, books=np.asarray(noise.books))
-    tmp.replace(path)  # atomic: a reader never sees half a cache file
+    with atomic_file(path) as tmp:  # a reader never sees half a cache file
+        np.savez(tmp, ids=noise.ids, starts=noise.starts, book_starts=noise.book_starts, books=np.asarray(noise.books))
     return noise
