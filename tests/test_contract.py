@@ -31,10 +31,16 @@ def build(name: str, backbone):
         return model
     if name == "cache":
         return mf.SegmentCacheTransformer(backbone, segment_size=SEGMENT)
+    if name == "armt":
+        model = mf.AssociativeMemoryTransformer(backbone, num_memory_tokens=2, segment_size=SEGMENT + 2, d_mem=4)
+        with torch.no_grad():
+            for layer in model.layers:  # W_V starts at 0 (nothing read); as after training, it writes something
+                layer.value.weight.normal_(0, 0.2)
+        return model
     raise KeyError(name)
 
 
-MECHANISMS = ("rmt", "knn", "longmem", "cache")
+MECHANISMS = ("rmt", "armt", "knn", "longmem", "cache")
 
 
 def four_layer_llama():

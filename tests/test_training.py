@@ -314,6 +314,7 @@ def test_algorithmic_tasks_fill_their_segments_and_train(tmp_path, task):
 
 MECHANISM_CHANGES = {
     "rmt": {},
+    "armt": {"model.armt.d_mem": 4},
     "cache": {},
     "knn": {"model.knn.memory_layers": [-1], "model.knn.memory_size": 256, "model.knn.top_k": 8},
     "longmem": {"model.longmem.memory_size": 256, "model.longmem.top_k_chunks": 4},
@@ -328,12 +329,13 @@ def decoder(tmp_path: Path, mechanism: str, name: str = "run", **changes) -> tra
     return tiny(tmp_path, name, **base | MECHANISM_CHANGES[mechanism] | changes)
 
 
-@pytest.mark.parametrize("mechanism", ["rmt", "cache", "knn", "longmem"])
+@pytest.mark.parametrize("mechanism", ["rmt", "armt", "cache", "knn", "longmem"])
 def test_every_mechanism_trains_saves_reloads_and_continues(tmp_path, mechanism):
     config = decoder(tmp_path, mechanism)
     trainer = Trainer(config, progress=False)
     model = trainer.unwrapped
     expected = {"rmt": "RecurrentMemoryTransformer", "cache": "SegmentCacheTransformer"}
+    expected |= {"armt": "AssociativeMemoryTransformer"}
     expected |= {"knn": "MemorizingTransformer", "longmem": "LongMem"}
     assert type(model).__name__ == expected[mechanism]
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -371,6 +373,33 @@ def test_a_saved_backbone_goes_into_another_mechanism(tmp_path):
     saved = mf.load(base).backbone.state_dict()
     for name, value in trainer.unwrapped.backbone.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_a_saved_encoder_backbone_goes_into_armt_with_its_classification_head(tmp_path):
+    """The BABILong recipe: a stage-0 classifier without memory, then its backbone/ folder wrapped in ARMT."""
+    base = train(tiny(tmp_path, "base", **{"model.num_memory_tokens": 0}), progress=False)
+    armt = {"model.mechanism": "armt", "model.backbone": str(base / "backbone"), "model.armt.d_mem": 4}
+    config = tiny(tmp_path, "armt", **armt)
+    trainer = Trainer(config, progress=False)
+    model = trainer.unwrapped
+    assert type(model).__name__ == "AssociativeMemoryTransformer" and model.info.head == "classification"
+    saved = mf.load(base).backbone.state_dict()
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    final = trainer.train()
+    reloaded = mf.load(final)
+    assert type(reloaded) is mf.AssociativeMemoryTransformer and reloaded.config_dict()["d_mem"] == 4
+    assert any(not torch.equal(value, saved[name]) for name, value in reloaded.backbone.state_dict().items())
+    with pytest.raises(ValueError, match="model.armt.d_mem"):
+        tiny(tmp_path, "bad", **armt | {"model.armt.d_mem": 0})
+    with pytest.raises(ValueError, match="num_memory_tokens"):
+        tiny(tmp_path, "bad", **armt | {"model.num_memory_tokens": 0})
+
+
+def test_the_babilong_armt_config_parses():
+    config = load_config(Path(__file__).parent.parent / "configs" / "cpu_babilong_qa1_armt.toml")
+    assert config.model.mechanism == "armt" and config.model.head == "classification"
+    assert config.model.mechanism_config().d_mem == 64
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """memformers: any Hugging Face transformer reads millions of tokens through memory."""
 
 from . import backbones
+from .armt import ARMTConfig, AssociativeMemoryTransformer, AssociativeState
 from .cache import CacheConfig, SegmentCacheTransformer
 from .knn import KNNConfig, MemorizingTransformer
 from .longmem import LongMem, LongMemConfig
@@ -12,6 +13,9 @@ from .segments import Segment, split_into_segments, stream_segments
 
 __all__ = [
     "MECHANISMS",
+    "ARMTConfig",
+    "AssociativeMemoryTransformer",
+    "AssociativeState",
     "CacheConfig",
     "KNNConfig",
     "LongMem",

@@ -528,3 +528,31 @@ def final_norm(model: nn.Module) -> nn.Module:
     """The norm a Llama-family or GPT-2 model applies after its last decoder block."""
     base = getattr(model, "base_model", model)
     return base.ln_f if attention_family(model) == "gpt2" else base.norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stack of transformer blocks, for mechanisms that act at every layer's input and output (ARMT)
+
+# Where each family keeps its blocks, relative to its base model: BERT-likes, Llama-likes and GPT-NeoX, GPT-2, OPT,
+# DistilBERT.
+LAYER_STACK_PATHS = ("encoder.layer", "layers", "h", "decoder.layers", "transformer.layer")
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The ordered transformer blocks of an encoder or decoder, whose calls take the hidden states first."""
+    base = getattr(model, "base_model", model)
+    for path in LAYER_STACK_PATHS:
+        found: object = base
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    raise ValueError(
+        f"backbone: cannot find the transformer blocks of {type(model).__name__} (looked for base-model attributes "
+        f"{', '.join(LAYER_STACK_PATHS)})"
+    )
+
+
+def block_output_hidden(output) -> torch.Tensor:
+    """A block's output hidden states [batch, length, hidden], whether it returns a tensor or a tuple."""
+    return output if isinstance(output, torch.Tensor) else output[0]

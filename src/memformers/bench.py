@@ -58,7 +58,8 @@ class BenchSettings:
     repeats: int = 3  # timed training steps after one warm-up; the median is reported
     time_budget_s: float = 150.0  # a cell predicted to take longer is skipped
     memory_up_to: int = 65_536  # CPU: the metered memory pass of recurrent mechanisms up to this length
-    memory_tokens: int = 16  # RMT decoder: content = segment_size − 2m
+    memory_tokens: int = 16  # RMT decoder: content = segment_size − 2m; ARMT decoder: segment_size − m
+    armt_d_mem: int = 64  # ARMT's associative keys: 2·3·d_mem features per layer
     knn_memory_size: int = 65_536
     knn_top_k: int = 32
     knn_layer: int = -1
@@ -101,6 +102,7 @@ class BenchSettings:
         """The knobs these settings give mechanism `name` (its config's defaults for the rest)."""
         chosen = {
             "rmt": {"num_memory_tokens": self.memory_tokens},
+            "armt": {"num_memory_tokens": self.memory_tokens, "d_mem": self.armt_d_mem},
             "knn": {"memory_layers": (self.knn_layer,), "memory_size": self.knn_memory_size, "top_k": self.knn_top_k},
             "longmem": {
                 "memory_size": self.longmem_memory_size,

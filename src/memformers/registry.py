@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .armt import ARMTConfig, AssociativeMemoryTransformer
 from .cache import CacheConfig, SegmentCacheTransformer
 from .knn import KNNConfig, MemorizingTransformer
 from .longmem import LongMem, LongMemConfig
@@ -29,6 +30,7 @@ MECHANISMS: dict[str, Mechanism] = {
     m.name: m
     for m in (
         Mechanism("rmt", RecurrentMemoryTransformer, RMTConfig, "RMT"),
+        Mechanism("armt", AssociativeMemoryTransformer, ARMTConfig, "ARMT"),
         Mechanism("knn", MemorizingTransformer, KNNConfig, "kNN memory"),
         Mechanism("longmem", LongMem, LongMemConfig, "LongMem"),
         Mechanism("cache", SegmentCacheTransformer, CacheConfig, "segment cache"),

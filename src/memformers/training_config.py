@@ -3,17 +3,18 @@
 Config (TOML; every key optional unless marked):
 
 [model]
-  mechanism               "rmt" (default; RecurrentMemoryTransformer), "cache" (SegmentCacheTransformer), "knn"
-                          (MemorizingTransformer, knobs in [model.knn]) or "longmem" (LongMem, knobs in
-                          [model.longmem]: only its SideNet trains, the backbone stays frozen); all but "rmt" need a
-                          decoder (head "causal-lm"). rmt with num_memory_tokens = 0 is the backbone alone on the
-                          same segments (the no-memory baseline)
+  mechanism               "rmt" (default; RecurrentMemoryTransformer), "armt" (AssociativeMemoryTransformer, knobs
+                          in [model.armt]), "cache" (SegmentCacheTransformer), "knn" (MemorizingTransformer, knobs
+                          in [model.knn]) or "longmem" (LongMem, knobs in [model.longmem]: only its SideNet trains,
+                          the backbone stays frozen); all but "rmt" and "armt" need a decoder (head "causal-lm").
+                          rmt with num_memory_tokens = 0 is the backbone alone on the same segments (the no-memory
+                          baseline)
   backbone                "scratch" (a small model built from `[model.scratch]`), "minilm", "smollm2", a Hugging
                           Face model folder (e.g. the backbone/ of a saved model, to wrap it in another mechanism),
                           or a folder saved by memformers with the same mechanism (training continues from it)
   head                    "classification" (default; one class per answer of the tasks: their union),
                           "causal-lm", "masked-lm"
-  num_memory_tokens       memory vectors (default 10; rmt only)
+  num_memory_tokens       memory vectors (default 10; rmt and armt)
   segment_size            backbone positions per segment, memory and special tokens included (default 512)
   bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
   gradient_checkpointing  recompute each segment in backward (default false)
@@ -29,6 +30,8 @@ Config (TOML; every key optional unless marked):
                           them; the keys every mechanism shares (segment_size, alignment, bptt_depth,
                           gradient_checkpointing) stay in [model]
 [model.rmt]               num_memory_tokens (also read from [model], where older configs set it)
+[model.armt]              ARMTConfig; num_memory_tokens (also read from [model]), d_mem (64), nu (3): associative
+                          keys of 2·nu·d_mem DPFP features in every layer
 [model.knn]               KNNConfig; defaults from MemorizingTransformer
   memory_layers           decoder layers with kNN memory, negative = from the end (default [-4])
   memory_size, top_k      stored (key, value) pairs per row, head and layer (65536); neighbours per query (32)

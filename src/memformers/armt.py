@@ -1,0 +1,360 @@
+"""Associative Recurrent Memory Transformer (ARMT, arXiv 2407.04841) around any Hugging Face encoder or decoder.
+
+Every layer l keeps an associative matrix A_l [d_key, hidden] and a normaliser z_l [d_key], both 0 at the start.
+Memory tokens (the same learned embeddings in every segment) sit right after each segment's content. After layer l
+has processed a segment, the memory tokens' outputs m_i write (delta rule, with the paper's γ correction):
+
+    k_i = φ(W_K m_i)   v_i = W_V m_i   β_i = σ(W_β m_i)
+    v̄_i = A k_i / (zᵀ k_i + ε)               what the memory already returns for k_i
+    γ_i = clip(1 − zᵀ k_i / (‖k_i‖² + ε), 0, 1)   no gradient
+    A ← A + Σ_i β_i (v_i − v̄_i) ⊗ k_i         z ← z + Σ_i γ_i k_i
+
+and in the next segment every token x_j entering layer l first reads y_j = A φ(W_Q x_j) / (zᵀ φ(W_Q x_j) + ε),
+which is added to its hidden state. φ is DPFP with ν = 3 (d_key = 2·ν·d_mem). W_V starts at 0, so an untrained
+ARMT reads exactly nothing and equals the backbone on the segment with the memory tokens appended.
+
+The backbone is never edited: the read and the write are forward hooks on its blocks that exist only while a step
+(or a generation) runs, and are removed before it returns. A step returns a new state and never changes its input.
+
+Layouts (`segment_size` positions at most, padding only at the end of a row):
+- encoder: `[CLS] content [SEP] memory×m`; content = segment_size − m − 2.
+- decoder: `content memory×m` under the causal mask; content = segment_size − m. Content tokens never see this
+  segment's memory tokens: they read the past only through the associative matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from . import backbones
+from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from .rmt import _encoder_special_ids
+from .segments import Segment, as_segment
+
+EPSILON = 1e-5  # in every denominator; a read from an empty memory is still exactly 0 (its numerator is 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The equations, as plain functions of tensors
+
+
+def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:  # [..., d] → [..., 2·nu·d]
+    """Deterministic parameter-free projection (Schlag et al. 2021): a non-negative feature map for linear memory."""
+    doubled = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # [..., 2d]
+    return torch.cat([doubled * doubled.roll(shifts, dims=-1) for shifts in range(1, nu + 1)], dim=-1)
+
+
+def associative_read(
+    features: torch.Tensor,  # [batch, length, d_key] φ(W_Q x)
+    matrix: torch.Tensor,  # [batch, d_key, hidden] A
+    normalizer: torch.Tensor,  # [batch, d_key] z
+) -> torch.Tensor:  # [batch, length, hidden]
+    """y_j = A φ_j / (zᵀ φ_j + ε): exactly 0 from an empty memory."""
+    numerator = features @ matrix  # [batch, length, hidden]
+    denominator = (features @ normalizer.unsqueeze(-1)) + EPSILON  # [batch, length, 1]
+    return numerator / denominator
+
+
+def delta_rule_write(
+    keys: torch.Tensor,  # [batch, m, d_key] φ(W_K m_i)
+    values: torch.Tensor,  # [batch, m, hidden] W_V m_i
+    betas: torch.Tensor,  # [batch, m] σ(W_β m_i)
+    matrix: torch.Tensor,  # [batch, d_key, hidden] A
+    normalizer: torch.Tensor,  # [batch, d_key] z
+) -> tuple[torch.Tensor, torch.Tensor]:  # new (A, z), same shapes
+    """All memory tokens of a segment write at once, each against the memory as it was before the segment."""
+    previous = associative_read(keys, matrix, normalizer)  # [batch, m, hidden] v̄_i
+    seen = (keys @ normalizer.unsqueeze(-1)).squeeze(-1)  # [batch, m] zᵀ k_i
+    gamma = (1 - seen / (keys.square().sum(-1) + EPSILON)).clamp(0, 1).detach()  # [batch, m]
+    update = keys.transpose(1, 2) @ (betas.unsqueeze(-1) * (values - previous))  # [batch, d_key, hidden]
+    return matrix + update, normalizer + (gamma.unsqueeze(-1) * keys).sum(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config, state and the per-layer memory
+
+
+@dataclass(kw_only=True)
+class ARMTConfig(MechanismConfig):
+    """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
+
+    fixed = ("segment_size", "alignment", "num_memory_tokens", "d_mem", "nu")
+
+    num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
+    d_mem: int = 64  # the paper's; keys are φ(W_K m) of 2·nu·d_mem features
+    nu: int = 3  # DPFP's order
+    kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
+    cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
+    sep_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_memory_tokens", self.num_memory_tokens, 1)
+        check_int("d_mem", self.d_mem, 1)
+        check_int("nu", self.nu, 1)
+        if self.kind is not None:
+            check_choice("kind", self.kind, ("encoder", "decoder"))
+
+    @property
+    def d_key(self) -> int:
+        return 2 * self.nu * self.d_mem
+
+
+@dataclass
+class AssociativeState:
+    """Every layer's associative memory; its size does not depend on how many segments were read."""
+
+    matrix: torch.Tensor  # [layers, batch, d_key, hidden] A per layer
+    normalizer: torch.Tensor  # [layers, batch, d_key] z per layer
+
+    def detach(self) -> AssociativeState:
+        return AssociativeState(self.matrix.detach(), self.normalizer.detach())
+
+    def reset(self, rows: torch.Tensor) -> AssociativeState:
+        """Rows where `rows` [batch] is True start from an empty memory."""
+        return AssociativeState(
+            self.matrix.masked_fill(rows.view(1, -1, 1, 1), 0), self.normalizer.masked_fill(rows.view(1, -1, 1), 0)
+        )
+
+    def select(self, rows: torch.Tensor, other: AssociativeState) -> AssociativeState:
+        return AssociativeState(
+            torch.where(rows.view(1, -1, 1, 1), self.matrix, other.matrix),
+            torch.where(rows.view(1, -1, 1), self.normalizer, other.normalizer),
+        )
+
+
+class AssociativeMemory(nn.Module):
+    """One layer's projections: W_Q (read), W_K, W_V (zero at init) and W_β (write)."""
+
+    def __init__(self, hidden: int, d_mem: int, nu: int) -> None:
+        super().__init__()
+        self.nu = nu
+        self.query = nn.Linear(hidden, d_mem, bias=False)
+        self.key = nn.Linear(hidden, d_mem, bias=False)
+        self.value = nn.Linear(hidden, hidden, bias=False)
+        self.beta = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value.weight)  # an untrained ARMT reads nothing
+
+    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
+        """y [batch, length, hidden] for the hidden states [batch, length, hidden] entering the layer."""
+        dtype = self.query.weight.dtype
+        features = dpfp(self.query(hidden.to(dtype)), self.nu)  # [batch, length, d_key]
+        return associative_read(features, matrix.to(features.dtype), normalizer.to(features.dtype))
+
+    def write(
+        self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new (A, z) after the memory tokens' outputs `memory` [batch, m, hidden] write."""
+        memory = memory.to(self.key.weight.dtype)
+        keys = dpfp(self.key(memory), self.nu)  # [batch, m, d_key]
+        betas = torch.sigmoid(self.beta(memory)).squeeze(-1)  # [batch, m]
+        new_matrix, new_normalizer = delta_rule_write(
+            keys, self.value(memory), betas, matrix.to(keys.dtype), normalizer.to(keys.dtype)
+        )
+        return new_matrix.to(matrix.dtype), new_normalizer.to(normalizer.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class AssociativeMemoryTransformer(MemoryModel):
+    """ARMT: an associative memory in every layer, written by memory tokens, read by every token.
+
+    `backbone` is a `transformers.PreTrainedModel` or a name for `memformers.backbones.load`. The head decides the
+    outputs, as for RMT: a *ForSequenceClassification encoder classifies from the last segment's [CLS]; masked- and
+    causal-LM heads give token logits; a base model gives hidden states.
+    """
+
+    config_class = ARMTConfig
+    generates = True  # decoders with a causal-LM head
+    decoder_only = False
+
+    def __init__(self, backbone: transformers.PreTrainedModel | str, config: ARMTConfig | None = None, **knobs) -> None:
+        config = self.make_config(config, knobs)
+        super().__init__(backbone, config, config.kind)
+        backbone = self.backbone
+        self.token_level = self.info.head == "token"
+        self.causal = self.info.is_decoder
+        m = config.num_memory_tokens
+        if self.info.is_decoder:
+            if self.info.head == "classification":
+                raise ValueError(
+                    f"backbone: a decoder ARMT needs a causal-LM or base model, got {self.info.class_name}; its "
+                    "sequence-classification head reads the last position, which ARMT fills with memory tokens"
+                )
+            self.prefix, self.suffix = 0, 0  # content memory
+            self.config = dataclasses.replace(config, kind="decoder", cls_token_id=None, sep_token_id=None)
+        else:
+            self.prefix, self.suffix = 1, 1  # [CLS] content [SEP] memory
+            cls_id, sep_id = _encoder_special_ids(backbone, config.cls_token_id, config.sep_token_id)
+            self.config = dataclasses.replace(config, kind="encoder", cls_token_id=cls_id, sep_token_id=sep_id)
+        overhead = self.prefix + self.suffix + m
+        self.content_size = config.segment_size - overhead
+        if self.content_size < 1:
+            raise ValueError(
+                f"segment_size={config.segment_size} leaves no room for content: {self.info.kind} ARMT with "
+                f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
+            )
+        hidden = self.info.hidden_size
+        layers = backbones.layer_stack(backbone)
+        self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu) for _ in layers)
+        embeddings = backbone.get_input_embeddings().weight
+        self.memory = nn.Parameter(torch.randn(m, hidden) * embeddings.detach().float().std())
+
+    def no_weight_decay(self) -> set[str]:
+        return {"memory"}  # the memory tokens are embeddings, not weights to shrink
+
+    # --- the two methods the driver needs --------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> AssociativeState:
+        """Every layer starts from an empty memory (A = 0, z = 0)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+        weight = self.layers[0].key.weight
+        layers, d_key = len(self.layers), self.config.d_key
+        matrix = weight.new_zeros(layers, batch_size, d_key, self.info.hidden_size)
+        return AssociativeState(matrix, weight.new_zeros(layers, batch_size, d_key))
+
+    def step(
+        self,
+        segment: Segment | torch.Tensor,
+        state: AssociativeState,
+        logit_positions: torch.Tensor | None = None,  # [kept] content positions needing token logits; None: all
+    ) -> tuple[StepOutput, AssociativeState]:
+        """One segment through the backbone, every layer reading the state and its memory tokens writing a new one."""
+        segment = as_segment(segment)
+        ids, mask = segment.input_ids, segment.attention_mask  # [batch, n]
+        batch, n = ids.shape
+        if n > self.content_size:
+            raise ValueError(f"segment has {n} tokens; this ARMT takes at most {self.content_size}")
+        if state.matrix.shape[1] != batch:
+            raise ValueError(f"state has {state.matrix.shape[1]} rows, the segment {batch}")
+        if not self.token_level:
+            logit_positions = None  # a sequence head's logits have no positions
+        embeds, full_mask, write = self._layout(ids, mask)
+        keep = None if logit_positions is None else logit_positions + self.prefix
+        written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        with self._hooked(state, write, written):
+            logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask, logits_to_keep=keep)
+        new_state = AssociativeState(
+            torch.stack([w[0] for w in written]), torch.stack([w[1] for w in written])
+        )  # [layers, batch, d_key, hidden], [layers, batch, d_key]
+        content_hidden = hidden[:, self.prefix : self.prefix + n]
+        if logits is not None and logits.dim() == 3 and logit_positions is None:
+            logits = logits[:, self.prefix : self.prefix + n]
+        return StepOutput(logits=logits, hidden=content_hidden, logit_positions=logit_positions), new_state
+
+    # --- layout and hooks -------------------------------------------------------------------------------------
+
+    def _layout(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # embeds [b, L, hidden], mask [b, L], write [b, m]
+        """Input embeddings with the memory tokens right after each row's content (and [SEP]), padding last."""
+        batch, n = ids.shape
+        m = self.num_memory_tokens
+        embed = self.backbone.get_input_embeddings()
+        content = embed(ids)  # [batch, n, hidden]
+        pieces = [content]
+        if not self.info.is_decoder:
+            column = lambda token: embed(ids.new_full((batch, 1), token))  # noqa: E731
+            pieces = [column(self.cls_token_id), content, column(self.sep_token_id)]
+        pieces.append(self.memory.to(content.dtype).unsqueeze(0).expand(batch, -1, -1))
+        source = torch.cat(pieces, dim=1)  # [batch, prefix + n + suffix + m, hidden]
+        tail = self.suffix + m  # [SEP] and memory, moved right after each row's real content
+        p = torch.arange(source.shape[1], device=ids.device).unsqueeze(0)  # [1, L]
+        start = self.prefix + mask.sum(dim=1, keepdim=True)  # [batch, 1] first position after the content
+        index = torch.where(p < start, p, torch.where(p < start + tail, p - start + self.prefix + n, p - tail))
+        embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+        full_mask = (p < start + tail).long().expand(batch, -1)
+        write = start + self.suffix + torch.arange(m, device=ids.device)  # [batch, m] memory positions
+        return embeds, full_mask, write
+
+    @contextlib.contextmanager
+    def _hooked(
+        self,
+        state: AssociativeState,
+        write: torch.Tensor | None,  # [batch, m] memory positions; None: read only (generation)
+        written: list | None,
+    ) -> Iterator[None]:
+        """Hooks on the backbone's blocks for one pass: each block's input reads its layer's memory, its memory
+        tokens' outputs write the new one into `written[l]`. Removed on exit, whatever happens."""
+        handles = []
+        try:
+            blocks = backbones.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
+            for index, (block, memory) in enumerate(zip(blocks, self.layers, strict=True)):
+                matrix, normalizer = state.matrix[index], state.normalizer[index]
+                handles.append(block.register_forward_pre_hook(_reader(memory, matrix, normalizer), with_kwargs=True))
+                if write is not None:
+                    writer = _writer(memory, matrix, normalizer, write, written, index)
+                    handles.append(block.register_forward_hook(writer))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def generate_from(
+        self, state: AssociativeState, prompts: list[torch.Tensor], max_new_tokens: int = 32, **generate_kwargs
+    ) -> torch.Tensor:  # [batch, new tokens]
+        """Generate from each row's last segment, every layer reading the memory as in training (`generate` reads
+        the context). Keyword arguments go to the backbone's `generate`."""
+        batch, device = len(prompts), prompts[0].device
+        width = max(len(p) for p in prompts)
+        if self.info.max_positions is not None and width + max_new_tokens > self.info.max_positions:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens}: the prompt segment ({width} positions) and the new tokens exceed "
+                f"the backbone's {self.info.max_positions} positions"
+            )
+        embed = self.backbone.get_input_embeddings()
+        embeds = torch.zeros(batch, width, self.info.hidden_size, dtype=embed.weight.dtype, device=device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):  # left padding, as generate expects; reads do not depend on position
+            embeds[row, width - len(prompt) :] = embed(prompt)
+            mask[row, width - len(prompt) :] = 1
+        pad = backbones.special_id(self.backbone.config, "pad_token_id", "eos_token_id")
+        generate_kwargs.setdefault("pad_token_id", pad)
+        with self._hooked(state, None, None):
+            return self.backbone.generate(
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
+            )
+
+
+def _reader(memory: AssociativeMemory, matrix: torch.Tensor, normalizer: torch.Tensor):
+    """A forward pre-hook adding the read y to the hidden states entering a block."""
+
+    def hook(module, args, kwargs):
+        hidden, rest, rest_kwargs = backbones.split_block_call(args, kwargs)
+        hidden = hidden + memory.read(hidden, matrix, normalizer).to(hidden.dtype)
+        if args:
+            return (hidden, *rest), rest_kwargs
+        return args, rest_kwargs | {"hidden_states": hidden}
+
+    return hook
+
+
+def _writer(
+    memory: AssociativeMemory,
+    matrix: torch.Tensor,
+    normalizer: torch.Tensor,
+    write: torch.Tensor,  # [batch, m]
+    written: list,
+    index: int,
+):
+    """A forward hook writing the memory tokens' outputs of a block into `written[index]`."""
+
+    def hook(module, args, output):
+        hidden = backbones.block_output_hidden(output)  # [batch, L, hidden]
+        tokens = hidden.gather(1, write.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [batch, m, hidden]
+        written[index] = memory.write(tokens, matrix, normalizer)
+
+    return hook
