@@ -190,3 +190,30 @@ def test_the_library_never_imports_its_cli() -> None:
         "assert 'memformers.cli' not in sys.modules, 'memformers.cli imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])  # gpt2 ties its output head to the embeddings
+def test_a_model_stored_in_float16_halves_its_files_and_loads_back_in_float32(tmp_path, family) -> None:
+    torch.manual_seed(0)
+    ids = {"cls_token_id": 1, "sep_token_id": 2} if family == "bert" else {}
+    model = mf.RecurrentMemoryTransformer(tiny_backbone(family), num_memory_tokens=2, segment_size=16, **ids)
+    model.save_pretrained(tmp_path / "float32")
+    model.save_pretrained(tmp_path / "float16", dtype="float16")
+    assert {n: t.dtype for n, t in model.state_dict().items()} == {
+        n: t.dtype for n, t in mf.load(tmp_path / "float32").state_dict().items()
+    }, "saving must not change the model it saves"
+
+    def size(folder):
+        return sum(f.stat().st_size for f in (tmp_path / folder).rglob("*.safetensors"))
+
+    assert 0.45 < size("float16") / size("float32") < 0.55  # tied weights written once, as in float32
+    half = mf.load(tmp_path / "float16")
+    for name, tensor in model.state_dict().items():
+        loaded = half.state_dict()[name]
+        assert loaded.dtype == tensor.dtype, name
+        torch.testing.assert_close(loaded, tensor.half().to(tensor.dtype), rtol=0, atol=0, msg=name)
+    ids = torch.randint(3, VOCAB, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(half(ids).logits, model.eval()(ids).logits, rtol=0.02, atol=0.02)
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        model.save_pretrained(tmp_path / "int8", dtype="int8")

@@ -617,8 +617,9 @@ class MemoryModel(nn.Module):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
 
-    def save_pretrained(self, path, tokenizer=None) -> None:
-        """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically."""
+    def save_pretrained(self, path, tokenizer=None, dtype: str | None = None) -> None:
+        """Save mechanism, backbone and weights to a folder (safetensors + JSON), atomically; `dtype="float16"`
+        stores them at half the size."""
         from .saving import save_pretrained
 
-        save_pretrained(self, path, tokenizer)
+        save_pretrained(self, path, tokenizer, dtype=dtype)

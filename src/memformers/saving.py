@@ -33,14 +33,51 @@ def own_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write `model` (a memformers mechanism) to the folder `path`, atomically."""
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _stored_as(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to `dtype`; tensors sharing storage (tied embeddings) stay shared, so they are written
+    once."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = tensor.data_ptr()
+        if key not in cast:
+            cast[key] = tensor.detach().to(dtype)
+        out[name] = cast[key]
+    return out
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer=None,
+    extra: dict | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Write `model` (a memformers mechanism) to the folder `path`, atomically. `dtype="float16"` (or "bfloat16")
+    stores the weights at half the size, for shipping; `load` computes in the model's own precision again."""
+    from .errors import InputError
+
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise InputError(f"dtype {dtype!r}: one of {sorted(STORAGE_DTYPES)}, or None to store as computed")
     path = Path(path)
+    backbone_weights, own = model.backbone.state_dict(), own_state_dict(model)
+    computed = next((t.dtype for t in backbone_weights.values() if t.is_floating_point()), torch.float32)
+    if dtype is not None:
+        backbone_weights, own = (
+            _stored_as(backbone_weights, STORAGE_DTYPES[dtype]),
+            _stored_as(own, STORAGE_DTYPES[dtype]),
+        )
     with atomic_folder(path) as tmp:
-        model.backbone.save_pretrained(tmp / BACKBONE_DIR)
+        model.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=backbone_weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / BACKBONE_DIR)
-        save_file(own_state_dict(model), tmp / WEIGHTS_NAME)
+        save_file(own, tmp / WEIGHTS_NAME)
         config = {
             "format_version": FORMAT_VERSION,
             "mechanism": type(model).__name__,
@@ -48,6 +85,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
             "config": model.config_dict(),
             "extra": extra or {},
         }
+        if dtype is not None:  # what `load` casts back to
+            config["stored_as"], config["dtype"] = dtype, str(computed).removeprefix("torch.")
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return path
 
@@ -80,7 +119,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     backbone_class = getattr(transformers, config["backbone_class"])
-    backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR)
+    computed = {"dtype": getattr(torch, config["dtype"])} if "stored_as" in config else {}
+    backbone = backbone_class.from_pretrained(Path(path) / BACKBONE_DIR, **computed)
     model = mechanism.model.from_config(backbone, knobs)
     missing, unexpected = model.load_state_dict(load_file(Path(path) / WEIGHTS_NAME), strict=False)
     missing = [name for name in missing if not name.startswith(f"{BACKBONE_DIR}.")]
