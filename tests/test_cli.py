@@ -98,6 +98,19 @@ def test_the_traceback_behind_an_error_line_on_request(monkeypatch) -> None:
     assert result.exit_code == 1 and isinstance(result.exception, InputError)
 
 
+def test_a_bug_keeps_its_own_error_and_traceback(tmp_path, monkeypatch) -> None:
+    import memformers.training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not bad input")
+
+    config = tmp_path / "run.toml"
+    config.write_text('[task]\nname = "memorize"\n')
+    monkeypatch.setattr(memformers.training, "train", broken)
+    result = run("train", config)
+    assert isinstance(result.exception, RuntimeError) and "a bug" in str(result.exception)
+
+
 def test_train_given_a_missing_file_or_a_folder(tmp_path) -> None:
     assert_one_line_error(run("train", tmp_path / "none.toml"), "config", "none.toml", "not found")
     assert_one_line_error(run("train", tmp_path), "config", str(tmp_path), "folder")

@@ -30,6 +30,8 @@ from .registry import MECHANISMS
 EXIT_BAD_INPUT = 2  # click's status for a usage error
 # click's exceptions, wherever this typer takes click from (newer releases carry their own copy)
 CLICK = sys.modules[typer.BadParameter.__module__]
+# Ctrl-C: click's Abort where this copy of click has one (typer's own copy lets KeyboardInterrupt through)
+INTERRUPTED = (KeyboardInterrupt, getattr(CLICK, "Abort", KeyboardInterrupt))
 
 
 def _one_line(text: str) -> str:
@@ -60,7 +62,7 @@ class OneLineErrors(TyperGroup):
             if os.environ.get("MEMFORMERS_TRACEBACK"):  # where a ValueError came from, when it is a bug after all
                 raise
             _fail(str(error))
-        except CLICK.Abort:
+        except INTERRUPTED:
             typer.echo("Aborted!", err=True)
             sys.exit(1)
         finally:
