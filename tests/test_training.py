@@ -563,3 +563,22 @@ def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_fp32_and_says_so(monk
             assert training._usable_precision("bf16", on_cpu=True) == "no"
     assert training._usable_precision("bf16", on_cpu=False) == "bf16"  # a GPU decides for itself
     assert training._usable_precision("no", on_cpu=True) == "no"
+
+
+def test_a_saved_classifier_keeps_its_classes_when_they_cover_the_tasks_answers(tmp_path):
+    from memformers.tasks import answer_vocabulary
+
+    five = answer_vocabulary(["qa1", "qa2", "qa3", "qa4", "qa5"])
+    saved = list(reversed(five))  # a class order of its own, which the head's rows follow
+    (tmp_path / "five").mkdir()
+    (tmp_path / "five" / "config.json").write_text(json.dumps({"id2label": {str(i): a for i, a in enumerate(saved)}}))
+    config = tiny(
+        tmp_path, **{"task.name": "qa1", "model.head": "classification", "model.backbone": str(tmp_path / "five")}
+    )
+    assert training.class_vocabulary(config) == tuple(saved)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "config.json").write_text(json.dumps({"id2label": {"0": "kitchen", "1": "garden"}}))
+    config = tiny(
+        tmp_path, **{"task.name": "qa1", "model.head": "classification", "model.backbone": str(tmp_path / "one")}
+    )
+    assert training.class_vocabulary(config) == answer_vocabulary(["qa1"])  # too few classes: the task's own

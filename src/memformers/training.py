@@ -56,14 +56,32 @@ from .training_config import (  # noqa: F401 (the config API is re-exported here
 # Model and data
 
 
+def class_vocabulary(config: TrainConfig) -> tuple[str, ...]:
+    """The classes a classifier answers with: the tasks' answers, or a saved classifier's own classes (in its order)
+    where they cover them, so that a model trained on qa1-qa5 can go on with qa1 alone without a new head."""
+    from .tasks import answer_vocabulary
+
+    answers = answer_vocabulary(config.task_names)
+    m = config.model
+    if m.head != "classification" or m.backbone == "scratch":
+        return answers
+    folder = Path(m.backbone)
+    saved = folder / "backbone" / "config.json" if (folder / "memformers.json").exists() else folder / "config.json"
+    if not saved.is_file():
+        return answers
+    id2label = json.loads(saved.read_text()).get("id2label") or {}
+    classes = tuple(id2label[key] for key in sorted(id2label, key=int))
+    return classes if set(answers) <= set(classes) else answers
+
+
 def build_model(config: TrainConfig):
     """The mechanism and tokenizer a config describes (weights drawn from `optim.seed` where they are new)."""
     from . import backbones
-    from .tasks import answer_vocabulary, get_tokenizer
+    from .tasks import get_tokenizer
 
     m = config.model
     tokenizer = get_tokenizer(config.tokenizer_name)
-    answers = answer_vocabulary(config.task_names)  # class i = answers[i], kept in the backbone's id2label
+    answers = class_vocabulary(config)  # class i = answers[i], kept in the backbone's id2label
     labels = {"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}}
     _seed_everything(config.optim.seed)
     if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
@@ -159,14 +177,14 @@ class TaskBatches:
     """
 
     def __init__(self, config: TrainConfig, tokenizer, content_size: int) -> None:
-        from .tasks import answer_vocabulary, encode_sentence
+        from .tasks import encode_sentence
 
         self.config, self.tokenizer, self.content_size = config, tokenizer, content_size
         self.head = config.model.head
         self.eos_id = None
         self.reserve = 0
         self.lm = config.task_names == ["lm"]  # language modelling: every token is a target, no answer
-        self.answers = answer_vocabulary(config.task_names)  # one class vocabulary over all the tasks
+        self.answers = class_vocabulary(config)  # one class vocabulary over all the tasks
         if self.head != "classification" and not config.algorithmic and not self.lm:  # algorithmic: fixed length
             self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
             if self.head == "causal-lm" and self.eos_id is None:
