@@ -25,7 +25,6 @@ Layouts (`segment_size` positions at most, padding only at the end of a row):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ from torch import nn
 
 from . import backbones
 from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
-from .rmt import _encoder_special_ids
 from .segments import Segment, as_segment
 
 EPSILON = 1e-5  # in every denominator; a read from an empty memory is still exactly 0 (its numerator is 0)
@@ -181,34 +179,17 @@ class AssociativeMemoryTransformer(MemoryModel):
     def __init__(self, backbone: transformers.PreTrainedModel | str, config: ARMTConfig | None = None, **knobs) -> None:
         config = self.make_config(config, knobs)
         super().__init__(backbone, config, config.kind)
-        backbone = self.backbone
         self.token_level = self.info.head == "token"
         self.causal = self.info.is_decoder
-        m = config.num_memory_tokens
+        hidden = self.info.hidden_size
+        layers = backbones.layer_stack(self.backbone)
+        self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu) for _ in layers)
         if self.info.is_decoder:
-            if self.info.head == "classification":
-                raise ValueError(
-                    f"backbone: a decoder ARMT needs a causal-LM or base model, got {self.info.class_name}; its "
-                    "sequence-classification head reads the last position, which ARMT fills with memory tokens"
-                )
             self.prefix, self.suffix = 0, 0  # content memory
-            self.config = dataclasses.replace(config, kind="decoder", cls_token_id=None, sep_token_id=None)
         else:
             self.prefix, self.suffix = 1, 1  # [CLS] content [SEP] memory
-            cls_id, sep_id = _encoder_special_ids(backbone, config.cls_token_id, config.sep_token_id)
-            self.config = dataclasses.replace(config, kind="encoder", cls_token_id=cls_id, sep_token_id=sep_id)
-        overhead = self.prefix + self.suffix + m
-        self.content_size = config.segment_size - overhead
-        if self.content_size < 1:
-            raise ValueError(
-                f"segment_size={config.segment_size} leaves no room for content: {self.info.kind} ARMT with "
-                f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
-            )
-        hidden = self.info.hidden_size
-        layers = backbones.layer_stack(backbone)
-        self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu) for _ in layers)
-        embeddings = backbone.get_input_embeddings().weight
-        self.memory = nn.Parameter(torch.randn(m, hidden) * embeddings.detach().float().std())
+        m = config.num_memory_tokens
+        self._place_memory_tokens(decoder_overhead=m, encoder_overhead=2 + m)
 
     def no_weight_decay(self) -> set[str]:
         return {"memory"}  # the memory tokens are embeddings, not weights to shrink

@@ -556,3 +556,25 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
 def block_output_hidden(output) -> torch.Tensor:
     """A block's output hidden states [batch, length, hidden], whether it returns a tensor or a tuple."""
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def encoder_special_ids(backbone, cls_token_id: int | None, sep_token_id: int | None) -> tuple[int, int]:
+    """[CLS] and [SEP] ids: given, else from the config, else from the tokenizer saved beside the backbone."""
+    config = backbone.config
+    if cls_token_id is None:
+        cls_token_id = special_id(config, "cls_token_id", "bos_token_id")
+    if sep_token_id is None:
+        sep_token_id = special_id(config, "sep_token_id", "eos_token_id")
+    if cls_token_id is None or sep_token_id is None:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(config._name_or_path)
+            cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
+            sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
+        except (OSError, ValueError, TypeError):
+            pass
+    if cls_token_id is None or sep_token_id is None:
+        raise ValueError(
+            "cls_token_id/sep_token_id: the encoder layout needs the backbone's [CLS] and [SEP] ids; neither its "
+            "config nor a tokenizer beside it gives them, so pass cls_token_id=… and sep_token_id=…"
+        )
+    return int(cls_token_id), int(sep_token_id)

@@ -430,6 +430,35 @@ class MemoryModel(nn.Module):
         if backbone is not None:
             self.backbone, self.info = backbones.take(backbone, config.segment_size, kind, span)
 
+    def _place_memory_tokens(self, decoder_overhead: int, encoder_overhead: int) -> None:
+        """For mechanisms that put `num_memory_tokens` learned embeddings into every segment (RMT, ARMT): fix the
+        layout's kind and [CLS]/[SEP] ids in the config, the content each segment leaves, and the embeddings
+        (`self.memory`, drawn at the scale of the backbone's own). Overheads: positions a segment spends on
+        anything but content."""
+        from . import backbones
+
+        config, name, m = self.config, type(self).__name__, self.config.num_memory_tokens
+        if self.info.is_decoder:
+            if self.info.head == "classification":
+                raise ValueError(
+                    f"backbone: a decoder {name} needs a causal-LM or base model, got {self.info.class_name}; its "
+                    "sequence-classification head reads the last position, which the memory tokens take"
+                )
+            overhead = decoder_overhead
+            self.config = dataclasses.replace(config, kind="decoder", cls_token_id=None, sep_token_id=None)
+        else:
+            overhead = encoder_overhead
+            cls_id, sep_id = backbones.encoder_special_ids(self.backbone, config.cls_token_id, config.sep_token_id)
+            self.config = dataclasses.replace(config, kind="encoder", cls_token_id=cls_id, sep_token_id=sep_id)
+        self.content_size = config.segment_size - overhead
+        if self.content_size < 1:
+            raise ValueError(
+                f"segment_size={config.segment_size} leaves no room for content: {self.info.kind} {name} with "
+                f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
+            )
+        embeddings = self.backbone.get_input_embeddings().weight
+        self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
+
     @classmethod
     def make_config(cls, config: MechanismConfig | None, knobs: dict) -> MechanismConfig:
         """The config a constructor was given: `config`, or one made from keyword knobs (not both)."""

@@ -12,12 +12,10 @@ Layouts (`segment_size` positions at most, padding only at the end of a row):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import transformers
-from torch import nn
 
 from . import backbones
 from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
@@ -75,30 +73,10 @@ class RecurrentMemoryTransformer(MemoryModel):
     def __init__(self, backbone: transformers.PreTrainedModel | str, config: RMTConfig | None = None, **knobs) -> None:
         config = self.make_config(config, knobs)
         super().__init__(backbone, config, config.kind)
-        backbone = self.backbone
         self.token_level = self.info.head == "token"
         self.causal = self.info.is_decoder
         m = config.num_memory_tokens
-        if self.info.is_decoder:
-            if self.info.head == "classification":
-                raise ValueError(
-                    f"backbone: a decoder RMT needs a causal-LM or base model, got {self.info.class_name}; its "
-                    "sequence-classification head reads the last position, which RMT fills with write memory"
-                )
-            overhead = 2 * m
-            self.config = dataclasses.replace(config, kind="decoder", cls_token_id=None, sep_token_id=None)
-        else:
-            overhead = m + 3 if m else 2
-            cls_id, sep_id = _encoder_special_ids(backbone, config.cls_token_id, config.sep_token_id)
-            self.config = dataclasses.replace(config, kind="encoder", cls_token_id=cls_id, sep_token_id=sep_id)
-        self.content_size = config.segment_size - overhead
-        if self.content_size < 1:
-            raise ValueError(
-                f"segment_size={config.segment_size} leaves no room for content: {self.info.kind} RMT with "
-                f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
-            )
-        embeddings = backbone.get_input_embeddings().weight
-        self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
+        self._place_memory_tokens(decoder_overhead=2 * m, encoder_overhead=m + 3 if m else 2)
 
     def no_weight_decay(self) -> set[str]:
         return {"memory"}  # the initial memory is a starting point, not a weight to shrink
@@ -220,25 +198,3 @@ class RecurrentMemoryTransformer(MemoryModel):
         return self.backbone.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
         )
-
-
-def _encoder_special_ids(backbone, cls_token_id: int | None, sep_token_id: int | None) -> tuple[int, int]:
-    """[CLS] and [SEP] ids: given, else from the config, else from the tokenizer saved beside the backbone."""
-    config = backbone.config
-    if cls_token_id is None:
-        cls_token_id = backbones.special_id(config, "cls_token_id", "bos_token_id")
-    if sep_token_id is None:
-        sep_token_id = backbones.special_id(config, "sep_token_id", "eos_token_id")
-    if cls_token_id is None or sep_token_id is None:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(config._name_or_path)
-            cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
-            sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
-        except (OSError, ValueError, TypeError):
-            pass
-    if cls_token_id is None or sep_token_id is None:
-        raise ValueError(
-            "cls_token_id/sep_token_id: the encoder layout needs the backbone's [CLS] and [SEP] ids; neither its "
-            "config nor a tokenizer beside it gives them, so pass cls_token_id=… and sep_token_id=…"
-        )
-    return int(cls_token_id), int(sep_token_id)
