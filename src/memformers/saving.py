@@ -66,9 +66,10 @@ def save_pretrained(
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise InputError(f"dtype {dtype!r}: one of {sorted(STORAGE_DTYPES)}, or None to store as computed")
     path = Path(path)
-    backbone_weights, own = model.backbone.state_dict(), own_state_dict(model)
-    computed = next((t.dtype for t in backbone_weights.values() if t.is_floating_point()), torch.float32)
+    own, backbone_weights = own_state_dict(model), None  # None: the backbone writes its own, as computed
     if dtype is not None:
+        backbone_weights = model.backbone.state_dict()
+        computed = next((t.dtype for t in backbone_weights.values() if t.is_floating_point()), torch.float32)
         backbone_weights, own = (
             _stored_as(backbone_weights, STORAGE_DTYPES[dtype]),
             _stored_as(own, STORAGE_DTYPES[dtype]),
