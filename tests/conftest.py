@@ -116,3 +116,24 @@ def tiny_longmem(family: str = "llama", segment_size: int = 16, gate_bias: float
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Token ids clear of the tiny vocabularies' special ids (0-4)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 90, (batch, length), generator=generator)
+
+
+def assert_batch_generates_as_rows_alone(model) -> torch.Tensor:
+    """Greedy generation over a padded batch of two rows (3 and 2 segments and a bit) equals each row's own; returns
+    the batch's ids, for the caller's checks of what the memory read."""
+    c = model.content_size
+    ids = random_ids(2, 3 * c + 4)
+    mask = torch.ones_like(ids)
+    mask[1, 2 * c + 1 :] = 0
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    first = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    second = model.generate(ids[1:, : 2 * c + 1], max_new_tokens=6, do_sample=False)
+    assert together.shape == (2, 6)
+    assert torch.equal(together[0], first[0]) and torch.equal(together[1], second[0])
+    return ids

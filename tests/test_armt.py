@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DECODERS, ENCODERS, tiny_backbone
+from conftest import DECODERS, ENCODERS, assert_batch_generates_as_rows_alone, random_ids, tiny_backbone
 
 import memformers as mf
 from memformers.armt import AssociativeMemory, associative_read, delta_rule_write, dpfp
@@ -42,11 +42,6 @@ def _keeper(captured: list):
         captured.append(output)
 
     return keep
-
-
-def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(5, 90, (batch, length), generator=generator)
 
 
 # --- the equations ---------------------------------------------------------------------------------------------
@@ -298,18 +293,11 @@ def test_the_backbone_is_left_as_it_was():
 
 def test_generate_reads_the_memory_and_batches_like_single_rows():
     model = writing(tiny_armt("llama")).eval()
-    c = model.content_size
-    ids = random_ids(2, 3 * c + 4)
-    mask = torch.ones_like(ids)
-    mask[1, 2 * c + 1 :] = 0
-    together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    first = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    second = model.generate(ids[1:, : 2 * c + 1], max_new_tokens=6, do_sample=False)
-    assert together.shape == (2, 6)
-    assert torch.equal(together[0], first[0]) and torch.equal(together[1], second[0])
+    ids = assert_batch_generates_as_rows_alone(model)
     # The first generated token is the greedy choice of the forward pass's last logits: the same reads.
     with torch.no_grad():
         logits = model(ids[:1]).logits[0, -1]
+    first = model.generate(ids[:1], max_new_tokens=1, do_sample=False)
     assert int(first[0, 0]) == int(logits.argmax())
 
 

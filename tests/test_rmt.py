@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DECODERS, ENCODERS, tiny_backbone
+from conftest import DECODERS, ENCODERS, assert_batch_generates_as_rows_alone, random_ids, tiny_backbone
 
 import memformers as mf
 from memformers.profiling import PeakMemory
@@ -19,11 +19,6 @@ def tiny_rmt(family: str, m: int = 4, segment_size: int = 32, head: str = "token
         kwargs = {"cls_token_id": 3, "sep_token_id": 4, **kwargs}
     backbone = tiny_backbone(family, head)
     return mf.RecurrentMemoryTransformer(backbone, num_memory_tokens=m, segment_size=segment_size, **kwargs)
-
-
-def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(5, 90, (batch, length), generator=generator)
 
 
 # --- equality with the backbone --------------------------------------------------------------------------------
@@ -251,15 +246,7 @@ def test_reset_clears_only_marked_rows():
 
 def test_generate_reads_context_and_batches_like_single_rows():
     model = tiny_rmt("llama").eval()
-    c = model.content_size
-    ids = random_ids(2, 3 * c + 4)
-    mask = torch.ones_like(ids)
-    mask[1, 2 * c + 1 :] = 0
-    together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    first = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    second = model.generate(ids[1:, : 2 * c + 1], max_new_tokens=6, do_sample=False)
-    assert together.shape == (2, 6)
-    assert torch.equal(together[0], first[0]) and torch.equal(together[1], second[0])
+    ids = assert_batch_generates_as_rows_alone(model)
     # the prompt segment alone does not decide the output: the memory read from earlier segments matters
     with torch.no_grad():
         logits_full = model(ids[:1]).logits[0, -1]
