@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import typer
 from test_evaluation import save_tiny_classifier, save_tiny_decoder
 from typer.testing import CliRunner
 
@@ -141,6 +142,15 @@ def test_demo_refuses_a_decoder(tokenizer, tmp_path) -> None:
     save_tiny_decoder(tmp_path / "decoder", tokenizer)
     result = run("demo", "--checkpoint", tmp_path / "decoder")
     assert_one_line_error(result, "--checkpoint", "LlamaForCausalLM", "memformers eval")
+
+
+def test_demo_reads_the_shipped_model_by_default() -> None:
+    """A wrong default would not fail: the demo would stream an untrained RMT instead."""
+    demo = typer.main.get_command(app).commands["demo"]
+    default = Path(next(p.default for p in demo.params if p.name == "checkpoint"))
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-cpu"
+    assert default == SHIPPED_CHECKPOINT == shipped
+    assert (default / "memformers.json").is_file()
 
 
 def test_demo_asks_only_the_tasks_its_checkpoint_was_trained_on(classifier) -> None:
