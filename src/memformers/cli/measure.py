@@ -132,10 +132,10 @@ def bench(
     """Speed and memory of every mechanism and of full attention, side by side, on one backbone and one input."""
     import json
 
-    from .. import bench as measure
+    from .. import bench as benchmark
 
     use_threads(threads)
-    settings = measure.BenchSettings(
+    settings = benchmark.BenchSettings(
         backbone=backbone,
         lengths=tuple(parse_ints(lengths, "--lengths", minimum=1)),
         segment_size=segment_size,
@@ -145,11 +145,11 @@ def bench(
         train_segments=tuple(parse_ints(train_segments, "--train-segments", minimum=1)),
         time_budget_s=time_budget,
     ).check()
-    records = measure.run(settings, say=console.print, progress=segment_progress)
-    result = {"settings": settings.to_dict(), "records": records, "crossover": measure.crossover(records)}
+    records = benchmark.run(settings, say=console.print, progress=segment_progress)
+    result = {"settings": settings.to_dict(), "records": records, "crossover": benchmark.crossover(records)}
     if mfu:
-        result["mfu"] = measure.rmt_mfu(settings)
-    console.print(measure.markdown_tables(records, sorted(settings.lengths)))
+        result["mfu"] = benchmark.rmt_mfu(settings)
+    console.print(benchmark.markdown_tables(records, sorted(settings.lengths)))
     console.print(crossover_sentence(result["crossover"]))
     if mfu:
         found = result["mfu"]
