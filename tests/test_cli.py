@@ -27,7 +27,9 @@ from memformers.cli import (
     default_threads,
     trained_tasks,
 )
+from memformers.cli.demo import recorded_evaluation, showcase_length
 from memformers.errors import InputError, InputWarning
+from memformers.evaluation import Cell, save_cells
 from memformers.perplexity import markdown_table as perplexity_table
 from memformers.saving import WEIGHTS_NAME, read_config, save_pretrained
 from memformers.tasks import load_noise
@@ -166,6 +168,75 @@ def test_demo_says_what_it_shows_and_prints_the_chance_level(classifier) -> None
     text = " ".join(result.stdout.split())  # the console wraps long lines
     assert "Showing: 2 detect samples (facts hidden in 600 tokens of books the model never saw)" in text
     assert text.count("(chance 17%)") == 2  # one per accuracy: 1 in 6 places
+
+
+def _grid(path: Path, accuracies: dict[tuple[str, int], float]) -> None:
+    """A recorded evaluation: cells as `memformers eval --json` writes them."""
+    cells = [
+        Cell(task, length, 100, round(100 * a), a, a, a, 1.0, 1.0, command="memformers eval …")
+        for (task, length), a in accuracies.items()
+    ]
+    save_cells(path, cells)
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "length", "said"),
+    [
+        ({}, 1 << 20, ""),  # nothing recorded: a million tokens
+        ({("qa1", 0): 0.99, ("qa1", 1 << 20): 0.93, ("qa2", 1 << 20): 0.91}, 1 << 20, ""),
+        (
+            {("qa1", 4096): 0.97, ("qa2", 4096): 0.92, ("qa1", 1 << 20): 0.95, ("qa2", 1 << 20): 0.40},
+            4096,
+            "not right at 1M tokens (qa1 95%, qa2 40% at 1M); showing length 4K, the longest length where it is",
+        ),
+        (  # 16K counts only where both tasks were measured
+            {("qa1", 0): 0.99, ("qa2", 0): 0.95, ("qa1", 16384): 0.99},
+            0,
+            "not right at 1M tokens (not measured at 1M); showing length 0 (the story alone)",
+        ),
+        (
+            {("qa1", 0): 0.80, ("qa2", 0): 0.60, ("qa1", 1024): 0.70, ("qa2", 1024): 0.30},
+            0,
+            "right at no length (right: every task ≥ 90% in its recorded evaluation, evaluation.json); showing "
+            "length 0 (the story alone), its best: qa1 80%, qa2 60%",
+        ),
+    ],
+)
+def test_the_demo_shows_the_longest_length_where_the_recorded_evaluation_says_the_model_is_right(
+    tmp_path, accuracies, length, said
+) -> None:
+    _grid(tmp_path / "evaluation.json", accuracies)
+    chosen, why = showcase_length(recorded_evaluation(tmp_path), ["qa1", "qa2"])
+    assert chosen == length
+    assert said in why and bool(said) == bool(why), why
+
+
+def test_the_demo_reads_a_babilong_model_at_the_length_it_is_right_and_prints_its_recorded_table(
+    tokenizer, tmp_path
+) -> None:
+    path = tmp_path / "babilong"
+    save_tiny_classifier(path, tokenizer)
+    save_pretrained(mf.load(path), path, tokenizer, {"task": "qa1,qa2", "tokenizer": "minilm"})
+    _grid(path / "evaluation.json", {("qa1", 256): 0.95, ("qa2", 256): 0.9, ("qa1", 4096): 0.5, ("qa2", 4096): 0.2})
+    result = run("demo", "--checkpoint", path)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "showing length 256, the longest length where it is: qa1 95%, qa2 90%" in text
+    assert "Showing: 2 qa1 and qa2 samples (facts hidden in 256 tokens of books the model never saw)" in text
+    assert text.count("question:") == 2
+    assert text.count("(chance 17%)") == 4  # the recorded 2 × 2 grid, nothing measured live
+    assert "measured by: memformers eval …" in text
+
+
+def test_the_demo_reads_stories_of_different_lengths_alone(tokenizer, classifier, tmp_path) -> None:
+    path = tmp_path / "babilong"
+    shutil.copytree(classifier, path)
+    save_pretrained(mf.load(path), path, tokenizer, {"task": "qa1,qa2,qa3", "tokenizer": "minilm"})
+    result = run("demo", "--checkpoint", path, "--length", "0", "--table-lengths", "0", "--table-samples", "2")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "Showing: 3 qa1, qa2 and qa3 samples (the story alone, no noise)" in text
+    assert text.count("question:") == 3 and text.count("(chance 17%)") == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
