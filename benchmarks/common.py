@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from memformers.training import cpu_has_native_bf16
+from memformers.precision import cpu_has_native_bf16
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent  # commands are recorded as run from the repository root

@@ -103,6 +103,9 @@ def demo(
     ),
     table_samples: int = typer.Option(16, min=1, help="Samples per cell of a live closing table."),
     seed: int = typer.Option(0, help="Which samples (test books: never seen in training)."),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 where the CPU or GPU has it: reads about 2.6× faster), fp32 or bf16."
+    ),
     threads: int = threads_option(),
 ) -> None:
     """Hide facts in a million tokens of Austen, stream them through a trained memory model, and ask about them.
@@ -112,10 +115,12 @@ def demo(
     the chance level beside each accuracy. A checkpoint with a recorded evaluation that says it is not right at a
     million tokens is shown at the longest length where it is, and says so.
     """
+    from ..precision import resolve_precision
     from ..registry import get as mechanism_named
     from ..saving import CONFIG_NAME, load
 
     use_threads(threads)
+    precision = resolve_precision(precision, "cpu", "--precision")
     if not (Path(checkpoint) / CONFIG_NAME).exists() and checkpoint == SHIPPED_CHECKPOINT:
         console.print(f"no trained model at {checkpoint}: streaming an untrained RMT instead (speed and memory only)")
         stream(backbone="minilm", segments="4,16,64,256", segment_size=512, memory_tokens=10, threads=threads)
@@ -154,11 +159,11 @@ def demo(
             f"trained on inputs of up to {max(trained) * model.content_size:,} tokens "
             f"({max(trained)} segment{'s' * (max(trained) > 1)})"
         )
-    _showcase(model, tasks, per_task, length, tokenizer, seed)
+    _showcase(model, tasks, per_task, length, tokenizer, seed, precision)
     if recorded:
         _recorded_table(recorded, tasks, checkpoint)
     else:
-        _live_table(model, tasks, live, table_samples, tokenizer, seed + 1)
+        _live_table(model, tasks, live, table_samples, tokenizer, seed + 1, precision)
 
 
 def _say_what_is_shown(
@@ -179,9 +184,10 @@ def _say_what_is_shown(
     )
 
 
-def _showcase(model, tasks: list[str], per_task: int, length: int, tokenizer, seed: int) -> None:
+def _showcase(model, tasks: list[str], per_task: int, length: int, tokenizer, seed: int, precision: str) -> None:
     """Read the samples (those of one length side by side), then print each one's facts, question and answer."""
     from ..evaluation import class_answers, predict_classes
+    from ..precision import autocast
     from ..profiling import peak_rss_bytes
     from ..tasks import make_sample
 
@@ -204,13 +210,14 @@ def _showcase(model, tasks: list[str], per_task: int, length: int, tokenizer, se
                 rate = f"{(before + done) * model.content_size * rows / seconds:,.0f} tokens/s · memory {rss:,.0f} MiB"
                 bar.update(job, completed=before + done, rate=rate)
 
-            answers = predict_classes(model, [batch[i] for i in indices], "cpu", on_segment)
+            with autocast(precision):
+                answers = predict_classes(model, [batch[i] for i in indices], "cpu", on_segment)
             predicted.update(zip(indices, answers, strict=True))
             done_before += -(-num_tokens // model.content_size)
     seconds = time.perf_counter() - start
     console.print(
         f"read {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s), "
-        f"peak resident memory {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB"
+        f"peak resident memory {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB, in {precision}"
     )
     classes = class_answers(model)
     for index, sample in enumerate(batch):
@@ -246,7 +253,9 @@ def _recorded_table(cells: list, tasks: list[str], checkpoint: Path) -> None:
         console.print(f"[dim]measured by: {command}[/]")
 
 
-def _live_table(model, tasks: list[str], lengths: list[int], table_samples: int, tokenizer, seed: int) -> None:
+def _live_table(
+    model, tasks: list[str], lengths: list[int], table_samples: int, tokenizer, seed: int, precision: str
+) -> None:
     from ..evaluation import evaluate_cell, format_length
 
     table = Table(title=f"accuracy on test books ({table_samples} samples a cell)")
@@ -265,6 +274,7 @@ def _live_table(model, tasks: list[str], lengths: list[int], table_samples: int,
                     tokenizer,
                     seed=seed,
                     batch_size=table_samples,
+                    precision=precision,
                     progress=lambda done, count: bar.update(job, completed=done, total=count),
                 )
                 row.append(_accuracy(cell.accuracy, task))

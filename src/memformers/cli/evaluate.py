@@ -78,6 +78,11 @@ def evaluate(
         help="Read only the last N tokens of each sample (the backbone-alone baseline, truncated to its window).",
     ),
     max_new_tokens: int = typer.Option(8, help="Decoders: most tokens generated per answer (greedy, stops at EOS)."),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32, bf16 (autocast: faster on a CPU with bf16 instructions, see benchmarks/eval_precision.py; "
+        "fp32 with a warning where it would be slower) or auto (bf16 where it pays). Recorded in each cell.",
+    ),
     perplexity: bool = typer.Option(False, "--perplexity", help="Deprecated: use memformers perplexity."),
     tokens: int | None = typer.Option(None, help="--perplexity: tokens per document (default 20 segments)."),
     documents: int = typer.Option(8, help="--perplexity: documents (stretches of the split's books)."),
@@ -99,11 +104,13 @@ def evaluate(
 
     from ..evaluation import evaluate_file, evaluate_grid, generates, markdown_table, read_babilong_file, save_cells
     from ..plots import accuracy_heatmap
+    from ..precision import resolve_precision
     from ..saving import load
     from ..tasks import get_tokenizer, task_spec
 
     use_threads(threads)
     check_device(device)
+    precision = resolve_precision(precision, device, "--precision")
     config = read_checkpoint(checkpoint, "checkpoint")
     tasks = [t.strip() for t in (task or "memorize").split(",") if t.strip()]
     counts = parse_ints(samples, "--samples", minimum=1)
@@ -129,6 +136,7 @@ def evaluate(
             + (["--split", split, "--seed", str(seed)] if data is None else [])
             + (["--window", str(window)] if window else [])
             + (["--max-new-tokens", str(max_new_tokens)] if generates(model) else [])
+            + (["--precision", precision] if precision != "fp32" else [])
             + (["--json", str(json_out)] if json_out else [])
         ),
         "scoring": "generation" if generates(model) else "classes",
@@ -150,7 +158,7 @@ def evaluate(
             bar.update(job, description=f"{cell.task} after {cell.length:,}")
 
         options = {"batch_size": batch_size, "device": device, "progress": on_progress, "window": window}
-        options["max_new_tokens"] = max_new_tokens
+        options |= {"max_new_tokens": max_new_tokens, "precision": precision}
         if records is not None:
             cells = evaluate_file(model, data, tokenizer, task, on_cell, records=records, **options)
             for cell in cells:
