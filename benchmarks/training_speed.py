@@ -1,8 +1,10 @@
-"""Training-step time on the CPU: fp32 against bf16 autocast, one thread against two, and the next batch built in
-a thread (prefetch), on the BABILong tasks config at one segment.
+"""Training-step time on the CPU: fp32 against bf16 autocast, one thread against two, the next batch built in
+a thread (prefetch), and the backbone through torch.compile, on the BABILong tasks config at one segment.
 
     python benchmarks/training_speed.py                  # configs/cpu_babilong_tasks.toml, 3 rounds of 20 steps
     python benchmarks/training_speed.py --rounds 2 --steps 10
+    python benchmarks/training_speed.py --variant "bf16, 1 thread, prefetch" \
+        --variant "bf16, 1 thread, prefetch, compiled" --name training_speed_compile
 
 Each round runs every variant back to back from the same initial weights and samples (the ratio of medians
 within one run is what to read; the machine is noisy). "Today's fp32" is the trainer before these options:
@@ -28,18 +30,21 @@ from memformers import training
 from memformers.training import Trainer
 from memformers.training_config import load_config
 
-VARIANTS = {  # name: (mixed precision, threads, prefetch)
-    "fp32, 2 threads (today)": ("no", 2, False),
-    "fp32, 1 thread": ("no", 1, False),
-    "bf16, 2 threads": ("bf16", 2, False),
-    "bf16, 1 thread": ("bf16", 1, False),
-    "bf16, 2 threads, prefetch": ("bf16", 2, True),
-    "bf16, 1 thread, prefetch": ("bf16", 1, True),
+VARIANTS = {  # name: (mixed precision, threads, prefetch, torch.compile of the backbone)
+    "fp32, 2 threads (today)": ("no", 2, False, False),
+    "fp32, 1 thread": ("no", 1, False, False),
+    "bf16, 2 threads": ("bf16", 2, False, False),
+    "bf16, 1 thread": ("bf16", 1, False, False),
+    "bf16, 2 threads, prefetch": ("bf16", 2, True, False),
+    "bf16, 1 thread, prefetch": ("bf16", 1, True, False),
+    "bf16, 1 thread, prefetch, compiled": ("bf16", 1, True, True),
 }
 
 
-def run_variant(config_path: str, steps: int, precision: str, threads: int, prefetch: bool) -> dict:
-    """`steps` optimizer steps of a fresh run; the median step time after the first, and the last losses."""
+def run_variant(config_path: str, steps: int, precision: str, threads: int, prefetch: bool, compiled: bool) -> dict:
+    """`steps` optimizer steps of a fresh run; the median step time after the first, and the last losses.
+    `compiled`: the backbone through `torch.compile(dynamic=True)` (batches differ in width); its first step
+    compiles, and is left out of the median like every variant's first step."""
     torch.set_num_threads(threads)
     training.cpu_has_native_bf16 = lambda: True  # measure bf16 even where the trainer would fall back to fp32
     with tempfile.TemporaryDirectory() as out:
@@ -51,6 +56,8 @@ def run_variant(config_path: str, steps: int, precision: str, threads: int, pref
             "output.checkpoint_every=0",
         ]
         trainer = Trainer(load_config(config_path, overrides), progress=False, resume=False)
+        if compiled:
+            trainer.unwrapped.backbone.compile(dynamic=True)
         times, losses = [], []
         for _ in range(steps):
             start = time.perf_counter()
@@ -74,19 +81,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--name", default="training_speed_cpu")
+    parser.add_argument(
+        "--variant", action="append", choices=list(VARIANTS), help="Measure only these (repeat the flag); default all."
+    )
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)  # run one variant, print its JSON
     args = parser.parse_args()
+    variants = args.variant or list(VARIANTS)
     if args.one:
         print(json.dumps(run_variant(args.config, args.steps, *VARIANTS[args.one])))
         return
     load_before = os.getloadavg()  # other processes skew every variant; the ratios within a round are what to read
-    rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    rows: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
-        for name in VARIANTS:
+        for name in variants:
             result = run_in_process(args.config, args.steps, name)
             rows[name].append(result)
             print(f"round {round_ + 1}: {name:<28} {result['step_s']:.2f} s a step, loss {result['loss_last5']:.4f}")
-    base = statistics.median(r["step_s"] for r in rows[next(iter(VARIANTS))])
+    base = statistics.median(r["step_s"] for r in rows[variants[0]])  # speed-ups against the first measured
     table = []
     for name, results in rows.items():
         step = statistics.median(r["step_s"] for r in results)
