@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import DECODERS, ENCODERS, assert_batch_generates_as_rows_alone, random_ids, tiny_backbone
 
 import memformers as mf
@@ -61,6 +62,21 @@ def test_zero_memory_equals_real_smollm2():
         expected = backbone(ids).logits
         ours = model(ids).logits
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name", ["./missing-model", "../missing/model", "/missing/model", "~/missing-model", "runs/missing/model"]
+)
+def test_a_backbone_named_as_a_missing_path_fails_at_once_without_trying_the_hub(monkeypatch, name):
+    def hub(*args, **kwargs):
+        raise AssertionError("a path was tried on the hub")
+
+    for auto in (transformers.AutoConfig, transformers.AutoModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", hub)
+    with pytest.raises(mf.backbones.BackboneNotFoundError, match=f"backbone '{name}': no such folder"):
+        mf.backbones.load(name)
+    with pytest.raises(mf.backbones.BackboneNotFoundError, match="no such folder"):
+        mf.backbones.load_tokenizer(name)
 
 
 def test_real_backbones_read_through_memory():

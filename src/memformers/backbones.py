@@ -246,12 +246,23 @@ def smollm2_path() -> Path:
 
 
 def resolve(name_or_path: str) -> str:
-    """A shipped short name ("minilm", "smollm2") to its local folder; anything else unchanged."""
+    """A shipped short name ("minilm", "smollm2") to its local folder; anything else unchanged.
+
+    A name that can only be a path ("./model", "../m", "/abs", "~/m", "runs/x/model": a hub name has one "/") and
+    is no folder fails here, at once: Hugging Face would try it on the hub first, half a minute of retries without
+    a network."""
     if name_or_path == "minilm":
         return str(minilm_path())
     if name_or_path == "smollm2":
         return str(smollm2_path())
-    return name_or_path
+    is_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if is_path and not Path(name_or_path).expanduser().is_dir():
+        shipped = ", ".join(map(repr, SHIPPED_BACKBONES))
+        raise BackboneNotFoundError(
+            f"backbone {name_or_path!r}: no such folder; give a folder saved with save_pretrained, a hub name, or "
+            f"a shipped backbone ({shipped})"
+        )
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 _HEAD_CLASSES = {
