@@ -31,3 +31,25 @@ def test_records_without_training_or_validation_are_refused(tmp_path):
         training_curves([{"type": "stage", "step": 1, "segments": 2}], tmp_path / "curves.png")
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_metrics(tmp_path)
+
+
+def test_each_tasks_validation_is_drawn_where_several_are_learned_together(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labels = []
+    plot = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    records = run_records()
+    for record in records:
+        if record["type"] == "eval":
+            record["accuracy_by_task"] = {"qa1": 1.0, "qa2": record["accuracy"] / 2}
+    training_curves(records, tmp_path / "curves.png")
+    assert labels.count("validation qa1") == labels.count("validation qa2") == 1  # on the accuracy panel only
+    labels.clear()
+    training_curves(run_records(), tmp_path / "curves.png")
+    assert not any(label and label.startswith("validation q") for label in labels)

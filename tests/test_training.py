@@ -101,6 +101,25 @@ def test_curriculum_advances_on_threshold_and_logs_jsonl(tmp_path):
     assert model.content_size == 48 - 2 - 3
 
 
+def test_validation_of_several_tasks_reports_each_tasks_accuracy(tmp_path, monkeypatch):
+    """Each validation sample is counted under its own task: a judge that passes exactly the qa4 stories (the
+    only ones that speak of compass directions) gives qa4 100% and qa1 0%."""
+    config = tiny(tmp_path, **{"task.name": "qa1,qa4", "curriculum.eval_samples": 8, "model.segment_size": 128})
+    trainer = Trainer(config, progress=False, resume=False)
+    directions = set(trainer.batches.tokenizer.convert_tokens_to_ids(["north", "south", "east", "west"]))
+
+    def qa4_only(logits, batch):
+        return torch.tensor([bool(directions & set(row.tolist())) for row in batch["input_ids"]])
+
+    monkeypatch.setattr(trainer, "_correct", qa4_only)
+    record = trainer.evaluate(1)
+    trainer.close()
+    assert record["accuracy_by_task"] == {"qa1": 0.0, "qa4": 1.0} and record["accuracy"] == 0.5
+    single = Trainer(tiny(tmp_path, "single"), progress=False, resume=False)
+    assert "accuracy_by_task" not in single.evaluate(1)  # one task: its accuracy is the accuracy
+    single.close()
+
+
 def test_curriculum_advances_on_step_budget(tmp_path):
     config = tiny(tmp_path, **{"curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 0})
     train(config, progress=False)

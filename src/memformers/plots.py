@@ -55,7 +55,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
     """Loss and accuracy against the step: training as a moving mean of `smooth` logged points, validation as
-    points, and a vertical line where the curriculum moved to more segments (labelled with their count)."""
+    points (and each task's, where several are learned together), and a vertical line where the curriculum moved
+    to more segments (labelled with their count)."""
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
     if not train and not evals:
@@ -79,6 +80,13 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
                 markersize=3,
                 label="validation",
             )
+        by_task = [r for r in evals if r.get("accuracy_by_task")]
+        if key == "accuracy" and by_task:  # several tasks learned together: each one's validation, thin
+            for name in dict.fromkeys(name for r in by_task for name in r["accuracy_by_task"]):
+                points = [
+                    (r["step"], 100 * r["accuracy_by_task"][name]) for r in by_task if name in r["accuracy_by_task"]
+                ]
+                ax.plot(*zip(*points, strict=True), "--", linewidth=0.9, alpha=0.8, label=f"validation {name}")
         for change in (r for r in records if r.get("type") == "stage" and not r.get("done")):
             ax.axvline(change["step"], color="grey", linestyle=":", linewidth=0.8)
             ax.text(change["step"], ax.get_ylim()[1], f" {change['segments']} seg", fontsize=7, va="top")

@@ -675,18 +675,24 @@ class Trainer:
         mine = list(range(acc.process_index, c.eval_samples, acc.num_processes))
         if self.batches.lm:
             return self._evaluate_lm(mine, segments, seed, was_training)
+        names = self.config.task_names
         totals = torch.zeros(3, device=acc.device)  # loss sum, correct, samples
+        by_task = torch.zeros(2, len(names), device=acc.device)  # correct, samples of each task
         for i in range(0, len(mine), self.eval_batch):
-            batch = self.batches.batch(mine[i : i + self.eval_batch], segments, seed, vary=False)
+            indices = mine[i : i + self.eval_batch]
+            batch = self.batches.batch(indices, segments, seed, vary=False)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 out = model(**batch, logits=self._logits_mode)
             rows = batch["input_ids"].shape[0]
             correct = self._correct(out.logits, batch)
             totals += torch.tensor([float(out.loss) * rows, float(correct.sum()), rows], device=acc.device)
+            tasks = torch.tensor([index % len(names) for index in indices], device=acc.device)  # as items cycle
+            by_task[0].index_add_(0, tasks, correct.float())
+            by_task[1].index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float))
         model.train(was_training)
         loss, correct, samples = acc.reduce(totals, reduction="sum").tolist()
-        return {
+        record = {
             "type": "eval",
             "step": self.state.step,
             "stage": self.state.stage,
@@ -695,6 +701,10 @@ class Trainer:
             "accuracy": correct / samples,
             "samples": int(samples),
         }
+        if len(names) > 1:  # which task lags, where several are learned together
+            right, count = acc.reduce(by_task, reduction="sum").tolist()
+            record["accuracy_by_task"] = {name: r / n for name, r, n in zip(names, right, count, strict=True) if n}
+        return record
 
     def _evaluate_lm(self, mine: list[int], segments: int, seed: int, was_training: bool) -> dict:
         """Task lm: loss and perplexity per token over all segments, and token accuracy as "accuracy" (so the
