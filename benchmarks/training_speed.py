@@ -1,5 +1,6 @@
 """Training-step time on the CPU: fp32 against bf16 autocast, one thread against two, the next batch built in
-a thread (prefetch), and the backbone through torch.compile, on the BABILong tasks config at one segment.
+a thread (prefetch), the backbone through torch.compile, torch's fused AdamW and dropout off, on the BABILong tasks
+config at one segment.
 
     python benchmarks/training_speed.py                  # configs/cpu_babilong_tasks.toml, 3 rounds of 20 steps
     python benchmarks/training_speed.py --rounds 2 --steps 10
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from common import machine, write_result
@@ -30,33 +32,49 @@ from memformers import training
 from memformers.training import Trainer
 from memformers.training_config import load_config
 
-VARIANTS = {  # name: (mixed precision, threads, prefetch, torch.compile of the backbone)
-    "fp32, 2 threads (today)": ("no", 2, False, False),
-    "fp32, 1 thread": ("no", 1, False, False),
-    "bf16, 2 threads": ("bf16", 2, False, False),
-    "bf16, 1 thread": ("bf16", 1, False, False),
-    "bf16, 2 threads, prefetch": ("bf16", 2, True, False),
-    "bf16, 1 thread, prefetch": ("bf16", 1, True, False),
-    "bf16, 1 thread, prefetch, compiled": ("bf16", 1, True, True),
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str = "no"  # optim.mixed_precision
+    threads: int = 1
+    prefetch: bool = False  # build the next batch in a thread
+    compiled: bool = False  # the backbone through torch.compile(dynamic=True): batches differ in width
+    fused: bool = False  # torch's fused AdamW instead of its per-weight loop
+    dropout: float | None = None  # model.dropout; None: the backbone's own (MiniLM: 0.1)
+
+
+VARIANTS = {
+    "fp32, 2 threads (today)": Variant(threads=2),
+    "fp32, 1 thread": Variant(),
+    "bf16, 2 threads": Variant("bf16", 2),
+    "bf16, 1 thread": Variant("bf16"),
+    "bf16, 2 threads, prefetch": Variant("bf16", 2, prefetch=True),
+    "bf16, 1 thread, prefetch": Variant("bf16", prefetch=True),
+    "bf16, 1 thread, prefetch, compiled": Variant("bf16", prefetch=True, compiled=True),
+    "bf16, 1 thread, prefetch, fused AdamW": Variant("bf16", prefetch=True, fused=True),
+    "bf16, 1 thread, prefetch, fused AdamW, no dropout": Variant("bf16", prefetch=True, fused=True, dropout=0.0),
+    "bf16, 2 threads, prefetch, fused AdamW, no dropout": Variant("bf16", 2, prefetch=True, fused=True, dropout=0.0),
 }
 
 
-def run_variant(config_path: str, steps: int, precision: str, threads: int, prefetch: bool, compiled: bool) -> dict:
-    """`steps` optimizer steps of a fresh run; the median step time after the first, and the last losses.
-    `compiled`: the backbone through `torch.compile(dynamic=True)` (batches differ in width); its first step
-    compiles, and is left out of the median like every variant's first step."""
-    torch.set_num_threads(threads)
+def run_variant(config_path: str, steps: int, variant: Variant) -> dict:
+    """`steps` optimizer steps of a fresh run; the median step time after the first (a compiled backbone compiles
+    there), and the last losses."""
+    torch.set_num_threads(variant.threads)
     training.cpu_has_native_bf16 = lambda: True  # measure bf16 even where the trainer would fall back to fp32
     with tempfile.TemporaryDirectory() as out:
         overrides = [
-            f"optim.mixed_precision={precision}",
-            f"optim.prefetch={str(prefetch).lower()}",
+            f"optim.mixed_precision={variant.precision}",
+            f"optim.prefetch={str(variant.prefetch).lower()}",
+            f"optim.fused_adamw={str(variant.fused).lower()}",
             f"output.dir={out}",
             "curriculum.eval_every=0",
             "output.checkpoint_every=0",
         ]
+        if variant.dropout is not None:
+            overrides.append(f"model.dropout={variant.dropout}")
         trainer = Trainer(load_config(config_path, overrides), progress=False, resume=False)
-        if compiled:
+        if variant.compiled:
             trainer.unwrapped.backbone.compile(dynamic=True)
         times, losses = [], []
         for _ in range(steps):
@@ -88,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     variants = args.variant or list(VARIANTS)
     if args.one:
-        print(json.dumps(run_variant(args.config, args.steps, *VARIANTS[args.one])))
+        print(json.dumps(run_variant(args.config, args.steps, VARIANTS[args.one])))
         return
     load_before = os.getloadavg()  # other processes skew every variant; the ratios within a round are what to read
     rows: dict[str, list[dict]] = {name: [] for name in variants}

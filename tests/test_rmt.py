@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import DECODERS, ENCODERS, assert_batch_generates_as_rows_alone, random_ids, tiny_backbone
+from conftest import (
+    DECODERS,
+    ENCODERS,
+    assert_batch_generates_as_rows_alone,
+    random_ids,
+    tiny_backbone,
+    tiny_config,
+)
 
 import memformers as mf
 from memformers.profiling import PeakMemory
@@ -77,6 +84,25 @@ def test_a_backbone_named_as_a_missing_path_fails_at_once_without_trying_the_hub
         mf.backbones.load(name)
     with pytest.raises(mf.backbones.BackboneNotFoundError, match="no such folder"):
         mf.backbones.load_tokenizer(name)
+
+
+@pytest.mark.parametrize("family", ENCODERS + DECODERS)
+def test_set_dropout_reaches_every_dropout_of_a_backbone(family):
+    """With every rate at 0.3 two training-mode passes differ; after set_dropout(0) they are equal, and the
+    config says 0, so a saved copy reloads without dropout too."""
+    config = tiny_config(family)
+    rates = [key for key, value in config.to_dict().items() if ("dropout" in key or key.endswith("pdrop"))]
+    for key in rates:
+        if isinstance(getattr(config, key), float | int) and not isinstance(getattr(config, key), bool):
+            setattr(config, key, 0.3)
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForMaskedLM if family in ENCODERS else transformers.AutoModelForCausalLM
+    model = auto.from_config(config).train()
+    ids = random_ids(2, 12)
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    mf.backbones.set_dropout(model, 0.0)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert all(getattr(model.config, key) in (0.0, None) for key in rates)
 
 
 def test_real_backbones_read_through_memory():

@@ -120,6 +120,23 @@ def test_validation_of_several_tasks_reports_each_tasks_accuracy(tmp_path, monke
     single.close()
 
 
+def test_dropout_and_fused_adamw(tmp_path):
+    """`model.dropout` reaches every dropout of a saved backbone trained further (the scratch one had 0.1), and
+    the optimizer is torch's fused AdamW unless `optim.fused_adamw = false`."""
+    first = train(tiny(tmp_path, "first", **{"curriculum.segments": [1]}), progress=False)
+    config = tiny(tmp_path, "again", **{"model.backbone": str(first), "model.dropout": 0.0})
+    trainer = Trainer(config, progress=False, resume=False)
+    rates = [m.p for m in trainer.unwrapped.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and set(rates) == {0.0} and trainer.unwrapped.backbone.config.hidden_dropout_prob == 0.0
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    trainer.train_step()
+    trainer.close()
+    kept = Trainer(tiny(tmp_path, "kept", **{"optim.fused_adamw": False}), progress=False, resume=False)
+    assert not any(group["fused"] for group in kept.optimizer.param_groups)
+    assert {m.p for m in kept.unwrapped.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    kept.close()
+
+
 def test_curriculum_advances_on_step_budget(tmp_path):
     config = tiny(tmp_path, **{"curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 0})
     train(config, progress=False)
@@ -250,11 +267,16 @@ def test_two_processes_match_one(tmp_path):
         ("optim.mixed_precision", "fp8", "optim.mixed_precision"),
         ("output.log_every", 0, "output.log_every"),
         ("optim.learning_rate", 1e-3, "optim.learning_rate"),
+        ("model.dropout", 1.0, "model.dropout"),
+        ("model.dropout", 0.0, r"model.dropout .* \[model.scratch\] dropout"),  # a scratch backbone has its own
+        ("optim.fused_adamw", "yes", "optim.fused_adamw"),
     ],
 )
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):
     changes = {"optim.grad_accum": 2} if key == "optim.batch_size" else {}
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    if key == "model.dropout" and value == 1.0:
+        changes = {"model.backbone": "minilm"}
+    with pytest.raises(ValueError, match=message if "\\" in message else message.replace(".", r"\.")):
         tiny(tmp_path, **changes, **{key: value})
 
 

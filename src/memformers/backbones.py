@@ -564,6 +564,24 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def set_dropout(model: nn.Module, rate: float) -> None:
+    """Every dropout of a backbone at `rate`: its `nn.Dropout` modules, the rates that modules keep as numbers for
+    functional dropout (Llama's `attention_dropout`, OPT's `dropout`), and the config's rates, so that a saved copy
+    reloads the same."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"rate must be in [0, 1), got {rate!r}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, rate)
+    config = getattr(model, "config", None)
+    for key, value in (config.to_dict() if config is not None else {}).items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, key, rate)
+
+
 def block_output_hidden(output) -> torch.Tensor:
     """A block's output hidden states [batch, length, hidden], whether it returns a tensor or a tuple."""
     return output if isinstance(output, torch.Tensor) else output[0]

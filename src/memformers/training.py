@@ -86,12 +86,17 @@ def build_model(config: TrainConfig):
     labels = {"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}}
     _seed_everything(config.optim.seed)
     if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
-        return _frozen_as_asked(_continue_from(m, Path(m.backbone)), m), tokenizer
+        model = _continue_from(m, Path(m.backbone))
+        if m.dropout is not None:
+            backbones.set_dropout(model.backbone, m.dropout)
+        return _frozen_as_asked(model, m), tokenizer
     if m.backbone == "scratch":
         backbone = _scratch_backbone(m, tokenizer, labels)
     else:
         kwargs = {"num_labels": len(answers)} | labels if m.head == "classification" else {}
         backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
+        if m.dropout is not None:
+            backbones.set_dropout(backbone, m.dropout)
     from . import registry
 
     mechanism = registry.get(m.mechanism)
@@ -374,6 +379,12 @@ def _usable_precision(requested: str, on_cpu: bool) -> str:
     return requested
 
 
+def _fusable(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW takes these weights: floating point, on the CPU or a GPU."""
+    weights = [w for group in groups for w in group["params"]]
+    return all(w.is_floating_point() and w.device.type in ("cpu", "cuda") for w in weights)
+
+
 class Trainer:
     """Runs the curriculum of a `TrainConfig`. `callbacks` are called as `fn(trainer, record)` after every step."""
 
@@ -418,7 +429,8 @@ class Trainer:
                 shutil.rmtree(leftover, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.model = self.accelerator.prepare(model)
-        self.optimizer = torch.optim.AdamW(self._param_groups(model), lr=o.lr)
+        groups = self._param_groups(model)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, fused=o.fused_adamw and _fusable(groups))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if self.resumed_from is not None:
             self._load_trainer_state(self.resumed_from)
