@@ -1,6 +1,6 @@
 """Training-step time on the CPU: fp32 against bf16 autocast, one thread against two, the next batch built in
-a thread (prefetch), the backbone through torch.compile, torch's fused AdamW and dropout off, on the BABILong tasks
-config at one segment.
+a thread (prefetch), the backbone through torch.compile, torch's fused AdamW, dropout off and eager attention, on
+the BABILong tasks config at one segment.
 
     python benchmarks/training_speed.py                  # configs/cpu_babilong_tasks.toml, 3 rounds of 20 steps
     python benchmarks/training_speed.py --rounds 2 --steps 10
@@ -41,6 +41,7 @@ class Variant:
     compiled: bool = False  # the backbone through torch.compile(dynamic=True): batches differ in width
     fused: bool = False  # torch's fused AdamW instead of its per-weight loop
     dropout: float | None = None  # model.dropout; None: the backbone's own (MiniLM: 0.1)
+    attention: str | None = None  # model.attention; None: the backbone's own (sdpa)
 
 
 VARIANTS = {
@@ -54,6 +55,13 @@ VARIANTS = {
     "bf16, 1 thread, prefetch, fused AdamW": Variant("bf16", prefetch=True, fused=True),
     "bf16, 1 thread, prefetch, fused AdamW, no dropout": Variant("bf16", prefetch=True, fused=True, dropout=0.0),
     "bf16, 2 threads, prefetch, fused AdamW, no dropout": Variant("bf16", 2, prefetch=True, fused=True, dropout=0.0),
+    "bf16, 1 thread, prefetch, fused AdamW, no dropout, eager attention": Variant(
+        "bf16", prefetch=True, fused=True, dropout=0.0, attention="eager"
+    ),
+    "bf16, 2 threads, prefetch, fused AdamW, no dropout, eager attention": Variant(
+        "bf16", 2, prefetch=True, fused=True, dropout=0.0, attention="eager"
+    ),
+    "fp32, 1 thread, fused AdamW, no dropout, eager attention": Variant(fused=True, dropout=0.0, attention="eager"),
 }
 
 
@@ -73,6 +81,8 @@ def run_variant(config_path: str, steps: int, variant: Variant) -> dict:
         ]
         if variant.dropout is not None:
             overrides.append(f"model.dropout={variant.dropout}")
+        if variant.attention is not None:
+            overrides.append(f'model.attention="{variant.attention}"')
         trainer = Trainer(load_config(config_path, overrides), progress=False, resume=False)
         if variant.compiled:
             trainer.unwrapped.backbone.compile(dynamic=True)

@@ -105,6 +105,19 @@ def test_set_dropout_reaches_every_dropout_of_a_backbone(family):
     assert all(getattr(model.config, key) in (0.0, None) for key in rates)
 
 
+@pytest.mark.parametrize("family", ENCODERS + DECODERS)
+def test_set_attention_changes_the_kernel_not_the_outputs(family):
+    model = tiny_backbone(family)
+    ids = random_ids(2, 12)
+    mf.backbones.set_attention(model, "sdpa")
+    expected = model(ids).logits
+    mf.backbones.set_attention(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention must be one of \\('eager', 'sdpa'\\), got 'flash'"):
+        mf.backbones.set_attention(model, "flash")
+
+
 def test_real_backbones_read_through_memory():
     """Both real pretrained backbones run a multi-segment RMT with memory, with a finite loss."""
     for name, segment_size in (("minilm", 64), ("smollm2", 64)):

@@ -120,12 +120,14 @@ def test_validation_of_several_tasks_reports_each_tasks_accuracy(tmp_path, monke
     single.close()
 
 
-def test_dropout_and_fused_adamw(tmp_path):
-    """`model.dropout` reaches every dropout of a saved backbone trained further (the scratch one had 0.1), and
-    the optimizer is torch's fused AdamW unless `optim.fused_adamw = false`."""
+def test_dropout_attention_and_fused_adamw(tmp_path):
+    """`model.dropout` reaches every dropout of a saved backbone trained further (the scratch one had 0.1),
+    `model.attention` picks its kernel, and the optimizer is torch's fused AdamW unless `optim.fused_adamw =
+    false`."""
     first = train(tiny(tmp_path, "first", **{"curriculum.segments": [1]}), progress=False)
-    config = tiny(tmp_path, "again", **{"model.backbone": str(first), "model.dropout": 0.0})
-    trainer = Trainer(config, progress=False, resume=False)
+    changes = {"model.backbone": str(first), "model.dropout": 0.0, "model.attention": "eager"}
+    trainer = Trainer(tiny(tmp_path, "again", **changes), progress=False, resume=False)
+    assert trainer.unwrapped.backbone.config._attn_implementation == "eager"
     rates = [m.p for m in trainer.unwrapped.backbone.modules() if isinstance(m, torch.nn.Dropout)]
     assert rates and set(rates) == {0.0} and trainer.unwrapped.backbone.config.hidden_dropout_prob == 0.0
     assert all(group["fused"] for group in trainer.optimizer.param_groups)
@@ -270,6 +272,7 @@ def test_two_processes_match_one(tmp_path):
         ("model.dropout", 1.0, "model.dropout"),
         ("model.dropout", 0.0, r"model.dropout .* \[model.scratch\] dropout"),  # a scratch backbone has its own
         ("optim.fused_adamw", "yes", "optim.fused_adamw"),
+        ("model.attention", "flash", "model.attention"),
     ],
 )
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):

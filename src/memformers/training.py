@@ -87,16 +87,14 @@ def build_model(config: TrainConfig):
     _seed_everything(config.optim.seed)
     if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
         model = _continue_from(m, Path(m.backbone))
-        if m.dropout is not None:
-            backbones.set_dropout(model.backbone, m.dropout)
+        _set_kernels(model.backbone, m)
         return _frozen_as_asked(model, m), tokenizer
     if m.backbone == "scratch":
         backbone = _scratch_backbone(m, tokenizer, labels)
     else:
         kwargs = {"num_labels": len(answers)} | labels if m.head == "classification" else {}
         backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
-        if m.dropout is not None:
-            backbones.set_dropout(backbone, m.dropout)
+    _set_kernels(backbone, m)
     from . import registry
 
     mechanism = registry.get(m.mechanism)
@@ -109,6 +107,16 @@ def build_model(config: TrainConfig):
     except ValueError as error:
         raise ValueError(f"[model.{m.mechanism}] {error}") from None
     return _frozen_as_asked(model, m), tokenizer
+
+
+def _set_kernels(backbone, m: ModelConfig) -> None:
+    """`model.dropout` (pretrained or saved backbones: a scratch one is built with its own) and `model.attention`."""
+    from . import backbones
+
+    if m.dropout is not None:
+        backbones.set_dropout(backbone, m.dropout)
+    if m.attention is not None:
+        backbones.set_attention(backbone, m.attention)
 
 
 def _frozen_as_asked(model, m: ModelConfig):
