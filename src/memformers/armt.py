@@ -243,12 +243,11 @@ class AssociativeMemoryTransformer(MemoryModel):
         batch, n = ids.shape
         m = self.num_memory_tokens
         embed = self.backbone.get_input_embeddings()
-        content = embed(ids)  # [batch, n, hidden]
-        pieces = [content]
-        if not self.info.is_decoder:
-            column = lambda token: embed(ids.new_full((batch, 1), token))  # noqa: E731
-            pieces = [column(self.cls_token_id), content, column(self.sep_token_id)]
-        pieces.append(self.memory.to(content.dtype).unsqueeze(0).expand(batch, -1, -1))
+        if not self.info.is_decoder:  # one lookup: each one's backward fills a gradient of the whole vocabulary
+            column = lambda token: ids.new_full((batch, 1), token)  # noqa: E731
+            ids = torch.cat([column(self.cls_token_id), ids, column(self.sep_token_id)], dim=1)
+        content = embed(ids)  # [batch, prefix + n + suffix, hidden]
+        pieces = [content, self.memory.to(content.dtype).unsqueeze(0).expand(batch, -1, -1)]
         source = torch.cat(pieces, dim=1)  # [batch, prefix + n + suffix + m, hidden]
         tail = self.suffix + m  # [SEP] and memory, moved right after each row's real content
         p = torch.arange(source.shape[1], device=ids.device).unsqueeze(0)  # [1, L]
@@ -271,8 +270,10 @@ class AssociativeMemoryTransformer(MemoryModel):
         handles = []
         try:
             blocks = backbones.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
+            # one unbind, not a select per layer: each select's backward would fill a zero tensor of all layers
+            matrices, normalizers = state.matrix.unbind(0), state.normalizer.unbind(0)
             for index, (block, memory) in enumerate(zip(blocks, self.layers, strict=True)):
-                matrix, normalizer = state.matrix[index], state.normalizer[index]
+                matrix, normalizer = matrices[index], normalizers[index]
                 handles.append(block.register_forward_pre_hook(_reader(memory, matrix, normalizer), with_kwargs=True))
                 if write is not None:
                     writer = _writer(memory, matrix, normalizer, write, written, index)
