@@ -187,18 +187,18 @@ def _grid(path: Path, accuracies: dict[tuple[str, int], float]) -> None:
         (
             {("qa1", 4096): 0.97, ("qa2", 4096): 0.92, ("qa1", 1 << 20): 0.95, ("qa2", 1 << 20): 0.40},
             4096,
-            "not right at 1M tokens (qa1 95%, qa2 40% at 1M); showing length 4K, the longest length where it is",
+            "not right at 1M tokens (qa1 95%, qa2 40% at 1M); showing length 4K, the longest length where it is right",
         ),
         (  # 16K counts only where both tasks were measured
             {("qa1", 0): 0.99, ("qa2", 0): 0.95, ("qa1", 16384): 0.99},
             0,
-            "not right at 1M tokens (not measured at 1M); showing length 0 (the story alone)",
+            "recorded evaluation stops at 0, short of 1M tokens; showing length 0 (the story alone)",
         ),
         (
             {("qa1", 0): 0.80, ("qa2", 0): 0.60, ("qa1", 1024): 0.70, ("qa2", 1024): 0.30},
             0,
-            "right at no length (right: every task ≥ 90% in its recorded evaluation, evaluation.json); showing "
-            "length 0 (the story alone), its best: qa1 80%, qa2 60%",
+            "stops at 1K, short of 1M tokens, and it is right at no length (right: every task ≥ 90% in its recorded "
+            "evaluation, evaluation.json); showing length 0 (the story alone), its best: qa1 80%, qa2 60%",
         ),
     ],
 )
@@ -221,7 +221,7 @@ def test_the_demo_reads_a_babilong_model_at_the_length_it_is_right_and_prints_it
     result = run("demo", "--checkpoint", path)
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "showing length 256, the longest length where it is: qa1 95%, qa2 90%" in text
+    assert "showing length 256, the longest length where it is right: qa1 95%, qa2 90%" in text
     assert "Showing: 2 qa1 and qa2 samples (facts hidden in 256 tokens of books the model never saw)" in text
     assert text.count("question:") == 2
     assert text.count("(chance 17%)") == 4  # the recorded 2 × 2 grid, nothing measured live

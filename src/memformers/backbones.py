@@ -571,7 +571,7 @@ def set_attention(model: transformers.PreTrainedModel, implementation: str) -> N
     """The attention kernel of a backbone: "eager" (plain matrix products) or "sdpa" (torch's fused attention).
 
     On a CPU, sdpa's backward is the slow part of a training step once dropout is off (its flash kernel); eager
-    with dropout off trained a MiniLM step 1.7× faster there. On a GPU, sdpa is the faster."""
+    with dropout off trained a MiniLM step 1.5× faster there. On a GPU, sdpa is the faster."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
     model.set_attn_implementation(implementation)

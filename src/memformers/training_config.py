@@ -23,12 +23,12 @@ Config (TOML; every key optional unless marked):
                           (default false; LongMem always freezes it)
   alignment               "right" (default: the question ends the last segment) or "left"
   dropout                 every dropout of a pretrained or saved backbone (its config's rates, its Dropout modules,
-                          its attention dropout); leave out to keep the backbone's own. 0 takes ~16% off a MiniLM
-                          step on the CPU (drawing the masks is slow there), and with fresh samples at every step
-                          there is nothing to overfit; a scratch backbone takes [model.scratch] dropout
+                          its attention dropout); leave out to keep the backbone's own. With fresh samples at every
+                          step there is nothing to overfit; on a CPU, 0 pays with attention = "eager" (below); a
+                          scratch backbone takes [model.scratch] dropout
   attention               the backbone's attention kernel: "eager" or "sdpa"; leave out to keep the backbone's
-                          (sdpa where it has one). On a CPU, "eager" with dropout = 0 trains a MiniLM step 1.7×
-                          faster than sdpa (whose backward is slow there); on a GPU keep sdpa
+                          (sdpa where it has one). On a CPU, "eager" with dropout = 0 trained a MiniLM step 1.5×
+                          faster than sdpa, whose backward is slow there (0.79 against 1.17 s); on a GPU keep sdpa
 [model.scratch]           only for backbone = "scratch"; vocabulary = the task tokenizer's
   family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
   layers, hidden, heads, intermediate   default 4, 128, 4, 512

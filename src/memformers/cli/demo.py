@@ -65,17 +65,18 @@ def showcase_length(cells: list, tasks: list[str]) -> tuple[int, str]:
 
     million = format_length(SHOWCASE_LENGTH)
     measured = [n for n in complete if n >= SHOWCASE_LENGTH]
-    there = f"{scores(min(measured))} at {format_length(min(measured))}" if measured else f"not measured at {million}"
     rule = f"right: every task ≥ {100 * RIGHT:.0f}% in its recorded evaluation, {EVALUATION_NAME}"
+    if measured:
+        there = (
+            f"this model is not right at {million} tokens ({scores(min(measured))} at {format_length(min(measured))})"
+        )
+    else:
+        there = f"this model's recorded evaluation stops at {format_length(max(complete))}, short of {million} tokens"
     if right:
         n = max(right)
-        return n, (
-            f"this model is not right at {million} tokens ({there}); showing {shown(n)}, the longest length where it "
-            f"is: {scores(n)} ({rule})"
-        )
+        return n, f"{there}; showing {shown(n)}, the longest length where it is right: {scores(n)} ({rule})"
     n = max(complete, key=lambda n: (statistics.mean(complete[n].values()), -n))
-    at_million = f"; {there}" if measured else ""
-    return n, f"this model is right at no length ({rule}{at_million}); showing {shown(n)}, its best: {scores(n)}"
+    return n, f"{there}, and it is right at no length ({rule}); showing {shown(n)}, its best: {scores(n)}"
 
 
 def demo(
