@@ -25,7 +25,8 @@ def train(
     progress: bool = typer.Option(True, help="Show the progress bar."),
     threads: int = threads_option(),
 ) -> None:
-    """Train an RMT on a task with a segment curriculum (Accelerate: CPU, GPU or `accelerate launch`)."""
+    """Train a memory model (RMT, ARMT, kNN, LongMem, cache) on a task with a segment curriculum (Accelerate: CPU, GPU
+    or `accelerate launch`)."""
     from ..training import train as run_training
 
     use_threads(threads)
