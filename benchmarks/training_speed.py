@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from common import machine, write_result
 
-from memformers import training
+from memformers import precision
 from memformers.training import Trainer
 from memformers.training_config import load_config
 
@@ -69,7 +69,7 @@ def run_variant(config_path: str, steps: int, variant: Variant) -> dict:
     """`steps` optimizer steps of a fresh run; the median step time after the first (a compiled backbone compiles
     there), and the last losses."""
     torch.set_num_threads(variant.threads)
-    training.cpu_has_native_bf16 = lambda: True  # measure bf16 even where the trainer would fall back to fp32
+    precision.cpu_has_native_bf16 = lambda: True  # measure bf16 even where the trainer would fall back to fp32
     with tempfile.TemporaryDirectory() as out:
         overrides = [
             f"optim.mixed_precision={variant.precision}",

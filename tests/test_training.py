@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import memformers as mf
-from memformers import training
+from memformers import precision, training
 from memformers.errors import InputWarning
 from memformers.training import Trainer, load_config, train
 
@@ -599,11 +599,11 @@ def test_prefetching_batches_changes_nothing_but_speed(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_fp32_and_says_so(monkeypatch, native):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     if native:
         assert training._usable_precision("bf16", on_cpu=True) == "bf16"
     else:
-        with pytest.warns(InputWarning, match=r'mixed_precision = "bf16".*training in fp32'):
+        with pytest.warns(InputWarning, match=r"optim\.mixed_precision bf16: this CPU .* no bf16 instructions.*fp32"):
             assert training._usable_precision("bf16", on_cpu=True) == "no"
     assert training._usable_precision("bf16", on_cpu=False) == "bf16"  # a GPU decides for itself
     assert training._usable_precision("no", on_cpu=True) == "no"

@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import warn_input
 from .files import fresh_folder, replace_folder, staging
-from .precision import cpu_has_native_bf16
+from .precision import resolve_precision
 from .segments import IGNORE_INDEX, shift_labels
 from .training_config import (  # noqa: F401 (the config API is re-exported here)
     CHECKPOINT_PREFIX,
@@ -376,14 +375,10 @@ class TrainState:
 
 
 def _usable_precision(requested: str, on_cpu: bool) -> str:
-    """The precision to train in: bf16 on a CPU without bf16 instructions would only be slower, so fp32 instead."""
-    if requested == "bf16" and on_cpu and not cpu_has_native_bf16():
-        capability = torch.backends.cpu.get_cpu_capability()
-        warn_input(
-            f'optim.mixed_precision = "bf16": this CPU ({capability}) has no bf16 instructions and would train about '
-            "10× slower than in fp32; training in fp32"
-        )
-        return "no"
+    """The precision to train in: bf16 on a CPU without bf16 instructions would only be slower, so fp32 instead
+    (`memformers.precision` decides, and says so in one warning)."""
+    if requested == "bf16" and on_cpu:
+        return "bf16" if resolve_precision("bf16", "cpu", "optim.mixed_precision") == "bf16" else "no"
     return requested
 
 
