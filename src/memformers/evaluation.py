@@ -240,7 +240,7 @@ def score_samples(
     examples: list[dict] = []
     correct = tokens = 0
     start = time.perf_counter()
-    batches = _equal_length_batches(made, batch_size)  # length 0: stories alone, of different lengths
+    batches = equal_length_batches(made, batch_size)  # length 0: stories alone, of different lengths
     reads = [made[b[0]].num_tokens if window is None else min(window, made[b[0]].num_tokens) for b in batches]
     per_batch = [-(-read // model.content_size) for read in reads]
     for number, (indices, read) in enumerate(zip(batches, reads, strict=True)):
@@ -288,7 +288,7 @@ def score_samples(
     )
 
 
-def _equal_length_batches(samples: list, batch_size: int) -> list[list[int]]:
+def equal_length_batches(samples: list, batch_size: int) -> list[list[int]]:
     """Indices of `samples` in batches of at most `batch_size` that share one length (they stream side by side)."""
     by_length: dict[int, list[int]] = {}
     for index, sample in enumerate(samples):

@@ -187,23 +187,22 @@ def _say_what_is_shown(
 
 def _showcase(model, tasks: list[str], per_task: int, length: int, tokenizer, seed: int, precision: str) -> None:
     """Read the samples (those of one length side by side), then print each one's facts, question and answer."""
-    from ..evaluation import class_answers, predict_classes
+    from ..evaluation import class_answers, equal_length_batches, predict_classes
     from ..precision import autocast
     from ..profiling import peak_rss_bytes
     from ..tasks import make_sample
 
     batch = [make_sample(task, length, tokenizer, seed, index, "test") for task in tasks for index in range(per_task)]
-    groups: dict[int, list[int]] = {}  # samples of one length stream side by side
-    for index, sample in enumerate(batch):
-        groups.setdefault(sample.num_tokens, []).append(index)
+    groups = equal_length_batches(batch, len(batch))  # samples of one length stream side by side
+    segments = [-(-batch[indices[0]].num_tokens // model.content_size) for indices in groups]
     tokens = sum(sample.num_tokens for sample in batch)
-    total = sum(-(-n // model.content_size) for n in groups)
+    total = sum(segments)
     predicted: dict[int, int] = {}
     start = time.perf_counter()
     with progress_bar() as bar:
         job = bar.add_task(f"reading {len(batch)} × {length:,} tokens", total=total, rate="")
         done_before = 0
-        for num_tokens, indices in groups.items():
+        for indices, count in zip(groups, segments, strict=True):
 
             def on_segment(done: int, _total, _tokens, rows: int = len(indices), before: int = done_before) -> None:
                 seconds = time.perf_counter() - start
@@ -214,7 +213,7 @@ def _showcase(model, tasks: list[str], per_task: int, length: int, tokenizer, se
             with autocast(precision):
                 answers = predict_classes(model, [batch[i] for i in indices], "cpu", on_segment)
             predicted.update(zip(indices, answers, strict=True))
-            done_before += -(-num_tokens // model.content_size)
+            done_before += count
     seconds = time.perf_counter() - start
     console.print(
         f"read {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s), "
