@@ -11,32 +11,38 @@ processes follows the single-process run up to float rounding. The config's keys
 `memformers.training_config`.
 
 Output folder: `metrics.jsonl` (one JSON object per logging step, validation and stage change), `curves.png` (its
-loss and accuracy, redrawn at every validation), `checkpoint-<step>/` (model/ loadable with `memformers.load`,
-trainer.pt: optimizer, scheduler, stage, step, data position; rng-<rank>.pt: python/numpy/torch RNG states),
+loss and accuracy, redrawn at every validation), `checkpoint-<step>/` (see `memformers.training_checkpoints`),
 `best/` (highest stage, then accuracy) and `final/`.
-Checkpoints are written to a hidden temporary folder and renamed into place, so a crash never leaves half of one.
+
+Beside the `Trainer` and `train`, one module a concept: `training_config`, `training_model` (the model a config
+describes), `training_data` (the samples; which answers are right), `training_checkpoints`, `training_validation`.
+What callers use of them is re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .files import fresh_folder, replace_folder, staging
 from .precision import resolve_precision
 from .segments import IGNORE_INDEX, shift_labels
+from .training_checkpoints import (  # noqa: F401 (re-exported here)
+    CheckpointMixin,
+    TrainState,
+    _seed_everything,
+    checkpoints,
+    latest_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .training_config import (  # noqa: F401 (the config API is re-exported here)
     CHECKPOINT_PREFIX,
     EVAL_SEED_OFFSET,
@@ -51,327 +57,11 @@ from .training_config import (  # noqa: F401 (the config API is re-exported here
     parse_segments,
     validate,
 )
-
-# --------------------------------------------------------------------------------------------------------------
-# Model and data
-
-
-def class_vocabulary(config: TrainConfig) -> tuple[str, ...]:
-    """The classes a classifier answers with: the tasks' answers, or a saved classifier's own classes (in its order)
-    where they cover them, so that a model trained on qa1-qa5 can go on with qa1 alone without a new head."""
-    from .tasks import answer_vocabulary
-
-    answers = answer_vocabulary(config.task_names)
-    m = config.model
-    if m.head != "classification" or m.backbone == "scratch":
-        return answers
-    folder = Path(m.backbone)
-    saved = folder / "backbone" / "config.json" if (folder / "memformers.json").exists() else folder / "config.json"
-    if not saved.is_file():
-        return answers
-    id2label = json.loads(saved.read_text()).get("id2label") or {}
-    classes = tuple(id2label[key] for key in sorted(id2label, key=int))
-    return classes if set(answers) <= set(classes) else answers
-
-
-def build_model(config: TrainConfig):
-    """The mechanism and tokenizer a config describes (weights drawn from `optim.seed` where they are new)."""
-    from . import backbones
-    from .tasks import get_tokenizer
-
-    m = config.model
-    tokenizer = get_tokenizer(config.tokenizer_name)
-    answers = class_vocabulary(config)  # class i = answers[i], kept in the backbone's id2label
-    labels = {"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}}
-    _seed_everything(config.optim.seed)
-    if (Path(m.backbone) / "memformers.json").exists():  # a saved memformers model: train it further
-        model = _continue_from(m, Path(m.backbone))
-        _set_kernels(model.backbone, m)
-        return _frozen_as_asked(model, m), tokenizer
-    if m.backbone == "scratch":
-        backbone = _scratch_backbone(m, tokenizer, labels)
-    else:
-        kwargs = {"num_labels": len(answers)} | labels if m.head == "classification" else {}
-        backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
-    _set_kernels(backbone, m)
-    from . import registry
-
-    mechanism = registry.get(m.mechanism)
-    config = m.mechanism_config()
-    if m.head != "causal-lm":  # the task tokenizer's [CLS] and [SEP], for mechanisms whose layout has them
-        special = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
-        config = dataclasses.replace(config, **{k: v for k, v in special.items() if k in config.knobs()})
-    try:
-        model = mechanism.model(backbone, config)
-    except ValueError as error:
-        raise ValueError(f"[model.{m.mechanism}] {error}") from None
-    return _frozen_as_asked(model, m), tokenizer
-
-
-def _set_kernels(backbone, m: ModelConfig) -> None:
-    """`model.dropout` (pretrained or saved backbones: a scratch one is built with its own) and `model.attention`."""
-    from . import backbones
-
-    if m.dropout is not None:
-        backbones.set_dropout(backbone, m.dropout)
-    if m.attention is not None:
-        backbones.set_attention(backbone, m.attention)
-
-
-def _frozen_as_asked(model, m: ModelConfig):
-    """`model.freeze_backbone`: only the mechanism's own weights train (the backbone is left as loaded)."""
-    model.freeze_backbone = model.freeze_backbone or m.freeze_backbone
-    return model
-
-
-def _continue_from(m: ModelConfig, path: Path):
-    """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config.
-
-    The knobs that shape weights or segments (the config class's `fixed`) must equal the saved ones; those that
-    only size a state (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config; the others stay
-    as saved. To put a saved backbone into another mechanism, give its `backbone/` folder instead.
-    """
-    from . import registry
-    from .saving import load
-
-    model = load(path)
-    mechanism = registry.get(m.mechanism)
-    if not isinstance(model, mechanism.model):
-        raise ValueError(
-            f"model.mechanism = {m.mechanism!r}, but {path} holds a {type(model).__name__}; to wrap its backbone in "
-            f"another mechanism set model.backbone = {str(path / 'backbone')!r}"
-        )
-    wanted, saved = m.mechanism_config().to_dict(), model.config_dict()
-    top = {f.name for f in dataclasses.fields(ModelConfig)}
-    for key in model.config.fixed:
-        if wanted[key] is not None and wanted[key] != saved[key]:  # None: the backbone's default, as saved
-            name = f"model.{key}" if key in top else f"model.{m.mechanism}.{key}"
-            raise ValueError(f"{name} = {wanted[key]!r}, but the model saved in {path} has {saved[key]!r}")
-    follow = (*model.config.resizable, "bptt_depth", "gradient_checkpointing")
-    model.config = dataclasses.replace(model.config, **{key: getattr(m.mechanism_config(), key) for key in follow})
-    return model
-
-
-def _scratch_backbone(m: ModelConfig, tokenizer, labels: dict):
-    import transformers
-
-    s = m.scratch
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=s.hidden,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        intermediate_size=s.intermediate,
-        max_position_embeddings=m.segment_size * (1 if s.family == "bert" else 2),  # a decoder's cache: 2 segments
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if s.family == "bert":
-        config = transformers.BertConfig(
-            **common, hidden_dropout_prob=s.dropout, attention_probs_dropout_prob=s.dropout, **labels
-        )
-        cls = transformers.BertForSequenceClassification if m.head == "classification" else transformers.BertForMaskedLM
-        return cls(config)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    config = transformers.LlamaConfig(
-        **common, num_key_value_heads=s.heads, attention_dropout=s.dropout, bos_token_id=bos, eos_token_id=eos
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-class TaskBatches:
-    """Deterministic samples: sample `index` of the run and its length depend only on the config and `index`.
-
-    So a batch can be rebuilt after a restart from the data position alone, and split over processes in any way.
-    Classification samples are exactly n × content_size tokens; LM samples leave room for the answer tokens
-    appended to them (n × content_size at most), so they too fill exactly n segments. Algorithmic samples are
-    the other way round: their source fills n segments and the target (as long as the source, twice for copy)
-    is written in the segments after it, as in the RMT paper's copy and reverse.
-    """
-
-    def __init__(self, config: TrainConfig, tokenizer, content_size: int) -> None:
-        from .tasks import encode_sentence
-
-        self.config, self.tokenizer, self.content_size = config, tokenizer, content_size
-        self.head = config.model.head
-        self.eos_id = None
-        self.reserve = 0
-        self.lm = config.task_names == ["lm"]  # language modelling: every token is a target, no answer
-        self.answers = class_vocabulary(config)  # one class vocabulary over all the tasks
-        if self.head != "classification" and not config.algorithmic and not self.lm:  # algorithmic: fixed length
-            self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
-            if self.head == "causal-lm" and self.eos_id is None:
-                self.eos_id = tokenizer.sep_token_id
-            self.reserve = max(len(encode_sentence(tokenizer, a)) for a in self.answers) + (self.eos_id is not None)
-
-    def segments_of(self, index: int, current: int) -> int:
-        """Segments of training sample `index` at a stage of `current` segments."""
-        if not self.config.curriculum.vary_segments:
-            return current
-        low = min(self.config.curriculum.min_segments, current)
-        return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
-
-    def item(self, index: int, segments: int, seed: int, no_noise: bool = False) -> dict[str, torch.Tensor]:
-        from .tasks import make_sample, sample_item
-
-        t = self.config.task
-        if self.lm:  # a window of exactly `segments` segments of one book; labels = the input (shifted by the driver)
-            from .tasks import lm_window
-
-            ids = torch.from_numpy(
-                lm_window(self.tokenizer, segments * self.content_size, seed, index, t.split, t.noise_dir)
-            )
-            return {"input_ids": ids, "labels": ids.clone()}
-        if self.config.algorithmic:  # the source fills `segments` segments; the target follows
-            from .tasks import make_algorithmic_sample
-
-            name = self.config.task_names[index % len(self.config.task_names)]
-            options = {"vocab_size": t.vocab_size}
-            if name == "associative":
-                options |= {"key_size": t.key_size, "value_size": t.value_size}
-            problem = make_algorithmic_sample(
-                name, segments * self.content_size, seed, index, segment_size=self.content_size, **options
-            )
-            return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
-        length = segments * self.content_size - self.reserve
-        if no_noise:
-            length = 0
-        try:
-            names = self.config.task_names
-            sample = make_sample(names[index % len(names)], length, self.tokenizer, seed, index, t.split, t.noise_dir)
-        except ValueError as error:
-            raise ValueError(
-                f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
-            ) from None
-        if self.head == "classification":
-            return sample_item(sample, "class", answers=self.answers)
-        item = sample_item(sample, "text", self.eos_id)
-        if self.head == "masked-lm":  # the answer's positions are masked out of the input
-            answer = item["labels"] != IGNORE_INDEX
-            item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
-        return item
-
-    def without_noise(self, index: int) -> bool:
-        """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""
-        fraction = self.config.curriculum.no_noise_fraction
-        if not fraction or self.lm or self.config.algorithmic:
-            return False
-        return random.Random(f"{self.config.task.seed}:no-noise:{index}").random() < fraction
-
-    def batch(self, indices: list[int], current: int, seed: int, vary: bool = True) -> dict[str, torch.Tensor]:
-        from .tasks import collate
-
-        if not vary:  # validation: every sample at `current` segments, in noise
-            items = [self.item(i, current, seed) for i in indices]
-        else:
-            items = [self.item(i, self.segments_of(i, current), seed, self.without_noise(i)) for i in indices]
-        return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
-
-
-def answer_correct(
-    logits: torch.Tensor,  # [batch, classes] or [batch, width, vocab]: each row's last segment
-    labels: torch.Tensor,  # [batch] class ids or [batch, length] token labels
-    attention_mask: torch.Tensor,  # [batch, length]
-    causal: bool,
-    content_size: int,
-    alignment: str,
-    whole_input: bool = False,
-) -> torch.Tensor:  # [batch] bool
-    """Whether each row's answer is right: the class, or every answer token (teacher-forced argmax).
-
-    `whole_input`: the logits cover every input position ([batch, length, vocab]), for answers that span several
-    segments (the algorithmic tasks' targets); otherwise they are each row's last segment.
-    """
-    if labels.dim() == 1:
-        return logits.argmax(-1) == labels
-    if causal:
-        labels = shift_labels(labels, attention_mask)
-    if whole_input:
-        scored = labels != IGNORE_INDEX
-        return ((logits.argmax(-1) == labels) | ~scored).all(1)
-    lengths = attention_mask.sum(1)
-    correct = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-    for row in range(labels.shape[0]):
-        n = int(lengths[row])
-        count = -(-n // content_size)
-        kept = min(n, content_size) if alignment == "right" else n - (count - 1) * content_size
-        target = labels[row, attention_mask[row].bool()][n - kept :]  # the row's last segment
-        predicted = logits[row, :kept].argmax(-1)
-        scored = target != IGNORE_INDEX
-        correct[row] = bool((predicted[scored] == target[scored]).all())
-    return correct
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first (temporary folders are never listed)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    found = [p for p in found if p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "trainer.pt").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-@contextlib.contextmanager
-def _quiet_saving():
-    """No per-shard progress bar from transformers in the middle of the training bar."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Trainer
+from .training_data import TaskBatches, answer_correct
+from .training_model import build_model, class_vocabulary  # noqa: F401 (class_vocabulary: re-exported here)
+from .training_validation import ValidationMixin
 
 Callback = Callable[["Trainer", dict], None]
-
-
-@dataclass
-class TrainState:
-    """Where a run is; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    stage: int = 0  # index into the curriculum's segment counts
-    stage_start: int = 0  # step at which the current stage began
-    position: int = 0  # training samples consumed (the next sample's index)
-    best: tuple[int, float] = (-1, -1.0)  # (stage, accuracy) of the best validation so far
-    done: bool = False
 
 
 def _usable_precision(requested: str, on_cpu: bool) -> str:
@@ -388,7 +78,7 @@ def _fusable(groups: list[dict]) -> bool:
     return all(w.is_floating_point() and w.device.type in ("cpu", "cuda") for w in weights)
 
 
-class Trainer:
+class Trainer(CheckpointMixin, ValidationMixin):
     """Runs the curriculum of a `TrainConfig`. `callbacks` are called as `fn(trainer, record)` after every step."""
 
     def __init__(
@@ -488,81 +178,6 @@ class Trainer:
         metrics = self.output_dir / "metrics.jsonl"
         if metrics.exists():
             metrics.unlink()
-
-    # --- checkpoints ------------------------------------------------------------------------------------------
-
-    def extra(self) -> dict:
-        """What `memformers.load` users need to rebuild the task's samples, saved in the model's config."""
-        return {
-            "task": self.config.task.name,
-            "tokenizer": self.config.tokenizer_name,
-            "head": self.config.model.head,
-            "segments": self.stages[: self.state.stage + 1],
-            "step": self.state.step,
-            "mixed_precision": self.mixed_precision,
-            "train_config": self.config.to_dict(),
-        }
-
-    def save_model(self, path: Path) -> Path:
-        """The model alone (with its tokenizer), loadable with `memformers.load`; written atomically."""
-        from .saving import save_pretrained
-
-        if self.accelerator.is_main_process:
-            with _quiet_saving():
-                save_pretrained(self.unwrapped, path, self.tokenizer, self.extra())
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def save_checkpoint(self) -> Path:
-        """Model, optimizer, scheduler, RNG states, stage, step and data position, atomically."""
-        from .saving import save_pretrained
-
-        target = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
-        tmp = staging(target)
-        if self.accelerator.is_main_process:
-            fresh_folder(target)
-        self.accelerator.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{self.accelerator.process_index}.pt")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            with _quiet_saving():
-                save_pretrained(self.unwrapped, tmp / "model", self.tokenizer, self.extra())
-            trainer = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "state": asdict(self.state),
-                "num_processes": self.accelerator.num_processes,
-            }
-            torch.save(trainer, tmp / "trainer.pt")
-            (tmp / "trainer.json").write_text(json.dumps({"state": asdict(self.state)} | self.extra(), indent=2))
-            replace_folder(tmp, target)
-            for old in checkpoints(self.output_dir)[: -self.config.output.keep_checkpoints]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
-        return target
-
-    def _load_weights(self, model, path: Path) -> None:
-        from .saving import load
-
-        model.load_state_dict(load(path / "model").state_dict())
-
-    def _load_trainer_state(self, path: Path) -> None:
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.scheduler.load_state_dict(trainer["scheduler"])
-        state = trainer["state"]
-        self.state = TrainState(**(state | {"best": tuple(state["best"])}))
-        rng = path / f"rng-{self.accelerator.process_index}.pt"
-        if trainer["num_processes"] == self.accelerator.num_processes and rng.exists():
-            set_rng_state(torch.load(rng, weights_only=False))
-        else:  # a different number of processes: dropout streams cannot be continued exactly
-            _seed_everything(self.config.optim.seed + self.state.step + self.accelerator.process_index)
-        if self.accelerator.is_main_process:  # drop what a killed run logged after this checkpoint
-            metrics = self.output_dir / "metrics.jsonl"
-            if metrics.exists():
-                lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-                kept = [line for line in lines if json.loads(line).get("step", 0) <= self.state.step]
-                metrics.write_text("".join(line + "\n" for line in kept))
 
     # --- logging ----------------------------------------------------------------------------------------------
 
@@ -676,80 +291,6 @@ class Trainer:
         if self.config.algorithmic:
             return "all"
         return "last" if self.batches.lm else "labelled"
-
-    @torch.no_grad()
-    def evaluate(self, segments: int | None = None) -> dict:
-        """Accuracy and loss on fresh validation samples (own seed) of `segments` (default: the current stage)."""
-        acc, c = self.accelerator, self.config.curriculum
-        segments = segments or self.stages[self.state.stage]
-        seed = self.config.task.eval_seed
-        seed = self.config.task.seed + EVAL_SEED_OFFSET if seed is None else seed
-        model = self.unwrapped
-        was_training = model.training
-        model.eval()
-        mine = list(range(acc.process_index, c.eval_samples, acc.num_processes))
-        if self.batches.lm:
-            return self._evaluate_lm(mine, segments, seed, was_training)
-        names = self.config.task_names
-        totals = torch.zeros(3, device=acc.device)  # loss sum, correct, samples
-        by_task = torch.zeros(2, len(names), device=acc.device)  # correct, samples of each task
-        for i in range(0, len(mine), self.eval_batch):
-            indices = mine[i : i + self.eval_batch]
-            batch = self.batches.batch(indices, segments, seed, vary=False)
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            with acc.autocast():
-                out = model(**batch, logits=self._logits_mode)
-            rows = batch["input_ids"].shape[0]
-            correct = self._correct(out.logits, batch)
-            totals += torch.tensor([float(out.loss) * rows, float(correct.sum()), rows], device=acc.device)
-            tasks = torch.tensor([index % len(names) for index in indices], device=acc.device)  # as items cycle
-            by_task[0].index_add_(0, tasks, correct.float())
-            by_task[1].index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float))
-        model.train(was_training)
-        loss, correct, samples = acc.reduce(totals, reduction="sum").tolist()
-        record = {
-            "type": "eval",
-            "step": self.state.step,
-            "stage": self.state.stage,
-            "segments": segments,
-            "loss": loss / samples,
-            "accuracy": correct / samples,
-            "samples": int(samples),
-        }
-        if len(names) > 1:  # which task lags, where several are learned together
-            right, count = acc.reduce(by_task, reduction="sum").tolist()
-            record["accuracy_by_task"] = {name: r / n for name, r, n in zip(names, right, count, strict=True) if n}
-        return record
-
-    def _evaluate_lm(self, mine: list[int], segments: int, seed: int, was_training: bool) -> dict:
-        """Task lm: loss and perplexity per token over all segments, and token accuracy as "accuracy" (so the
-        curriculum's threshold still applies); also the perplexity of the first and the last segment."""
-        from .perplexity import SegmentScores, score_documents
-
-        acc, model = self.accelerator, self.unwrapped
-        scores = SegmentScores()
-        for i in range(0, len(mine), self.eval_batch):
-            batch = self.batches.batch(mine[i : i + self.eval_batch], segments, seed, vary=False)
-            with acc.autocast():
-                score_documents(
-                    model, batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device), scores
-                )
-        model.train(was_training)
-        first, last = (torch.tensor(scores.pooled(k, k), device=acc.device, dtype=torch.float64) for k in (1, segments))
-        every = torch.tensor(scores.pooled(), device=acc.device, dtype=torch.float64)  # nll, tokens, correct
-        first, last, every = (acc.reduce(t, reduction="sum").tolist() for t in (first, last, every))
-        return {
-            "type": "eval",
-            "step": self.state.step,
-            "stage": self.state.stage,
-            "segments": segments,
-            "loss": every[0] / every[1],
-            "perplexity": float(np.exp(every[0] / every[1])),
-            "perplexity_first_segment": float(np.exp(first[0] / first[1])),
-            "perplexity_last_segment": float(np.exp(last[0] / last[1])),
-            "accuracy": every[2] / every[1],
-            "samples": len(mine) * acc.num_processes,
-        }
 
     def _after_step(self) -> None:
         """Validation, stage changes and the end of the run, decided at a step's end."""

@@ -1,0 +1,135 @@
+"""The samples a training run reads (`TaskBatches`), and whether a model's answers to them are right
+(`answer_correct`)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .segments import IGNORE_INDEX, shift_labels
+from .training_config import TrainConfig
+from .training_model import class_vocabulary
+
+
+class TaskBatches:
+    """Deterministic samples: sample `index` of the run and its length depend only on the config and `index`.
+
+    So a batch can be rebuilt after a restart from the data position alone, and split over processes in any way.
+    Classification samples are exactly n × content_size tokens; LM samples leave room for the answer tokens
+    appended to them (n × content_size at most), so they too fill exactly n segments. Algorithmic samples are
+    the other way round: their source fills n segments and the target (as long as the source, twice for copy)
+    is written in the segments after it, as in the RMT paper's copy and reverse.
+    """
+
+    def __init__(self, config: TrainConfig, tokenizer, content_size: int) -> None:
+        from .tasks import encode_sentence
+
+        self.config, self.tokenizer, self.content_size = config, tokenizer, content_size
+        self.head = config.model.head
+        self.eos_id = None
+        self.reserve = 0
+        self.lm = config.task_names == ["lm"]  # language modelling: every token is a target, no answer
+        self.answers = class_vocabulary(config)  # one class vocabulary over all the tasks
+        if self.head != "classification" and not config.algorithmic and not self.lm:  # algorithmic: fixed length
+            self.eos_id = tokenizer.eos_token_id if self.head == "causal-lm" else None
+            if self.head == "causal-lm" and self.eos_id is None:
+                self.eos_id = tokenizer.sep_token_id
+            self.reserve = max(len(encode_sentence(tokenizer, a)) for a in self.answers) + (self.eos_id is not None)
+
+    def segments_of(self, index: int, current: int) -> int:
+        """Segments of training sample `index` at a stage of `current` segments."""
+        if not self.config.curriculum.vary_segments:
+            return current
+        low = min(self.config.curriculum.min_segments, current)
+        return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
+
+    def item(self, index: int, segments: int, seed: int, no_noise: bool = False) -> dict[str, torch.Tensor]:
+        from .tasks import make_sample, sample_item
+
+        t = self.config.task
+        if self.lm:  # a window of exactly `segments` segments of one book; labels = the input (shifted by the driver)
+            from .tasks import lm_window
+
+            ids = torch.from_numpy(
+                lm_window(self.tokenizer, segments * self.content_size, seed, index, t.split, t.noise_dir)
+            )
+            return {"input_ids": ids, "labels": ids.clone()}
+        if self.config.algorithmic:  # the source fills `segments` segments; the target follows
+            from .tasks import make_algorithmic_sample
+
+            name = self.config.task_names[index % len(self.config.task_names)]
+            options = {"vocab_size": t.vocab_size}
+            if name == "associative":
+                options |= {"key_size": t.key_size, "value_size": t.value_size}
+            problem = make_algorithmic_sample(
+                name, segments * self.content_size, seed, index, segment_size=self.content_size, **options
+            )
+            return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
+        length = segments * self.content_size - self.reserve
+        if no_noise:
+            length = 0
+        try:
+            names = self.config.task_names
+            sample = make_sample(names[index % len(names)], length, self.tokenizer, seed, index, t.split, t.noise_dir)
+        except ValueError as error:
+            raise ValueError(
+                f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
+            ) from None
+        if self.head == "classification":
+            return sample_item(sample, "class", answers=self.answers)
+        item = sample_item(sample, "text", self.eos_id)
+        if self.head == "masked-lm":  # the answer's positions are masked out of the input
+            answer = item["labels"] != IGNORE_INDEX
+            item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
+        return item
+
+    def without_noise(self, index: int) -> bool:
+        """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""
+        fraction = self.config.curriculum.no_noise_fraction
+        if not fraction or self.lm or self.config.algorithmic:
+            return False
+        return random.Random(f"{self.config.task.seed}:no-noise:{index}").random() < fraction
+
+    def batch(self, indices: list[int], current: int, seed: int, vary: bool = True) -> dict[str, torch.Tensor]:
+        from .tasks import collate
+
+        if not vary:  # validation: every sample at `current` segments, in noise
+            items = [self.item(i, current, seed) for i in indices]
+        else:
+            items = [self.item(i, self.segments_of(i, current), seed, self.without_noise(i)) for i in indices]
+        return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
+
+
+def answer_correct(
+    logits: torch.Tensor,  # [batch, classes] or [batch, width, vocab]: each row's last segment
+    labels: torch.Tensor,  # [batch] class ids or [batch, length] token labels
+    attention_mask: torch.Tensor,  # [batch, length]
+    causal: bool,
+    content_size: int,
+    alignment: str,
+    whole_input: bool = False,
+) -> torch.Tensor:  # [batch] bool
+    """Whether each row's answer is right: the class, or every answer token (teacher-forced argmax).
+
+    `whole_input`: the logits cover every input position ([batch, length, vocab]), for answers that span several
+    segments (the algorithmic tasks' targets); otherwise they are each row's last segment.
+    """
+    if labels.dim() == 1:
+        return logits.argmax(-1) == labels
+    if causal:
+        labels = shift_labels(labels, attention_mask)
+    if whole_input:
+        scored = labels != IGNORE_INDEX
+        return ((logits.argmax(-1) == labels) | ~scored).all(1)
+    lengths = attention_mask.sum(1)
+    correct = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    for row in range(labels.shape[0]):
+        n = int(lengths[row])
+        count = -(-n // content_size)
+        kept = min(n, content_size) if alignment == "right" else n - (count - 1) * content_size
+        target = labels[row, attention_mask[row].bool()][n - kept :]  # the row's last segment
+        predicted = logits[row, :kept].argmax(-1)
+        scored = target != IGNORE_INDEX
+        correct[row] = bool((predicted[scored] == target[scored]).all())
+    return correct
