@@ -11,7 +11,7 @@ from .output import console
 
 
 def train(
-    config: Path = typer.Argument(..., help="Training config (TOML); see memformers.training for its keys."),
+    config: Path = typer.Argument(..., help="Training config (TOML); its keys: see memformers.training_config."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set curriculum.max_steps_per_stage=20."),
     output_dir: Path | None = typer.Option(None, "--output-dir", help="Output folder (overrides output.dir)."),
     max_steps_per_stage: int | None = typer.Option(None, help="Step budget per stage (overrides the config)."),
