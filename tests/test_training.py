@@ -532,6 +532,20 @@ def test_varied_lengths_stay_between_min_segments_and_the_stage(tmp_path):
         tiny(tmp_path, **{"curriculum.min_segments": 0})
 
 
+def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
+    """`vary_per = "batch"`: every sample of a global batch (all its micro-batches and processes) has the same
+    count, so no row runs the longest row's segments; the counts still cover min_segments .. the stage."""
+    changes = {"curriculum.vary_segments": True, "curriculum.vary_per": "batch", "optim.batch_size": 4}
+    batches = training.TaskBatches(tiny(tmp_path, **changes), None, 43)
+    per_batch = [{batches.segments_of(step * 4 + row, 5) for row in range(4)} for step in range(60)]
+    assert all(len(counts) == 1 for counts in per_batch)
+    assert set.union(*per_batch) == {1, 2, 3, 4, 5}
+    per_sample = training.TaskBatches(tiny(tmp_path, **{"curriculum.vary_segments": True}), None, 43)
+    assert any(len({per_sample.segments_of(step * 4 + row, 5) for row in range(4)}) > 1 for step in range(60))
+    with pytest.raises(ValueError, match="curriculum.vary_per"):
+        tiny(tmp_path, **{"curriculum.vary_per": "step"})
+
+
 @pytest.mark.parametrize("mechanism", ["rmt", "knn"])
 def test_a_frozen_backbone_stays_as_loaded_while_the_memory_trains(tmp_path, mechanism):
     base = train(decoder(tmp_path, "rmt", "base", **{"model.num_memory_tokens": 0}), progress=False)

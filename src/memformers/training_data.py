@@ -39,9 +39,14 @@ class TaskBatches:
 
     def segments_of(self, index: int, current: int) -> int:
         """Segments of training sample `index` at a stage of `current` segments."""
-        if not self.config.curriculum.vary_segments:
+        c = self.config.curriculum
+        if not c.vary_segments:
             return current
-        low = min(self.config.curriculum.min_segments, current)
+        low = min(c.min_segments, current)
+        if c.vary_per == "batch":  # sample `index` belongs to global batch index // batch_size, whatever the processes
+            return random.Random(
+                f"{self.config.task.seed}:batch-segments:{index // self.config.optim.batch_size}"
+            ).randint(low, current)
         return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
 
     def item(self, index: int, segments: int, seed: int, no_noise: bool = False) -> dict[str, torch.Tensor]:
