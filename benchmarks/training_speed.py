@@ -6,11 +6,15 @@ the BABILong tasks config at one segment.
     python benchmarks/training_speed.py --rounds 2 --steps 10
     python benchmarks/training_speed.py --variant "bf16, 1 thread, prefetch" \
         --variant "bf16, 1 thread, prefetch, compiled" --name training_speed_compile
+    python benchmarks/training_speed.py --config configs/cpu_babilong_qa1_armt.toml --segments 4 \
+        --variant "lengths drawn per sample" --variant "lengths drawn per batch" --name training_speed_vary_per
 
 Each round runs every variant back to back from the same initial weights and samples (the ratio of medians
 within one run is what to read; the machine is noisy). "Today's fp32" is the trainer before these options:
 fp32, torch's default threads (all cores), batches built inline. The loss after the steps says whether a
-variant learns the same: bf16 changes rounding, not the samples.
+variant learns the same: bf16 changes rounding, not the samples. With `--segments N` the run trains at a stage of
+N segments with lengths drawn from 1 to N, and a step's time varies with the length drawn: the mean step is then
+what compares (the median otherwise).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Variant:
     fused: bool = False  # torch's fused AdamW instead of its per-weight loop
     dropout: float | None = None  # model.dropout; None: the backbone's own (MiniLM: 0.1)
     attention: str | None = None  # model.attention; None: the backbone's own (sdpa)
+    vary_per: str | None = None  # curriculum.vary_per with --segments; None: the config's
 
 
 VARIANTS = {
@@ -62,12 +67,18 @@ VARIANTS = {
         "bf16", 2, prefetch=True, fused=True, dropout=0.0, attention="eager"
     ),
     "fp32, 1 thread, fused AdamW, no dropout, eager attention": Variant(fused=True, dropout=0.0, attention="eager"),
+    "lengths drawn per sample": Variant(
+        "bf16", prefetch=True, fused=True, dropout=0.0, attention="eager", vary_per="sample"
+    ),
+    "lengths drawn per batch": Variant(
+        "bf16", prefetch=True, fused=True, dropout=0.0, attention="eager", vary_per="batch"
+    ),
 }
 
 
-def run_variant(config_path: str, steps: int, variant: Variant) -> dict:
-    """`steps` optimizer steps of a fresh run; the median step time after the first (a compiled backbone compiles
-    there), and the last losses."""
+def run_variant(config_path: str, steps: int, variant: Variant, segments: int | None = None) -> dict:
+    """`steps` optimizer steps of a fresh run (at a stage of `segments`, lengths varied, if given); the median and
+    mean step time after the first (a compiled backbone compiles there), and the last losses."""
     torch.set_num_threads(variant.threads)
     precision.cpu_has_native_bf16 = lambda: True  # measure bf16 even where the trainer would fall back to fp32
     with tempfile.TemporaryDirectory() as out:
@@ -83,6 +94,10 @@ def run_variant(config_path: str, steps: int, variant: Variant) -> dict:
             overrides.append(f"model.dropout={variant.dropout}")
         if variant.attention is not None:
             overrides.append(f'model.attention="{variant.attention}"')
+        if segments is not None:
+            overrides += [f"curriculum.segments=[{segments}]", "curriculum.vary_segments=true"]
+        if variant.vary_per is not None:
+            overrides.append(f'curriculum.vary_per="{variant.vary_per}"')
         trainer = Trainer(load_config(config_path, overrides), progress=False, resume=False)
         if variant.compiled:
             trainer.unwrapped.backbone.compile(dynamic=True)
@@ -93,12 +108,17 @@ def run_variant(config_path: str, steps: int, variant: Variant) -> dict:
             times.append(time.perf_counter() - start)
             losses.append(record["loss"])
         trainer.close()
-    return {"step_s": statistics.median(times[1:]), "loss_last5": statistics.mean(losses[-5:])}
+    return {
+        "step_s": statistics.median(times[1:]),
+        "mean_step_s": statistics.mean(times[1:]),
+        "loss_last5": statistics.mean(losses[-5:]),
+    }
 
 
-def run_in_process(config_path: str, steps: int, variant: str) -> dict:
+def run_in_process(config_path: str, steps: int, variant: str, segments: int | None) -> dict:
     """One variant in a fresh Python process: Accelerate's precision and torch's thread count are per process."""
     command = [sys.executable, __file__, "--config", config_path, "--steps", str(steps), "--one", variant]
+    command += [] if segments is None else ["--segments", str(segments)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -108,6 +128,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/cpu_babilong_tasks.toml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--segments", type=int, help="Train at a stage of this many segments, lengths varied.")
     parser.add_argument("--name", default="training_speed_cpu")
     parser.add_argument(
         "--variant", action="append", choices=list(VARIANTS), help="Measure only these (repeat the flag); default all."
@@ -116,19 +137,20 @@ def main() -> None:
     args = parser.parse_args()
     variants = args.variant or list(VARIANTS)
     if args.one:
-        print(json.dumps(run_variant(args.config, args.steps, VARIANTS[args.one])))
+        print(json.dumps(run_variant(args.config, args.steps, VARIANTS[args.one], args.segments)))
         return
+    key = "step_s" if args.segments is None else "mean_step_s"  # lengths varied: the mean step compares
     load_before = os.getloadavg()  # other processes skew every variant; the ratios within a round are what to read
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name in variants:
-            result = run_in_process(args.config, args.steps, name)
+            result = run_in_process(args.config, args.steps, name, args.segments)
             rows[name].append(result)
-            print(f"round {round_ + 1}: {name:<28} {result['step_s']:.2f} s a step, loss {result['loss_last5']:.4f}")
-    base = statistics.median(r["step_s"] for r in rows[variants[0]])  # speed-ups against the first measured
+            print(f"round {round_ + 1}: {name:<28} {result[key]:.2f} s a step, loss {result['loss_last5']:.4f}")
+    base = statistics.median(r[key] for r in rows[variants[0]])  # speed-ups against the first measured
     table = []
     for name, results in rows.items():
-        step = statistics.median(r["step_s"] for r in results)
+        step = statistics.median(r[key] for r in results)
         table.append(
             {
                 "variant": name,
@@ -151,6 +173,8 @@ def main() -> None:
         {
             "config": args.config,
             "steps": args.steps,
+            "segments": args.segments,
+            "step_statistic": "median" if key == "step_s" else "mean",
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "variants": table,
