@@ -532,6 +532,23 @@ def test_varied_lengths_stay_between_min_segments_and_the_stage(tmp_path):
         tiny(tmp_path, **{"curriculum.min_segments": 0})
 
 
+def test_training_stories_are_never_evaluation_stories(tmp_path):
+    """At length 0 no noise book tells a training story from a test one: the trainer draws from a stream of its
+    own, so the evaluation's samples (seed 0, indices 0..n) are stories it never trained on."""
+    from memformers.tasks import make_sample
+
+    config = tiny(tmp_path, **{"task.name": "qa1", "curriculum.no_noise_fraction": 1.0, "curriculum.segments": [1]})
+    trainer = Trainer(config, progress=False)
+    batch = trainer.batches.batch(list(range(8)), 1, seed=0)  # training samples 0..7, each its story alone
+    trained = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    stream = [make_sample("qa1", 0, trainer.tokenizer, 0, i, "train", training=True).ids.tolist() for i in range(8)]
+    tested = [make_sample("qa1", 0, trainer.tokenizer, 0, i, "test").ids.tolist() for i in range(8)]
+    assert trained == stream  # the training stream, reproducible from (seed, task, length, index)
+    assert (
+        sum(a == b for a, b in zip(trained, tested, strict=True)) <= 1
+    )  # evaluation's stories: another stream (≤ a coincidence)
+
+
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
     """`vary_per = "batch"`: every sample of a global batch (all its micro-batches and processes) has the same
     count, so no row runs the longest row's segments; the counts still cover min_segments .. the stage."""

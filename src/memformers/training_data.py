@@ -49,7 +49,9 @@ class TaskBatches:
             ).randint(low, current)
         return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
 
-    def item(self, index: int, segments: int, seed: int, no_noise: bool = False) -> dict[str, torch.Tensor]:
+    def item(
+        self, index: int, segments: int, seed: int, no_noise: bool = False, training: bool = False
+    ) -> dict[str, torch.Tensor]:
         from .tasks import make_sample, sample_item
 
         t = self.config.task
@@ -76,7 +78,8 @@ class TaskBatches:
             length = 0
         try:
             names = self.config.task_names
-            sample = make_sample(names[index % len(names)], length, self.tokenizer, seed, index, t.split, t.noise_dir)
+            name = names[index % len(names)]
+            sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, training=training)
         except ValueError as error:
             raise ValueError(
                 f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
@@ -102,7 +105,11 @@ class TaskBatches:
         if not vary:  # validation: every sample at `current` segments, in noise
             items = [self.item(i, current, seed) for i in indices]
         else:
-            items = [self.item(i, self.segments_of(i, current), seed, self.without_noise(i)) for i in indices]
+            lengths = [self.segments_of(i, current) for i in indices]  # training: the trainer's own sample stream
+            items = [
+                self.item(i, n, seed, self.without_noise(i), training=True)
+                for i, n in zip(indices, lengths, strict=True)
+            ]
         return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
 
 

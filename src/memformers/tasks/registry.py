@@ -76,9 +76,10 @@ def answer_vocabulary(tasks: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(vocabulary)
 
 
-def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
-    """The random generator of one sample: fixed by (seed, task, length, index), independent of other samples."""
-    return random.Random(f"memformers:{seed}:{task}:{length}:{index}")
+def sample_rng(seed: int, task: str, length: int, index: int, training: bool = False) -> random.Random:
+    """The random generator of one sample: fixed by (seed, task, length, index), independent of other samples.
+    Training samples come from a stream of their own, so that no evaluation sample, whatever its seed, is ever one."""
+    return random.Random(f"memformers{'-training' if training else ''}:{seed}:{task}:{length}:{index}")
 
 
 TokenizerLike = str | Path | PreTrainedTokenizerBase  # an object, or a name/path for load_tokenizer
@@ -116,10 +117,14 @@ def make_sample(
     index: int = 0,
     split: str = "train",
     noise_dir: Path | str | None = None,
+    *,
+    training: bool = False,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
-    `tokenizer` is a tokenizer object or a name for `memformers.backbones.load_tokenizer`.
+    `tokenizer` is a tokenizer object or a name for `memformers.backbones.load_tokenizer`. `training` draws from the
+    trainer's own stream: the evaluation samples (any seed) are then stories it never trained on, even at length 0,
+    where no noise book tells them apart.
     """
     spec = task_spec(task)
     if spec.kind != "babi":
@@ -129,7 +134,7 @@ def make_sample(
         )
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = sample_rng(seed, task, length, index)
+    rng = sample_rng(seed, task, length, index, training)
     story = generate_story(task, rng)
     return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, spec.placement)
 
