@@ -159,6 +159,8 @@ def test_demo_asks_only_the_tasks_its_checkpoint_was_trained_on(classifier) -> N
     assert_one_line_error(run("demo", "--checkpoint", classifier, "--task", "reason"), "--task", "memorize, detect")
     shipped = trained_tasks(read_config(SHIPPED_CHECKPOINT))  # what the shipped demo may ask
     assert shipped == ["memorize", "detect", "reason"]
+    weighted = {"extra": {"task": "qa1,qa2,qa5,qa5"}}  # a task listed twice trained twice as often; asked once
+    assert trained_tasks(weighted) == ["qa1", "qa2", "qa5"]
 
 
 def test_demo_says_what_it_shows_and_prints_the_chance_level(classifier) -> None:

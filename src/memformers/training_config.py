@@ -50,7 +50,8 @@ Config (TOML; every key optional unless marked):
   memory_size, chunk_size, top_k_chunks        default 65536, 4, 16
 [task]
   name                    memorize | detect | reason | qa1 .. qa5 (default "memorize") | copy | reverse | associative
-                          (the source fills the curriculum's segment count; the target follows it)
+                          (the source fills the curriculum's segment count; the target follows it); several
+                          comma-separated take turns, and one listed twice is drawn twice as often
   tokenizer               tokenizer name or folder; default: the backbone's, or "minilm" for a scratch model
   split                   noise books to train on: "train" (default), "test", "all"
   seed                    training samples' seed (default 0)

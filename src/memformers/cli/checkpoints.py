@@ -27,8 +27,10 @@ def checkpoint_tokenizer(checkpoint: Path, config: dict) -> str:
 
 
 def trained_tasks(config: dict) -> list[str]:
-    """The tasks a checkpoint was trained on, as the trainer recorded them ([] when not recorded)."""
-    return [name.strip() for name in str(config.get("extra", {}).get("task") or "").split(",") if name.strip()]
+    """The tasks a checkpoint was trained on, as the trainer recorded them, each once ([] when not recorded): a
+    config may list a task twice to train on it more often."""
+    names = [name.strip() for name in str(config.get("extra", {}).get("task") or "").split(",") if name.strip()]
+    return list(dict.fromkeys(names))
 
 
 def warn_untrained_tasks(checkpoint: Path, config: dict, tasks: list[str]) -> None:
