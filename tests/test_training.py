@@ -549,6 +549,24 @@ def test_training_stories_are_never_evaluation_stories(tmp_path):
     )  # evaluation's stories: another stream (≤ a coincidence)
 
 
+def test_facts_placed_first_must_be_carried_to_the_question(tmp_path):
+    """`task.placement = "start"`: every fact before the noise, so at two segments none shares the question's."""
+    from memformers.tasks import make_sample
+
+    changes = {"task.name": "qa1", "task.placement": "start", "curriculum.segments": [2], "model.segment_size": 128}
+    config = tiny(tmp_path, **changes)
+    trainer = Trainer(config, progress=False)
+    content = trainer.unwrapped.content_size
+    batch = trainer.batches.batch([0, 1, 2], 2, seed=0, vary=False)
+    for index, row in enumerate(batch["input_ids"]):
+        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", placement="start")
+        assert row.tolist() == sample.ids.tolist()
+        facts_end = sample.fact_positions[-1] + len(sample.facts[-1].split())  # the last fact's words, at least
+        assert sample.fact_positions[0] == 0 and facts_end < content <= sample.question_position
+    with pytest.raises(ValueError, match="task.placement"):
+        tiny(tmp_path, **{"task.placement": "end"})
+
+
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
     """`vary_per = "batch"`: every sample of a global batch (all its micro-batches and processes) has the same
     count, so no row runs the longest row's segments; the counts still cover min_segments .. the stage."""

@@ -79,7 +79,8 @@ class TaskBatches:
         try:
             names = self.config.task_names
             name = names[index % len(names)]
-            sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, training=training)
+            options = {"training": training, "placement": t.placement}
+            sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
         except ValueError as error:
             raise ValueError(
                 f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"

@@ -119,12 +119,13 @@ def make_sample(
     noise_dir: Path | str | None = None,
     *,
     training: bool = False,
+    placement: str | None = None,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
     `tokenizer` is a tokenizer object or a name for `memformers.backbones.load_tokenizer`. `training` draws from the
     trainer's own stream: the evaluation samples (any seed) are then stories it never trained on, even at length 0,
-    where no noise book tells them apart.
+    where no noise book tells them apart. `placement` ("start" or "random") overrides where the task puts its facts.
     """
     spec = task_spec(task)
     if spec.kind != "babi":
@@ -136,7 +137,8 @@ def make_sample(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = sample_rng(seed, task, length, index, training)
     story = generate_story(task, rng)
-    return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, spec.placement)
+    placement = placement or spec.placement
+    return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, placement)
 
 
 def make_algorithmic_sample(
