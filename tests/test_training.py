@@ -550,21 +550,25 @@ def test_training_stories_are_never_evaluation_stories(tmp_path):
 
 
 def test_facts_placed_first_must_be_carried_to_the_question(tmp_path):
-    """`task.placement = "start"`: every fact before the noise, so at two segments none shares the question's."""
+    """`task.facts_first`: that fraction of samples has every fact before the noise, so at two segments none shares
+    the question's segment; the others keep the task's scattered facts."""
     from memformers.tasks import make_sample
 
-    changes = {"task.name": "qa1", "task.placement": "start", "curriculum.segments": [2], "model.segment_size": 128}
-    config = tiny(tmp_path, **changes)
-    trainer = Trainer(config, progress=False)
-    content = trainer.unwrapped.content_size
-    batch = trainer.batches.batch([0, 1, 2], 2, seed=0, vary=False)
-    for index, row in enumerate(batch["input_ids"]):
-        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", placement="start")
+    changes = {"task.name": "qa1", "task.facts_first": 0.5, "curriculum.segments": [2], "model.segment_size": 128}
+    trainer = Trainer(tiny(tmp_path, **changes), progress=False)
+    content, indices = trainer.unwrapped.content_size, list(range(12))
+    batch = trainer.batches.batch(indices, 2, seed=0, vary=False)
+    first = [trainer.batches.facts_first(i) for i in indices]
+    assert 0 < sum(first) < len(first)  # a mix, drawn per sample
+    for index, row in zip(indices, batch["input_ids"], strict=True):
+        placement = "start" if first[index] else None
+        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", placement=placement)
         assert row.tolist() == sample.ids.tolist()
-        facts_end = sample.fact_positions[-1] + len(sample.facts[-1].split())  # the last fact's words, at least
-        assert sample.fact_positions[0] == 0 and facts_end < content <= sample.question_position
-    with pytest.raises(ValueError, match="task.placement"):
-        tiny(tmp_path, **{"task.placement": "end"})
+        if first[index]:  # facts from token 0 on, contiguous, all in the first segment; the question in the second
+            facts_end = sample.fact_positions[-1] + len(trainer.tokenizer(sample.facts[-1])["input_ids"]) - 2
+            assert sample.fact_positions[0] == 0 and facts_end <= content <= sample.question_position
+    with pytest.raises(ValueError, match="task.facts_first"):
+        tiny(tmp_path, **{"task.facts_first": 1.5})
 
 
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):

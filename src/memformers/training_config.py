@@ -57,9 +57,11 @@ Config (TOML; every key optional unless marked):
   seed                    training samples' seed (default 0)
   eval_seed               validation samples' seed (default seed + 1000003: never a training sample)
   noise_dir               folder of .txt books instead of the shipped Austen novels (optional)
-  placement               bAbI tasks: "start" puts every fact before the noise, so each one must be carried to
-                          the question across segments (a first stage for a memory that reads nothing yet);
-                          "random" scatters them (qa1-qa5's own); default: the task's own
+  facts_first             bAbI tasks: this fraction of samples (drawn per sample) puts every fact before the
+                          noise, so each one must be carried to the question across segments: a signal for a
+                          memory that reads nothing yet. The others keep the task's placement (qa1-qa5:
+                          scattered). 1.0 alone teaches a model to ignore the facts beside the question.
+                          Default 0
   vocab_size, key_size, value_size   algorithmic tasks (copy, reverse, associative): symbols, and the associative
                           task's key and value lengths (default 16, 2, 1); their own tokenizer, head "causal-lm"
 [curriculum]
@@ -192,7 +194,7 @@ class TaskConfig:
     vocab_size: int = 16  # algorithmic tasks: data symbols
     key_size: int = 2  # associative: symbols per key
     value_size: int = 1  # associative: symbols per value
-    placement: str | None = None  # bAbI tasks: where the facts sit in the noise; None: the task's own
+    facts_first: float = 0.0  # bAbI tasks: fraction of samples with every fact before the noise
 
 
 @dataclass
@@ -450,8 +452,8 @@ def validate(config: TrainConfig) -> None:
         for key in ("key_size", "value_size"):
             if getattr(t, key) < 1:
                 _fail(f"task.{key}", getattr(t, key), "an int ≥ 1")
-    if t.placement is not None and t.placement not in ("start", "random"):
-        _fail("task.placement", t.placement, "one of ('start', 'random'), or left out for the task's own")
+    if not 0 <= t.facts_first <= 1:
+        _fail("task.facts_first", t.facts_first, "a number in [0, 1]")
     if t.split not in ("train", "test", "all"):
         _fail("task.split", t.split, "one of ('train', 'test', 'all')")
     parse_segments(c.segments)

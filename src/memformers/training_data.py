@@ -79,7 +79,7 @@ class TaskBatches:
         try:
             names = self.config.task_names
             name = names[index % len(names)]
-            options = {"training": training, "placement": t.placement}
+            options = {"training": training, "placement": "start" if self.facts_first(index) else None}
             sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
         except ValueError as error:
             raise ValueError(
@@ -92,6 +92,11 @@ class TaskBatches:
             answer = item["labels"] != IGNORE_INDEX
             item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
         return item
+
+    def facts_first(self, index: int) -> bool:
+        """Whether sample `index` puts every fact before the noise (`task.facts_first`)."""
+        fraction = self.config.task.facts_first
+        return bool(fraction) and random.Random(f"{self.config.task.seed}:facts-first:{index}").random() < fraction
 
     def without_noise(self, index: int) -> bool:
         """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""
