@@ -532,6 +532,17 @@ def test_varied_lengths_stay_between_min_segments_and_the_stage(tmp_path):
         tiny(tmp_path, **{"curriculum.min_segments": 0})
 
 
+def test_a_task_listed_twice_is_scored_once_over_all_its_samples(tmp_path):
+    """task.name "qa1,qa2,qa2" draws qa2 twice as often; its validation accuracy counts every qa2 sample."""
+    changes = {"task.name": "qa1,qa2,qa2", "curriculum.eval_samples": 6, "model.segment_size": 200}
+    config = tiny(tmp_path, **changes)
+    trainer = Trainer(config, progress=False)
+    trainer.eval_batch = 6  # one batch: validation samples 0..5 are qa1, qa2, qa2, qa1, qa2, qa2
+    trainer._correct = lambda logits, batch: torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    record = trainer.evaluate(1)
+    assert record["accuracy_by_task"] == {"qa1": 1.0, "qa2": 0.5}
+
+
 def test_training_stories_are_never_evaluation_stories(tmp_path):
     """At length 0 no noise book tells a training story from a test one: the trainer draws from a stream of its
     own, so the evaluation's samples (seed 0, indices 0..n) are stories it never trained on."""

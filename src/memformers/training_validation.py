@@ -26,9 +26,10 @@ class ValidationMixin:
         mine = list(range(acc.process_index, c.eval_samples, acc.num_processes))
         if self.batches.lm:
             return self._evaluate_lm(mine, segments, seed, was_training)
-        names = self.config.task_names
+        names = self.config.task_names  # a task listed twice is drawn twice as often: one entry for it
+        slots = {name: slot for slot, name in enumerate(dict.fromkeys(names))}
         totals = torch.zeros(3, device=acc.device)  # loss sum, correct, samples
-        by_task = torch.zeros(2, len(names), device=acc.device)  # correct, samples of each task
+        by_task = torch.zeros(2, len(slots), device=acc.device)  # correct, samples of each task
         for i in range(0, len(mine), self.eval_batch):
             indices = mine[i : i + self.eval_batch]
             batch = self.batches.batch(indices, segments, seed, vary=False)
@@ -38,7 +39,7 @@ class ValidationMixin:
             rows = batch["input_ids"].shape[0]
             correct = self._correct(out.logits, batch)
             totals += torch.tensor([float(out.loss) * rows, float(correct.sum()), rows], device=acc.device)
-            tasks = torch.tensor([index % len(names) for index in indices], device=acc.device)  # as items cycle
+            tasks = torch.tensor([slots[names[index % len(names)]] for index in indices], device=acc.device)
             by_task[0].index_add_(0, tasks, correct.float())
             by_task[1].index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float))
         model.train(was_training)
@@ -52,9 +53,9 @@ class ValidationMixin:
             "accuracy": correct / samples,
             "samples": int(samples),
         }
-        if len(names) > 1:  # which task lags, where several are learned together
+        if len(slots) > 1:  # which task lags, where several are learned together
             right, count = acc.reduce(by_task, reduction="sum").tolist()
-            record["accuracy_by_task"] = {name: r / n for name, r, n in zip(names, right, count, strict=True) if n}
+            record["accuracy_by_task"] = {name: r / n for name, r, n in zip(slots, right, count, strict=True) if n}
         return record
 
     def _evaluate_lm(self, mine: list[int], segments: int, seed: int, was_training: bool) -> dict:
