@@ -44,10 +44,12 @@ class TaskBatches:
             return current
         low = min(c.min_segments, current)
         if c.vary_per == "batch":  # sample `index` belongs to global batch index // batch_size, whatever the processes
-            return random.Random(
-                f"{self.config.task.seed}:batch-segments:{index // self.config.optim.batch_size}"
-            ).randint(low, current)
-        return random.Random(f"{self.config.task.seed}:segments:{index}").randint(low, current)
+            return self._draw("batch-segments", index // self.config.optim.batch_size).randint(low, current)
+        return self._draw("segments", index).randint(low, current)
+
+    def _draw(self, what: str, key: int) -> random.Random:
+        """The generator of one per-sample (or per-batch) choice: fixed by the task seed, the choice and `key`."""
+        return random.Random(f"{self.config.task.seed}:{what}:{key}")
 
     def item(
         self, index: int, segments: int, seed: int, no_noise: bool = False, training: bool = False
@@ -96,14 +98,14 @@ class TaskBatches:
     def facts_first(self, index: int) -> bool:
         """Whether sample `index` puts every fact before the noise (`task.facts_first`)."""
         fraction = self.config.task.facts_first
-        return bool(fraction) and random.Random(f"{self.config.task.seed}:facts-first:{index}").random() < fraction
+        return bool(fraction) and self._draw("facts-first", index).random() < fraction
 
     def without_noise(self, index: int) -> bool:
         """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""
         fraction = self.config.curriculum.no_noise_fraction
         if not fraction or self.lm or self.config.algorithmic:
             return False
-        return random.Random(f"{self.config.task.seed}:no-noise:{index}").random() < fraction
+        return self._draw("no-noise", index).random() < fraction
 
     def batch(self, indices: list[int], current: int, seed: int, vary: bool = True) -> dict[str, torch.Tensor]:
         from .tasks import collate
@@ -111,11 +113,8 @@ class TaskBatches:
         if not vary:  # validation: every sample at `current` segments, in noise
             items = [self.item(i, current, seed) for i in indices]
         else:
-            lengths = [self.segments_of(i, current) for i in indices]  # training: the trainer's own sample stream
-            items = [
-                self.item(i, n, seed, self.without_noise(i), training=True)
-                for i, n in zip(indices, lengths, strict=True)
-            ]
+            draw = self.segments_of  # training: lengths and noise drawn per sample, from the trainer's own stream
+            items = [self.item(i, draw(i, current), seed, self.without_noise(i), training=True) for i in indices]
         return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
 
 
