@@ -137,6 +137,24 @@ def test_grid_resumes_from_saved_cells(tokenizer, tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_facts_first_puts_the_facts_out_of_the_window(tokenizer, tmp_path):
+    """The same stories with every fact first: a reader of the last 500 of 600 tokens, which mostly holds the fact
+    where it is scattered, holds none; a memory still answers. The grid measures such cells apart."""
+    oracle = LastFactOracle(tokenizer)
+    options = {"batch_size": 8, "window": 500}
+    scattered = evaluate_cell(oracle, "detect", 600, 24, tokenizer, **options)
+    first = evaluate_cell(oracle, "detect", 600, 24, tokenizer, facts_first=True, **options)
+    remembers = evaluate_cell(oracle, "detect", 600, 24, tokenizer, batch_size=8, facts_first=True)
+    assert scattered.accuracy > 0.6 and first.accuracy < 0.3 and remembers.accuracy == 1.0
+    assert first.facts_first and not scattered.facts_first
+
+    path, measured = tmp_path / "grid.json", []
+    evaluate_grid(oracle, ["detect"], [600], 4, tokenizer, path, batch_size=4)
+    evaluate_grid(oracle, ["detect"], [600], 4, tokenizer, path, on_cell=measured.append, facts_first=True)
+    assert [c.facts_first for c in measured] == [True]
+    assert [r["facts_first"] for r in json.loads(path.read_text())["results"]] == [True]
+
+
 def test_format_length():
     assert [format_length(n) for n in (512, 4096, 65536, 2043904, 1 << 20)] == ["512", "4K", "64K", "1.9M", "1M"]
 
@@ -209,6 +227,14 @@ def test_cli_data_and_eval(tokenizer, tmp_path):
     assert len(saved["results"]) == 4 and saved["command"].startswith("memformers eval")
     assert {"task", "length", "samples", "accuracy"} <= set(saved["results"][0])
     assert grid.with_suffix(".png").exists() and grid.with_suffix(".md").exists()
+
+    first = runner.invoke(app, ["eval", str(tmp_path / "tiny"), "--task", "detect", "--lengths", "256",
+                                "--samples", "2", "--facts-first", "--json", str(tmp_path / "first.json")])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    saved = json.loads((tmp_path / "first.json").read_text())
+    assert saved["results"][0]["facts_first"] and "--facts-first" in saved["command"]
+    both = runner.invoke(app, ["eval", str(tmp_path / "tiny"), "--data", str(out), "--facts-first"])
+    assert both.exit_code == 2 and "--facts-first" in both.output
 
 
 def test_cli_demo_answers_questions_with_a_saved_model(tokenizer, tmp_path):

@@ -43,6 +43,7 @@ class Cell:
     command: str = ""  # the command that measured this cell (grids are filled by several)
     scorer: str = ""  # how generated answers were judged (BABILONG_SCORER); "" for a classifier's classes
     precision: str = "fp32"  # what the reading computed in ("bf16": autocast; memformers.precision)
+    facts_first: bool = False  # every fact before the noise: no window holds one, only a memory can answer
 
 
 NUM_EXAMPLES = 3  # generated answers kept per cell
@@ -190,6 +191,7 @@ def evaluate_cell(
     window: int | None = None,
     max_new_tokens: int = 8,
     precision: str = "fp32",
+    facts_first: bool = False,
 ) -> Cell:
     """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
 
@@ -199,6 +201,8 @@ def evaluate_cell(
     `progress(done_segments, total_segments)` is called after every segment. `window` reads only the last
     `window` tokens of each sample: the baseline of a backbone without memory, truncated to its window.
     `precision` "bf16" reads under autocast (`memformers.precision`): on a CPU with bf16 instructions ~2.6× faster.
+    `facts_first` puts every fact of the story before the noise (the same stories, placed otherwise), so that past
+    one window only what the memory carried can answer: its share, with no help from the segment in front of it.
     """
     from .tasks import make_sample, task_spec
 
@@ -206,12 +210,16 @@ def evaluate_cell(
         raise ValueError(f"task must be a question-answering task for an accuracy grid, got {task!r}")
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
-    made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir) for index in range(samples)]  # lazy
+    placement = "start" if facts_first else None
+    made = [
+        make_sample(task, length, tokenizer, seed, index, split, noise_dir, placement=placement)  # lazy
+        for index in range(samples)
+    ]
     labels = list(babilong_labels(task))
     cell = score_samples(
         model, made, labels, tokenizer, batch_size, device, progress, window, max_new_tokens, precision
     )
-    cell.task, cell.length, cell.seed, cell.split = task, length, seed, split
+    cell.task, cell.length, cell.seed, cell.split, cell.facts_first = task, length, seed, split, facts_first
     return cell
 
 
@@ -337,8 +345,8 @@ def evaluate_grid(
     `samples`: per cell, or one count per length (long inputs cost more: fewer samples, wider intervals).
     Cells of other tasks and lengths already in `json_path` are kept, so several commands can fill one grid;
     each cell records the command of `meta` that measured it. A decoder's cell judged by another rule than
-    today's (`BABILONG_SCORER`), or a cell read in another precision, is measured again, so one grid never mixes
-    them.
+    today's (`BABILONG_SCORER`), or a cell read in another precision or placement of facts, is measured again, so
+    one grid never mixes them.
     """
     counts = [samples] * len(lengths) if isinstance(samples, int) else list(samples)
     if len(counts) != len(lengths) or any(n < 1 for n in counts):
@@ -346,8 +354,10 @@ def evaluate_grid(
     cells = load_cells(json_path) if json_path else []
     seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
     scorer = BABILONG_SCORER if generates(model) else ""
-    how = (seed, split, scorer, cell_options.get("precision", "fp32"))
-    done = {(c.task, c.length, c.samples) for c in cells if (c.seed, c.split, c.scorer, c.precision) == how}
+    how = (seed, split, scorer, cell_options.get("precision", "fp32"), cell_options.get("facts_first", False))
+    done = {
+        (c.task, c.length, c.samples) for c in cells if (c.seed, c.split, c.scorer, c.precision, c.facts_first) == how
+    }
     for task in tasks:
         for length, count in zip(lengths, counts, strict=True):
             if (task, length, count) in done:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import typer
 
-from ..errors import InputWarning
+from ..errors import InputError, InputWarning
 from .checkpoints import (
     check_vocabulary,
     checkpoint_tokenizer,
@@ -77,6 +77,12 @@ def evaluate(
         min=1,
         help="Read only the last N tokens of each sample (the backbone-alone baseline, truncated to its window).",
     ),
+    facts_first: bool = typer.Option(
+        False,
+        "--facts-first",
+        help="Put every fact of each story before the noise (the same stories): past one window only the memory "
+        "can answer, so this measures what it carries. Recorded in each cell.",
+    ),
     max_new_tokens: int = typer.Option(8, help="Decoders: most tokens generated per answer (greedy, stops at EOS)."),
     precision: str = typer.Option(
         "fp32",
@@ -115,6 +121,8 @@ def evaluate(
     tasks = [t.strip() for t in (task or "memorize").split(",") if t.strip()]
     counts = parse_ints(samples, "--samples", minimum=1)
     tokenizer = checkpoint_tokenizer(checkpoint, config)
+    if data is not None and facts_first:
+        raise InputError("--facts-first places the facts of generated samples; a --data file's stay where it put them")
     records = read_babilong_file(data) if data is not None else None
     if records is None:
         for name in tasks:
@@ -135,6 +143,7 @@ def evaluate(
             + (["--noise-dir", str(noise_dir)] if noise_dir and data is None else [])
             + (["--split", split, "--seed", str(seed)] if data is None else [])
             + (["--window", str(window)] if window else [])
+            + (["--facts-first"] if facts_first else [])
             + (["--max-new-tokens", str(max_new_tokens)] if generates(model) else [])
             + (["--precision", precision] if precision != "fp32" else [])
             + (["--json", str(json_out)] if json_out else [])
@@ -178,6 +187,7 @@ def evaluate(
                 seed=seed,
                 split=split,
                 noise_dir=noise_dir,
+                facts_first=facts_first,
                 **options,
             )
     console.print(markdown_table(cells))
