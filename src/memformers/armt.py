@@ -34,7 +34,8 @@ import transformers
 from torch import nn
 
 from . import backbones
-from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from .mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
 EPSILON = 1e-5  # in every denominator; a read from an empty memory is still exactly 0 (its numerator is 0)

@@ -30,8 +30,8 @@ import transformers
 
 from . import backbones, registry
 from . import flops as flops_model
+from .mechanism import MemoryModel
 from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss, stream_throughput
-from .recurrence import MemoryModel
 from .segments import stream_segments
 
 MECHANISMS = (*registry.MECHANISMS, "full")  # every registered mechanism, and the backbone with full attention

@@ -26,7 +26,8 @@ import transformers
 from transformers import DynamicCache
 
 from . import backbones
-from .recurrence import MechanismConfig, MemoryModel, StepOutput
+from .mechanism import MechanismConfig, MemoryModel
+from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
 

@@ -16,7 +16,8 @@ import transformers
 from torch import nn
 
 from .. import backbones
-from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from ..mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from ..recurrence import StepOutput
 from ..segments import Segment, as_segment
 from .attention import COMBINES, Combine, KNNAttention
 from .store import BACKENDS, Backend, KNNStore

@@ -34,7 +34,8 @@ from torch import nn
 
 from .. import backbones
 from ..knn.store import BACKENDS, Backend, KNNStore
-from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from ..mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from ..recurrence import StepOutput
 from ..segments import Segment, as_segment
 from .attention import JointAttention
 from .bank import MemoryBank
