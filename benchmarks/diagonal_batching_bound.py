@@ -21,7 +21,7 @@ import time
 import torch
 from common import write_result
 
-from memformers import backbones
+from memformers import backbone_layers, backbones
 
 
 def block_call(model, block, hidden: torch.Tensor):
@@ -55,8 +55,8 @@ def main() -> None:
     for name in args.backbones.split(","):
         model, _ = backbones.load(name)
         model.eval()
-        block = backbones.layer_stack(model)[0]
-        layers = len(backbones.layer_stack(model))
+        block = backbone_layers.layer_stack(model)[0]
+        layers = len(backbone_layers.layer_stack(model))
         hidden_size = model.config.hidden_size
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)

@@ -26,8 +26,9 @@ from memformers.evaluation import (
     sample_segments,
     wilson_interval,
 )
+from memformers.mechanism import MemoryModel
 from memformers.plots import accuracy_heatmap
-from memformers.recurrence import MemoryModel, StepOutput
+from memformers.recurrence import StepOutput
 from memformers.segments import stack_segments, stream_segments
 from memformers.tasks import make_sample, task_spec
 

@@ -24,7 +24,7 @@ from conftest import VOCAB, tiny_backbone, tiny_longmem
 from transformers import DynamicCache
 
 import memformers as mf
-from memformers import backbones
+from memformers import backbone_layers, backbones
 
 FAMILIES = ("llama", "gpt2")
 SEGMENT = 16
@@ -123,4 +123,4 @@ def test_replaced_attention_layers_append_to_the_generation_cache(family: str) -
     cache = DynamicCache()
     with torch.no_grad(), model.memory(model.init_state(2)):
         backbones.run_backbone(backbone, backbone.get_input_embeddings()(ids), mask, cache=cache)
-    assert [cache.get_seq_length(layer) for layer in range(len(backbones.decoder_layers(backbone)))] == [7, 7]
+    assert [cache.get_seq_length(layer) for layer in range(len(backbone_layers.decoder_layers(backbone)))] == [7, 7]

@@ -9,7 +9,7 @@ import transformers
 from conftest import VOCAB, tiny_backbone, tiny_config
 
 import memformers as mf
-from memformers import backbones
+from memformers import backbone_layers
 from memformers.longmem import MemoryBank
 from memformers.profiling import PeakMemory
 
@@ -79,9 +79,9 @@ def test_residual_is_the_backbone_blocks_difference(family: str) -> None:
     h = capture.hidden  # H[0..4]
     assert len(h) == 5 and torch.equal(seen[0][0], h[0])
     torch.testing.assert_close(seen[1][0], seen[0][1] + h[2] - h[0])  # input of layer 2 = layer 1 out + residual
-    torch.testing.assert_close(hidden, backbones.final_norm(model.backbone)(seen[1][1] + h[4] - h[2]))
+    torch.testing.assert_close(hidden, backbone_layers.final_norm(model.backbone)(seen[1][1] + h[4] - h[2]))
     # The SideNet starts as copies of blocks 1 and 3.
-    blocks = mf.backbones.decoder_layers(model.backbone)
+    blocks = backbone_layers.decoder_layers(model.backbone)
     for layer, block in zip(model.sidenet, (blocks[1], blocks[3]), strict=True):
         mine, theirs = layer.state_dict(), block.state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in mine)

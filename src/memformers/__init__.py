@@ -5,7 +5,8 @@ from .armt import ARMTConfig, AssociativeMemoryTransformer, AssociativeState
 from .cache import CacheConfig, SegmentCacheTransformer
 from .knn import KNNConfig, MemorizingTransformer
 from .longmem import LongMem, LongMemConfig
-from .recurrence import MechanismConfig, MemoryModel, RecurrentOutput, StepOutput
+from .mechanism import MechanismConfig, MemoryModel
+from .recurrence import RecurrentOutput, StepOutput
 from .registry import MECHANISMS
 from .rmt import MemoryState, RecurrentMemoryTransformer, RMTConfig
 from .saving import load, save_pretrained

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from . import backbones
-from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from . import backbone_layers, backbones
+from .mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
 EPSILON = 1e-5  # in every denominator; a read from an empty memory is still exactly 0 (its numerator is 0)
@@ -182,7 +183,7 @@ class AssociativeMemoryTransformer(MemoryModel):
         self.token_level = self.info.head == "token"
         self.causal = self.info.is_decoder
         hidden = self.info.hidden_size
-        layers = backbones.layer_stack(self.backbone)
+        layers = backbone_layers.layer_stack(self.backbone)
         self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu) for _ in layers)
         if self.info.is_decoder:
             self.prefix, self.suffix = 0, 0  # content memory
@@ -269,7 +270,7 @@ class AssociativeMemoryTransformer(MemoryModel):
         tokens' outputs write the new one into `written[l]`. Removed on exit, whatever happens."""
         handles = []
         try:
-            blocks = backbones.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
+            blocks = backbone_layers.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
             # one unbind, not a select per layer: each select's backward would fill a zero tensor of all layers
             matrices, normalizers = state.matrix.unbind(0), state.normalizer.unbind(0)
             for index, (block, memory) in enumerate(zip(blocks, self.layers, strict=True)):
@@ -315,7 +316,7 @@ def _reader(memory: AssociativeMemory, matrix: torch.Tensor, normalizer: torch.T
     """A forward pre-hook adding the read y to the hidden states entering a block."""
 
     def hook(module, args, kwargs):
-        hidden, rest, rest_kwargs = backbones.split_block_call(args, kwargs)
+        hidden, rest, rest_kwargs = backbone_layers.split_block_call(args, kwargs)
         hidden = hidden + memory.read(hidden, matrix, normalizer).to(hidden.dtype)
         if args:
             return (hidden, *rest), rest_kwargs
@@ -335,7 +336,7 @@ def _writer(
     """A forward hook writing the memory tokens' outputs of a block into `written[index]`."""
 
     def hook(module, args, output):
-        hidden = backbones.block_output_hidden(output)  # [batch, L, hidden]
+        hidden = backbone_layers.block_output_hidden(output)  # [batch, L, hidden]
         tokens = hidden.gather(1, write.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [batch, m, hidden]
         written[index] = memory.write(tokens, matrix, normalizer)
 

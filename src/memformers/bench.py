@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import backbones, registry
+from . import backbone_layers, backbones, registry
 from . import flops as flops_model
+from .mechanism import MemoryModel
 from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss, stream_throughput
-from .recurrence import MemoryModel
 from .segments import stream_segments
 
 MECHANISMS = (*registry.MECHANISMS, "full")  # every registered mechanism, and the backbone with full attention
@@ -265,7 +265,7 @@ def _full_attention_forward(backbone, ids: torch.Tensor, segment_size: int) -> N
     """One causal SDPA forward over the whole input (no mask tensor: `is_causal`), then the LM head in
     segment-sized slices whose logits are dropped, as a streaming mechanism drops each segment's."""
     base = backbone.base_model
-    hidden = base(input_ids=ids, **backbones.cache_arguments(base, None)).last_hidden_state  # [1, length, hidden]
+    hidden = base(input_ids=ids, **backbone_layers.cache_arguments(base, None)).last_hidden_state  # [1, length, hidden]
     head = backbone.get_output_embeddings()
     for start in range(0, hidden.shape[1], segment_size):
         head(hidden[:, start : start + segment_size])
@@ -283,7 +283,7 @@ def measure_training(name: str, model: MemoryModel | None, backbone, segments: i
 
     def step() -> None:
         if model is None:
-            loss = backbone(input_ids=ids, labels=ids, **backbones.cache_arguments(backbone, None)).loss
+            loss = backbone(input_ids=ids, labels=ids, **backbone_layers.cache_arguments(backbone, None)).loss
         else:
             loss = model(ids, labels=ids, logits="none").loss
         loss.backward()

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache
 
-from . import backbones
-from .recurrence import MechanismConfig, MemoryModel, StepOutput
+from . import backbone_layers, backbones
+from .mechanism import MechanismConfig, MemoryModel
+from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
 
@@ -111,7 +112,7 @@ class SegmentCacheTransformer(MemoryModel):
         self.content_size = config.segment_size
         self.token_level = self.info.head == "token"
         self.causal = True
-        self._takes_positions = backbones.takes_position_ids(backbone)
+        self._takes_positions = backbone_layers.takes_position_ids(backbone)
 
     def init_state(self, batch_size: int) -> CacheState:
         """No cache before the first segment."""
@@ -160,7 +161,7 @@ class SegmentCacheTransformer(MemoryModel):
         with torch.no_grad():  # the next cache: this segment alone at positions [0, n), detached by construction
             base = self.backbone.base_model
             cache = DynamicCache(config=base.config)
-            alone: dict = {"attention_mask": ones, **backbones.cache_arguments(base, cache)}
+            alone: dict = {"attention_mask": ones, **backbone_layers.cache_arguments(base, cache)}
             if self._takes_positions:
                 alone["position_ids"] = arange
             base(input_ids=ids, **alone)
@@ -190,7 +191,7 @@ class SegmentCacheTransformer(MemoryModel):
             mask[row, cached + width - len(prompt) :] = 1
         if state.keys:
             past = DynamicCache(ddp_cache_data=list(zip(state.keys, state.values, strict=True)))
-            generate_kwargs.update(backbones.cache_arguments(self.backbone, past))
+            generate_kwargs.update(backbone_layers.cache_arguments(self.backbone, past))
         generate_kwargs.setdefault("pad_token_id", pad)
         out = self.backbone.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs

@@ -1,6 +1,6 @@
 """The base of attention layers that also read a memory (kNN memory, LongMem's fusion layer).
 
-Such a layer computes, from one decoder layer's own weights (through its `backbones.AttentionAdapter`):
+Such a layer computes, from one decoder layer's own weights (through its `backbone_layers.AttentionAdapter`):
 - local attention over the segment with the layer's own attention function (rotary, mask and generation cache as
   the backbone has them), so that where memory gets no weight the layer's output is bit-identical;
 - memory attention from the pre-rotary queries (memories carry no positions): the mechanism's own search;
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbones import AttentionAdapter, AttentionCall
+from .backbone_layers import AttentionAdapter, AttentionCall
 
 
 @dataclass

@@ -12,7 +12,7 @@ from .armt import ARMTConfig, AssociativeMemoryTransformer
 from .cache import CacheConfig, SegmentCacheTransformer
 from .knn import KNNConfig, MemorizingTransformer
 from .longmem import LongMem, LongMemConfig
-from .recurrence import MechanismConfig, MemoryModel
+from .mechanism import MechanismConfig, MemoryModel
 from .rmt import RecurrentMemoryTransformer, RMTConfig
 
 

@@ -18,7 +18,8 @@ import torch
 import transformers
 
 from . import backbones
-from .recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from .mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
 

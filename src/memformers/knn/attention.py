@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import AttentionAdapter
+from ..backbone_layers import AttentionAdapter
 from ..memory_attention import LocalAttention, MemoryAttention
 from .store import Backend, KNNStore
 

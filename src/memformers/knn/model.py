@@ -15,8 +15,9 @@ import torch
 import transformers
 from torch import nn
 
-from .. import backbones
-from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from .. import backbone_layers, backbones
+from ..mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from ..recurrence import StepOutput
 from ..segments import Segment, as_segment
 from .attention import COMBINES, Combine, KNNAttention
 from .store import BACKENDS, Backend, KNNStore
@@ -98,7 +99,7 @@ class MemorizingTransformer(MemoryModel):
             raise ValueError(
                 f"backbone: kNN memory needs a decoder (Llama family or GPT-2), got {self.info.class_name}"
             )
-        num_layers = len(backbones.decoder_layers(self.backbone))
+        num_layers = len(backbone_layers.decoder_layers(self.backbone))
         memory_layers = config.memory_layers
         resolved = [layer % num_layers if -num_layers <= layer < num_layers else None for layer in memory_layers]
         if None in resolved or len(set(resolved)) != len(resolved):
@@ -110,7 +111,7 @@ class MemorizingTransformer(MemoryModel):
         self.causal = True
         self.layers = nn.ModuleList(
             KNNAttention(
-                backbones.attention_adapter(self.backbone, layer),
+                backbone_layers.attention_adapter(self.backbone, layer),
                 config.top_k,
                 config.combine,
                 config.normalize_keys,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import backbones
+from .. import backbone_layers
 from ..knn.store import Backend
 from ..memory_attention import LocalAttention, MemoryAttention
 from .bank import MemoryBank
@@ -21,7 +21,7 @@ class JointAttention(MemoryAttention):
 
     def __init__(
         self,
-        adapter: backbones.AttentionAdapter,
+        adapter: backbone_layers.AttentionAdapter,
         top_k_chunks: int,
         search: Backend = "torch",
         query_block: int | None = None,

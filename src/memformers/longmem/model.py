@@ -32,9 +32,10 @@ import torch
 import transformers
 from torch import nn
 
-from .. import backbones
+from .. import backbone_layers, backbones
 from ..knn.store import BACKENDS, Backend, KNNStore
-from ..recurrence import MechanismConfig, MemoryModel, StepOutput, check_choice, check_int
+from ..mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from ..recurrence import StepOutput
 from ..segments import Segment, as_segment
 from .attention import JointAttention
 from .bank import MemoryBank
@@ -118,7 +119,7 @@ class LongMem(MemoryModel):
         super().__init__(backbone, config)
         if not self.info.is_decoder or self.info.head != "token":
             raise ValueError(f"backbone: LongMem needs a causal LM (Llama family or GPT-2), got {self.info.class_name}")
-        blocks = backbones.decoder_layers(self.backbone)  # also rejects families without an attention adapter
+        blocks = backbone_layers.decoder_layers(self.backbone)  # also rejects families without an attention adapter
         num_blocks = len(blocks)
         sidenet_layers = max(1, num_blocks // 2) if config.sidenet_layers is None else config.sidenet_layers
         check_int("sidenet_layers", sidenet_layers, 1, num_blocks)
@@ -154,19 +155,19 @@ class LongMem(MemoryModel):
         self.sidenet.requires_grad_(True)
         fused_block = self.stride * self.fusion_layer + self.stride - 1
         fused = self.sidenet[self.fusion_layer]
-        adapter = backbones.attention_adapter(self.backbone, fused_block, block=fused)
+        adapter = backbone_layers.attention_adapter(self.backbone, fused_block, block=fused)
         self.fusion = JointAttention(adapter, config.top_k_chunks, config.search, config.query_block)
-        self.memory_adapter = backbones.attention_adapter(self.backbone, self.memory_layer)
+        self.memory_adapter = backbone_layers.attention_adapter(self.backbone, self.memory_layer)
 
     # --- reading the frozen backbone --------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _recording(self, capture: _Capture) -> Iterator[None]:
         """Hooks on the backbone that record into `capture`, for the duration of the block only."""
-        blocks = backbones.decoder_layers(self.backbone)
+        blocks = backbone_layers.decoder_layers(self.backbone)
 
         def before_first(module, args, kwargs):
-            hidden, capture.block_args, capture.block_kwargs = backbones.split_block_call(args, kwargs)
+            hidden, capture.block_args, capture.block_kwargs = backbone_layers.split_block_call(args, kwargs)
             capture.hidden.append(hidden)
 
         def after_block(module, args, output):
@@ -204,7 +205,7 @@ class LongMem(MemoryModel):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                **backbones.cache_arguments(base, cache),
+                **backbone_layers.cache_arguments(base, cache),
             )
         return capture
 
@@ -243,7 +244,7 @@ class LongMem(MemoryModel):
         finally:
             self.fusion.bank = None
         # The backbone's own final norm and LM head, frozen: gradients pass through them, never into them.
-        hidden = backbones.frozen_call(backbones.final_norm(self.backbone), x)
+        hidden = backbones.frozen_call(backbone_layers.final_norm(self.backbone), x)
         head_input = hidden if logit_positions is None else hidden[:, logit_positions]
         return backbones.frozen_call(self.backbone.get_output_embeddings(), head_input), hidden, capture
 
