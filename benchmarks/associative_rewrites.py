@@ -6,6 +6,12 @@ segment cache (Transformer-XL-style baseline) are trained the same way on the sa
 batches, optimiser) around the same 4-layer, 128-wide scratch Llama, on 1 to 50 updates, then measured on fresh
 samples with 10, 50, 100, 200 and 500 updates (up to 10× the training length). Chance is 1/16.
 
+Curriculum: stages of a fixed number of steps, each drawing 1 to its ceiling of updates a batch (default ceilings
+3, 6, 12, 25, 50). From scratch a memory first has to learn to carry one value at all: started at 1–5 updates and
+lr 1e-3, ARMT's loss stayed at ln 16 and then went to NaN (its read divides by zᵀφ(q) + ε, which a feature the
+keys barely wrote keeps small); at lr 3e-4 on 1–3 updates it reaches 81% in 400 steps of batch 32. The stages are
+steps, not thresholds, so that every mechanism sees the same samples.
+
 Layout: every segment's content is 4 tokens, `[PAIR k1 k2 v]` for an update and `[QUERY k1 k2 answer]` last; the
 loss and the accuracy are on the answer only. ARMT: 8 memory tokens (segment_size 12), d_mem 32. RMT: 8 memory
 vectors (segment_size 20: read 8 + content 4 + write 8). Segment cache: the previous segment's keys and values.
@@ -13,11 +19,11 @@ vectors (segment_size 20: read 8 + content 4 + write 8). Segment cache: the prev
     for m in armt rmt cache; do python benchmarks/associative_rewrites.py --mechanisms $m & done
     # → results/associative_rewrites.json and .png
 
-Training resumes from runs/associative_rewrites/<mechanism>/ (a checkpoint every 50 steps); each mechanism can run
-as its own process (`--mechanisms armt`), and its entry is merged into the JSON when it finishes. `--evaluate-only`
-measures the last checkpoint of a run stopped early, and `--stop-after N` stops after N of the steps the learning
-rate schedule plans; the JSON records the steps taken ("steps") beside the planned ones ("planned_steps"). The
-committed result: `--stop-after 200` (of 400) for all three, which a shared 2-core machine allowed in about an hour.
+Training resumes from runs/associative_rewrites/<mechanism>/ (a checkpoint every 50 steps, refused if it was made
+with other settings); each mechanism can run as its own process (`--mechanisms armt`), and its entry is merged into
+the JSON when it finishes. `--evaluate-only` measures the last checkpoint of a run stopped early, and `--stop-after N`
+stops after N of the steps the learning rate schedule plans; the JSON records the steps taken ("steps") beside the
+planned ones ("planned_steps").
 """
 
 from __future__ import annotations
@@ -121,10 +127,19 @@ def accuracy(model: mf.MemoryModel, updates: int, samples: int, batch: int, seed
     return right, samples
 
 
-def max_updates_at(step: int, steps: int, ceiling: int) -> int:
-    """Curriculum: the longest problem grows from 5 updates to `ceiling` over the first 60% of the steps."""
-    ramp = min(1.0, step / max(1, 0.6 * steps))
-    return max(5, round(5 + ramp * (ceiling - 5)))
+def max_updates_at(step: int, stages: list[int], steps_per_stage: int) -> int:
+    """Curriculum: the ceiling of updates of the stage that `step` (0-based) is in."""
+    return stages[min(step // steps_per_stage, len(stages) - 1)]
+
+
+def parse_stages(text: str) -> list[int]:
+    try:
+        stages = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--stages must be comma-separated integers, got {text!r}") from None
+    if not stages or stages != sorted(stages) or stages[0] < 1:
+        raise SystemExit(f"--stages must be increasing ceilings ≥ 1, e.g. 3,6,12,25,50; got {text!r}")
+    return stages
 
 
 def save_atomically(payload: dict, path: Path) -> None:
@@ -140,16 +155,21 @@ def train(name: str, args: argparse.Namespace) -> tuple[mf.MemoryModel, int, lis
     folder.mkdir(parents=True, exist_ok=True)
     model = build(name, args.seed, args.memory_tokens, args.d_mem)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = 100
+    warmup, planned = 100, planned_steps(args)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / planned))),
     )
     rng = random.Random(args.seed)
     step, curve, seconds = 0, [], 0.0
     checkpoint = folder / "checkpoint.pt"
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=False)
+        if saved.get("settings") != run_settings(args):
+            raise SystemExit(
+                f"{checkpoint} was trained with other settings ({saved.get('settings')}); move it away to start "
+                f"afresh with {run_settings(args)}"
+            )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -158,10 +178,11 @@ def train(name: str, args: argparse.Namespace) -> tuple[mf.MemoryModel, int, lis
         step, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
         print(f"{name}: resumed at step {step}", flush=True)
     model.train()
-    stop = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
+    stop = planned if args.stop_after is None else min(args.stop_after, planned)
     while step < stop and not args.evaluate_only:
         started = time.perf_counter()
-        updates = rng.randint(1, max_updates_at(step, args.steps, args.train_updates))
+        ceiling = max_updates_at(step, args.stages, args.steps_per_stage)
+        updates = rng.randint(1, ceiling)
         ids, labels = make_batch(updates, args.batch, rng)
         loss = model(ids, labels=labels, logits="none").loss
         optimizer.zero_grad(set_to_none=True)
@@ -171,16 +192,28 @@ def train(name: str, args: argparse.Namespace) -> tuple[mf.MemoryModel, int, lis
         schedule.step()
         step += 1
         seconds += time.perf_counter() - started
-        if step % args.eval_every == 0 or step == args.steps:
-            right, total = accuracy(model, args.train_updates, args.val_samples, args.batch, VALIDATION_SEED)
-            curve.append({"step": step, "loss": round(loss.item(), 4), "val_accuracy": right / total})
-            print(f"{name} step {step}: loss {loss.item():.3f}, validation accuracy at {args.train_updates} updates "
+        if step % args.eval_every == 0 or step == planned:
+            right, total = accuracy(model, ceiling, args.val_samples, args.batch, VALIDATION_SEED)
+            curve.append(
+                {"step": step, "loss": round(loss.item(), 4), "updates": ceiling, "val_accuracy": right / total}
+            )
+            print(f"{name} step {step}: loss {loss.item():.3f}, validation accuracy at {ceiling} updates "
                   f"{right / total:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
-        if step % 50 == 0 or step == args.steps:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        if step % 50 == 0 or step == planned:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "settings": run_settings(args)}
             state |= {"schedule": schedule.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
             save_atomically(state | {"step": step, "curve": curve, "seconds": seconds}, checkpoint)
     return model, step, curve, seconds
+
+
+def planned_steps(args: argparse.Namespace) -> int:
+    return len(args.stages) * args.steps_per_stage
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What a checkpoint must have been trained with to be resumed."""
+    keys = ("stages", "steps_per_stage", "batch", "lr", "memory_tokens", "d_mem", "seed")
+    return {key: getattr(args, key) for key in keys}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -224,10 +257,10 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=MECHANISMS)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-updates", type=int, default=50)
+    parser.add_argument("--stages", type=parse_stages, default=[3, 6, 12, 25, 50], help="Ceilings of updates.")
+    parser.add_argument("--steps-per-stage", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--memory-tokens", type=int, default=8)
     parser.add_argument("--d-mem", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -257,8 +290,8 @@ def main() -> None:
         results = json.loads(out.read_text())["results"] if out.exists() else {}
         results[name] = {
             "steps": steps,
-            "planned_steps": args.steps,
-            "train_updates": args.train_updates,
+            "planned_steps": planned_steps(args),
+            "train_updates": max_updates_at(max(steps - 1, 0), args.stages, args.steps_per_stage),
             "train_seconds": round(seconds, 1),
             "parameters": sum(p.numel() for p in model.parameters()),
             "accuracy": scores,
