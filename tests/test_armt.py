@@ -84,6 +84,35 @@ def test_batched_write_equals_a_per_token_loop_of_the_equations():
             torch.testing.assert_close(read[row, j], expected, rtol=1e-12, atol=1e-12)
 
 
+def test_writes_under_bf16_autocast_round_nothing_that_is_carried():
+    """200 writes under bf16 autocast equal fp32's: A and z are kept and written in fp32 (a bf16 A loses the delta
+    rule's small corrections, 8 bits of mantissa at every segment); a bf16 model's state is fp32 too."""
+    generator = torch.Generator().manual_seed(0)
+    layer = writing_layer(AssociativeMemory(hidden=16, d_mem=4, nu=3), generator)
+    tokens = [torch.randn(2, 3, 16, generator=generator) for _ in range(200)]  # memory tokens' outputs, per segment
+
+    def carried(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        matrix, normalizer = torch.zeros(2, 24, 16), torch.zeros(2, 24)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for memory in tokens:
+                matrix, normalizer = layer.write(memory, matrix, normalizer)
+        return matrix, normalizer
+
+    exact, under_autocast = carried(False), carried(True)
+    assert under_autocast[0].dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=0, atol=0)
+    model = tiny_armt("llama").to(torch.bfloat16)
+    assert model.init_state(2).matrix.dtype == torch.float32
+    with torch.no_grad():
+        assert model(random_ids(2, 3 * model.content_size)).state.matrix.dtype == torch.float32
+
+
+def writing_layer(layer: AssociativeMemory, generator: torch.Generator) -> AssociativeMemory:
+    with torch.no_grad():
+        layer.value.weight.copy_(torch.randn(layer.value.weight.shape, generator=generator) / 4)
+    return layer
+
+
 def test_dpfp_has_two_nu_d_nonnegative_features():
     x = torch.randn(2, 5, 4)
     features = dpfp(x, nu=3)

@@ -13,6 +13,11 @@ and in the next segment every token x_j entering layer l first reads y_j = A φ(
 which is added to its hidden state. φ is DPFP with ν = 3 (d_key = 2·ν·d_mem). W_V starts at 0, so an untrained
 ARMT reads exactly nothing and equals the backbone on the segment with the memory tokens appended.
 
+The state is kept, and written, in at least float32 whatever the backbone computes in: under bf16 autocast a
+write rounded A to bf16 (8 bits of mantissa) at every segment, so over hundreds of segments the small corrections
+the delta rule makes were lost. A write is m tokens' worth of work, so it costs nothing to do exactly; reads, a
+matrix product per token, follow the backbone's precision and round nothing that is carried.
+
 The backbone is never edited: the read and the write are forward hooks on its blocks that exist only while a step
 (or a generation) runs, and are removed before it returns. A step returns a new state and never changes its input.
 
@@ -75,6 +80,11 @@ def delta_rule_write(
     gamma = (1 - seen / (keys.square().sum(-1) + EPSILON)).clamp(0, 1).detach()  # [batch, m]
     update = keys.transpose(1, 2) @ (betas.unsqueeze(-1) * (values - previous))  # [batch, d_key, hidden]
     return matrix + update, normalizer + (gamma.unsqueeze(-1) * keys).sum(1)
+
+
+def state_dtype(weights: torch.dtype) -> torch.dtype:
+    """What A and z are kept and written in: the weights' precision, at least float32 (float64 stays float64)."""
+    return torch.promote_types(weights, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,14 +161,15 @@ class AssociativeMemory(nn.Module):
     def write(
         self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new (A, z) after the memory tokens' outputs `memory` [batch, m, hidden] write."""
-        memory = memory.to(self.key.weight.dtype)
-        keys = dpfp(self.key(memory), self.nu)  # [batch, m, d_key]
-        betas = torch.sigmoid(self.beta(memory)).squeeze(-1)  # [batch, m]
-        new_matrix, new_normalizer = delta_rule_write(
-            keys, self.value(memory), betas, matrix.to(keys.dtype), normalizer.to(keys.dtype)
-        )
-        return new_matrix.to(matrix.dtype), new_normalizer.to(normalizer.dtype)
+        """The new (A, z) after the memory tokens' outputs `memory` [batch, m, hidden] write, computed in the
+        state's precision (`state_dtype`), outside any autocast: nothing carried is rounded."""
+        dtype = matrix.dtype
+        with torch.autocast(memory.device.type, enabled=False):
+            memory = memory.to(dtype)
+            keys = dpfp(F.linear(memory, self.key.weight.to(dtype)), self.nu)  # [batch, m, d_key]
+            values = F.linear(memory, self.value.weight.to(dtype))  # [batch, m, hidden]
+            betas = torch.sigmoid(F.linear(memory, self.beta.weight.to(dtype), self.beta.bias.to(dtype)))
+            return delta_rule_write(keys, values, betas.squeeze(-1), matrix, normalizer.to(dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -202,9 +213,9 @@ class AssociativeMemoryTransformer(MemoryModel):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
         weight = self.layers[0].key.weight
-        layers, d_key = len(self.layers), self.config.d_key
-        matrix = weight.new_zeros(layers, batch_size, d_key, self.info.hidden_size)
-        return AssociativeState(matrix, weight.new_zeros(layers, batch_size, d_key))
+        layers, d_key, options = len(self.layers), self.config.d_key, {"dtype": state_dtype(weight.dtype)}
+        matrix = weight.new_zeros(layers, batch_size, d_key, self.info.hidden_size, **options)
+        return AssociativeState(matrix, weight.new_zeros(layers, batch_size, d_key, **options))
 
     def step(
         self,
