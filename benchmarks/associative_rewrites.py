@@ -236,7 +236,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("key-value updates (segments) before the query")
     ax.set_ylabel("accuracy of the latest value")
     ax.set_ylim(0, 1.02)
+    taken = {entry["steps"] for entry in results.values()}
     steps = ", ".join(f"{LABELS[name]} {entry['steps']}" for name, entry in results.items())
+    steps = f"{taken.pop()} each" if len(taken) == 1 else steps
     ax.set_title(f"Associative retrieval with rewrites (steps: {steps})", fontsize=9)
     ax.legend()
     fig.tight_layout()
