@@ -572,8 +572,7 @@ def test_facts_placed_first_must_be_carried_to_the_question(tmp_path):
     first = [trainer.batches.facts_first(i) for i in indices]
     assert 0 < sum(first) < len(first)  # a mix, drawn per sample
     for index, row in zip(indices, batch["input_ids"], strict=True):
-        placement = "start" if first[index] else None
-        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", placement=placement)
+        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", facts_first=first[index])
         assert row.tolist() == sample.ids.tolist()
         if first[index]:  # facts from token 0 on, contiguous, all in the first segment; the question in the second
             facts_end = sample.fact_positions[-1] + len(trainer.tokenizer(sample.facts[-1])["input_ids"]) - 2

@@ -210,11 +210,8 @@ def evaluate_cell(
         raise ValueError(f"task must be a question-answering task for an accuracy grid, got {task!r}")
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
-    placement = "start" if facts_first else None
-    made = [
-        make_sample(task, length, tokenizer, seed, index, split, noise_dir, placement=placement)  # lazy
-        for index in range(samples)
-    ]
+    options = {"facts_first": facts_first}
+    made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir, **options) for index in range(samples)]
     labels = list(babilong_labels(task))
     cell = score_samples(
         model, made, labels, tokenizer, batch_size, device, progress, window, max_new_tokens, precision

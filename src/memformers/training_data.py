@@ -81,7 +81,7 @@ class TaskBatches:
         try:
             names = self.config.task_names
             name = names[index % len(names)]
-            options = {"training": training, "placement": "start" if self.facts_first(index) else None}
+            options = {"training": training, "facts_first": self.facts_first(index)}
             sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
         except ValueError as error:
             raise ValueError(

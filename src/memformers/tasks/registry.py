@@ -119,13 +119,14 @@ def make_sample(
     noise_dir: Path | str | None = None,
     *,
     training: bool = False,
-    placement: str | None = None,
+    facts_first: bool = False,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
     `tokenizer` is a tokenizer object or a name for `memformers.backbones.load_tokenizer`. `training` draws from the
     trainer's own stream: the evaluation samples (any seed) are then stories it never trained on, even at length 0,
-    where no noise book tells them apart. `placement` ("start" or "random") overrides where the task puts its facts.
+    where no noise book tells them apart. `facts_first` puts every fact of the same story before the noise
+    (placement "start"), wherever the task puts them otherwise.
     """
     spec = task_spec(task)
     if spec.kind != "babi":
@@ -137,7 +138,7 @@ def make_sample(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = sample_rng(seed, task, length, index, training)
     story = generate_story(task, rng)
-    placement = placement or spec.placement
+    placement = "start" if facts_first else spec.placement
     return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, placement)
 
 
