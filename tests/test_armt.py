@@ -27,11 +27,17 @@ def tiny_armt(family: str, m: int = 3, segment_size: int = 16, head: str = "toke
 def writing(model: mf.AssociativeMemoryTransformer, seed: int = 0) -> mf.AssociativeMemoryTransformer:
     """The model with random W_V (as after training), so that the memory holds something and reads matter."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.layers:
-            weight = layer.value.weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+    for layer in model.layers:
+        writing_layer(layer, generator)
     return model
+
+
+def writing_layer(layer: AssociativeMemory, generator: torch.Generator) -> AssociativeMemory:
+    """One layer's W_V drawn at random from `generator` (`writing`)."""
+    with torch.no_grad():
+        weight = layer.value.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+    return layer
 
 
 def _keeper(captured: list):
@@ -105,12 +111,6 @@ def test_writes_under_bf16_autocast_round_nothing_that_is_carried():
     assert model.init_state(2).matrix.dtype == torch.float32
     with torch.no_grad():
         assert model(random_ids(2, 3 * model.content_size)).state.matrix.dtype == torch.float32
-
-
-def writing_layer(layer: AssociativeMemory, generator: torch.Generator) -> AssociativeMemory:
-    with torch.no_grad():
-        layer.value.weight.copy_(torch.randn(layer.value.weight.shape, generator=generator) / 4)
-    return layer
 
 
 def test_dpfp_has_two_nu_d_nonnegative_features():

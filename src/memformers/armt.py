@@ -169,7 +169,7 @@ class AssociativeMemory(nn.Module):
             keys = dpfp(F.linear(memory, self.key.weight.to(dtype)), self.nu)  # [batch, m, d_key]
             values = F.linear(memory, self.value.weight.to(dtype))  # [batch, m, hidden]
             betas = torch.sigmoid(F.linear(memory, self.beta.weight.to(dtype), self.beta.bias.to(dtype)))
-            return delta_rule_write(keys, values, betas.squeeze(-1), matrix, normalizer.to(dtype))
+            return delta_rule_write(keys, values, betas.squeeze(-1), matrix, normalizer)
 
 
 # --------------------------------------------------------------------------------------------------------------
