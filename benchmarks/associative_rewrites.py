@@ -136,9 +136,9 @@ def parse_stages(text: str) -> list[int]:
     try:
         stages = [int(part) for part in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--stages must be comma-separated integers, got {text!r}") from None
-    if not stages or stages != sorted(stages) or stages[0] < 1:
-        raise SystemExit(f"--stages must be increasing ceilings ≥ 1, e.g. 3,6,12,25,50; got {text!r}")
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+    if stages != sorted(stages) or stages[0] < 1:
+        raise argparse.ArgumentTypeError(f"increasing ceilings ≥ 1, e.g. 3,6,12,25,50; got {text!r}")
     return stages
 
 
