@@ -25,7 +25,7 @@ from common import write_result
 from rich.progress import track
 
 from memformers.training import Trainer
-from memformers.training_config import load_config
+from memformers.training_config_parsing import load_config
 
 
 def forward_backward(trainer: Trainer, batch: dict, skip: bool) -> tuple[float, float, dict[str, torch.Tensor]]:

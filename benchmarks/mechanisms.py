@@ -4,10 +4,11 @@
     python benchmarks/mechanisms.py                              # CPU, small random Llama → results/mechanisms_cpu.json
     python benchmarks/mechanisms.py --device cuda --dtype bf16 --mfu   # GPU → results/mechanisms_gpu.json
 
-The measuring code is `memformers.bench` (also `memformers bench`). A cell predicted (from the shorter lengths) to
-take longer than --time-budget seconds is skipped and says so; its extrapolated time is recorded, labelled as such.
-The run is resumable: measurements already in the JSON with the same settings (lengths, segment counts and budget
-aside) are kept, and it is rewritten after every measurement.
+The measuring code is `memformers.bench` (also `memformers bench`); the crossover, tables and plots are read from
+its records by `memformers.bench_results`. A cell predicted (from the shorter lengths) to take longer than
+--time-budget seconds is skipped and says so; its extrapolated time is recorded, labelled as such. The run is
+resumable: measurements already in the JSON with the same settings (lengths, segment counts and budget aside) are
+kept, and it is rewritten after every measurement.
 Plots: results/mechanisms_<device>_time.png and _memory.png.
 """
 
@@ -19,7 +20,7 @@ import json
 import torch
 from common import RESULTS, write_result
 
-from memformers import bench
+from memformers import bench, bench_results
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -76,8 +77,8 @@ def main() -> None:
             "records": records,
         }
         if complete:
-            result["crossover_rmt_vs_full"] = bench.crossover(records, "rmt")
-            result["crossover_cache_vs_full"] = bench.crossover(records, "cache")
+            result["crossover_rmt_vs_full"] = bench_results.crossover(records, "rmt")
+            result["crossover_cache_vs_full"] = bench_results.crossover(records, "cache")
         return result
 
     collected = list(done)
@@ -95,8 +96,8 @@ def main() -> None:
     config = settings.tiny if settings.backbone == "tiny" else {}
     shape = f"random Llama {config['layers']}×{config['hidden']}" if config else settings.backbone
     title = f"{shape}, segments of {settings.segment_size}, {settings.device} {settings.dtype}"
-    bench.plot(records, RESULTS / f"{name}_time.png", RESULTS / f"{name}_memory.png", title)
-    print(bench.markdown_tables(records, sorted(settings.lengths)))
+    bench_results.plot(records, RESULTS / f"{name}_time.png", RESULTS / f"{name}_memory.png", title)
+    print(bench_results.markdown_tables(records, sorted(settings.lengths)))
     print("crossover (RMT vs full attention):", result["crossover_rmt_vs_full"])
 
 

@@ -34,7 +34,7 @@ from common import machine, write_result
 
 from memformers import precision
 from memformers.training import Trainer
-from memformers.training_config import load_config
+from memformers.training_config_parsing import load_config
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 from test_evaluation import LastFactOracle
 
 import memformers as mf
-from memformers.evaluation import evaluate_cell, evaluate_file, read_babilong_file, text_sample
+from memformers.babilong_files import evaluate_file, read_babilong_file, text_sample
+from memformers.evaluation import evaluate_cell
 from memformers.tasks import export_jsonl, make_sample
 
 

@@ -1,5 +1,5 @@
-"""memformers.bench: a tiny run gives well-formed records for every mechanism, skipped cells say why, the crossover
-is read correctly from measurements, and bad settings fail naming the argument."""
+"""memformers.bench and bench_results: a tiny run gives well-formed records for every mechanism, skipped cells say
+why, the crossover is read correctly from measurements, and bad settings fail naming the argument."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from memformers import bench
+from memformers import bench, bench_results
 from memformers.cli import app
 
 TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 96}
@@ -44,7 +44,7 @@ def test_a_tiny_run_gives_a_record_per_mechanism_length_and_segment_count() -> N
         assert [r["segments"] for r in training] == [1, 2]
         assert all(r["status"] == "ok" and r["step_seconds"] > 0 and r["tokens"] > 0 for r in training)
     json.dumps(records)  # JSON-ready as they are
-    table = bench.markdown_tables(records, [96, 192])
+    table = bench_results.markdown_tables(records, [96, 192])
     assert all(label in table for label in bench.LABELS.values())
 
 
@@ -99,15 +99,15 @@ def _rate(name: str, length: int, tokens_per_s: float) -> dict:
 def test_crossover_measured_and_extrapolated() -> None:
     measured = [_rate("full", 1000, 100.0), _rate("rmt", 1000, 50.0), _rate("full", 4000, 25.0)]
     measured.append(_rate("rmt", 4000, 50.0))
-    result = bench.crossover(measured)
+    result = bench_results.crossover(measured)
     assert result["length"] == 4000 and result["how"] == "measured: between 1,000 and 4,000 tokens"
     assert result["ratio"] == 2.0 and result["interpolated_length"] == 2000  # ratio ½ → 2 in log-log: halfway
     # full attention's time ~ n², RMT's ~ n: seconds n²/1e5 and n/50 meet at n = 2000
     extrapolated = [_rate("full", 100, 1000.0), _rate("full", 200, 500.0)]
     extrapolated += [_rate("rmt", 100, 50.0), _rate("rmt", 200, 50.0)]
-    result = bench.crossover(extrapolated)
+    result = bench_results.crossover(extrapolated)
     assert result["length"] == 2000 and result["how"].startswith("extrapolated")
-    assert bench.crossover([_rate("rmt", 100, 50.0)])["length"] is None
+    assert bench_results.crossover([_rate("rmt", 100, 50.0)])["length"] is None
 
 
 def test_predict_seconds_follows_the_measured_slope() -> None:
@@ -120,7 +120,7 @@ def test_predict_seconds_follows_the_measured_slope() -> None:
 def test_plots_are_written(tmp_path) -> None:
     records = [_rate("full", 100, 1000.0) | {"seconds": 0.1, "peak_bytes": 10}, _rate("rmt", 100, 50.0)]
     records[1] |= {"seconds": 2.0, "peak_bytes": None}  # a length whose memory was not metered
-    bench.plot(records, tmp_path / "time.png", tmp_path / "memory.png")
+    bench_results.plot(records, tmp_path / "time.png", tmp_path / "memory.png")
     assert (tmp_path / "time.png").stat().st_size > 0 and (tmp_path / "memory.png").stat().st_size > 0
 
 

@@ -18,7 +18,7 @@ from test_evaluation import save_tiny_classifier, save_tiny_decoder
 from typer.testing import CliRunner
 
 import memformers as mf
-from memformers import bench
+from memformers import bench_results
 from memformers.cli import (
     SHIPPED_CHECKPOINT,
     app,
@@ -441,9 +441,9 @@ def test_bench_ends_with_a_sentence() -> None:
         {"kind": "inference", "mechanism": m, "length": n, "status": "ok", "tokens_per_s": rate}
         for m, n, rate in points
     ]
-    sentence = crossover_sentence(bench.crossover(rates))
+    sentence = crossover_sentence(bench_results.crossover(rates))
     assert sentence.startswith("RMT would read faster than full attention from about 2,000 tokens (extrapolated")
-    never = crossover_sentence(bench.crossover(rates[:1]))
+    never = crossover_sentence(bench_results.crossover(rates[:1]))
     assert never.startswith("RMT did not read faster") and "{" not in never
 
 

@@ -186,7 +186,8 @@ def test_the_library_never_imports_its_cli() -> None:
     import sys
 
     code = (
-        "import sys, memformers, memformers.bench, memformers.training, memformers.evaluation, memformers.perplexity;"
+        "import sys, memformers, memformers.bench, memformers.bench_results, memformers.training,"
+        " memformers.evaluation, memformers.babilong_files, memformers.perplexity;"
         "assert 'memformers.cli' not in sys.modules, 'memformers.cli imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

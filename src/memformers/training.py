@@ -14,9 +14,10 @@ Output folder: `metrics.jsonl` (one JSON object per logging step, validation and
 loss and accuracy, redrawn at every validation), `checkpoint-<step>/` (see `memformers.training_checkpoints`),
 `best/` (highest stage, then accuracy) and `final/`.
 
-Beside the `Trainer` and `train`, one module a concept: `training_config`, `training_model` (the model a config
-describes), `training_data` (the samples; which answers are right), `training_checkpoints`, `training_validation`.
-What callers use of them is re-exported here.
+Beside the `Trainer` and `train`, one module a concept: `training_config`, `training_config_parsing` (a file and
+overrides into a checked config), `training_model` (the model a config describes), `training_data` (the samples;
+which answers are right), `training_checkpoints`, `training_validation`. What callers use of them is re-exported
+here.
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ from .training_config import (  # noqa: F401 (the config API is re-exported here
     EVAL_SEED_OFFSET,
     ModelConfig,
     TrainConfig,
+    parse_segments,
+)
+from .training_config_parsing import (  # noqa: F401 (re-exported here)
     _fail,
     _flatten,
     _items,
     config_from_dict,
     load_config,
     parse_override,
-    parse_segments,
     validate,
 )
 from .training_data import TaskBatches, answer_correct

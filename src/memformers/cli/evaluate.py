@@ -108,7 +108,8 @@ def evaluate(
         options = (tokens, documents, split, noise_dir, batch_size, device, memory_size, segment_size, json_out)
         return perplexity_command(checkpoint, *options, threads)
 
-    from ..evaluation import evaluate_file, evaluate_grid, generates, markdown_table, read_babilong_file, save_cells
+    from ..babilong_files import evaluate_file, read_babilong_file
+    from ..evaluation import evaluate_grid, generates, markdown_table, save_cells
     from ..plots import accuracy_heatmap
     from ..precision import resolve_precision
     from ..saving import load

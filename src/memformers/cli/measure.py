@@ -133,6 +133,7 @@ def bench(
     import json
 
     from .. import bench as benchmark
+    from ..bench_results import crossover, markdown_tables
 
     use_threads(threads)
     settings = benchmark.BenchSettings(
@@ -146,10 +147,10 @@ def bench(
         time_budget_s=time_budget,
     ).check()
     records = benchmark.run(settings, say=console.print, progress=segment_progress)
-    result = {"settings": settings.to_dict(), "records": records, "crossover": benchmark.crossover(records)}
+    result = {"settings": settings.to_dict(), "records": records, "crossover": crossover(records)}
     if mfu:
         result["mfu"] = benchmark.rmt_mfu(settings)
-    console.print(benchmark.markdown_tables(records, sorted(settings.lengths)))
+    console.print(markdown_tables(records, sorted(settings.lengths)))
     console.print(crossover_sentence(result["crossover"]))
     if mfu:
         found = result["mfu"]
@@ -164,7 +165,7 @@ def bench(
 
 
 def crossover_sentence(found: dict, name: str = "RMT") -> str:
-    """`bench.crossover`'s finding as a sentence."""
+    """`bench_results.crossover`'s finding as a sentence."""
     how = found["how"]
     if found.get("length") is None:
         return f"{name} did not read faster than full attention at any length measured ({how})."
