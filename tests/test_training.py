@@ -328,6 +328,18 @@ def test_training_continues_from_a_saved_model(tmp_path):
         train(tiny(tmp_path, "bad", **{"model.backbone": str(first), "model.num_memory_tokens": 3}), progress=False)
 
 
+def test_a_saved_model_goes_on_in_other_segments_with_the_same_weights(tmp_path):
+    first = train(tiny(tmp_path, "first"), progress=False)  # segments of 48 positions
+    saved = mf.load(first)
+    shorter = Trainer(tiny(tmp_path, "shorter", **{"model.backbone": str(first), "model.segment_size": 40}))
+    model = shorter.unwrapped
+    assert model.config.segment_size == 40 and model.content_size == saved.content_size - 8
+    for key, value in saved.state_dict().items():  # the same weights, memory tokens included
+        assert torch.equal(model.state_dict()[key], value), key
+    longer = tiny(tmp_path, "longer", **{"model.backbone": str(first), "model.segment_size": 64})
+    with pytest.raises(ValueError, match="model.segment_size: segment_size=64.*backbone's 48"):
+        Trainer(longer)  # past the scratch backbone's window of 48 positions
+
 @pytest.mark.parametrize("task", ["copy", "reverse", "associative"])
 def test_algorithmic_tasks_fill_their_segments_and_train(tmp_path, task):
     flat = training._flatten(TINY) | {"output.dir": str(tmp_path / "run"), "curriculum.eval_samples": 6}

@@ -15,7 +15,8 @@ Config (TOML; every key optional unless marked):
   head                    "classification" (default; one class per answer of the tasks: their union),
                           "causal-lm", "masked-lm"
   num_memory_tokens       memory vectors (default 10; rmt and armt)
-  segment_size            backbone positions per segment, memory and special tokens included (default 512)
+  segment_size            backbone positions per segment, memory and special tokens included (default 512); a
+                          saved model goes on with the same weights in segments of another size
   bptt_depth              memory transitions gradients cross (int ≥ 0); leave out for full back-propagation
   gradient_checkpointing  recompute each segment in backward (default false)
   freeze_backbone         train only the mechanism's own weights (RMT memory, kNN gates, LongMem SideNet): the

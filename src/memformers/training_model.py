@@ -82,9 +82,11 @@ def _frozen_as_asked(model, m: ModelConfig):
 def _continue_from(m: ModelConfig, path: Path):
     """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config.
 
-    The knobs that shape weights or segments (the config class's `fixed`) must equal the saved ones; those that
-    only size a state (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config; the others stay
-    as saved. To put a saved backbone into another mechanism, give its `backbone/` folder instead.
+    The knobs that shape weights or layouts (the config class's `fixed`) must equal the saved ones, except
+    `segment_size`: no weight depends on it, so a model trained on short segments can go on with longer ones (the
+    model is rebuilt around the same weights, checked against the backbone's window). Those that only size a state
+    (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config; the others stay as saved. To put a
+    saved backbone into another mechanism, give its `backbone/` folder instead.
     """
     from . import registry
     from .saving import load
@@ -99,12 +101,28 @@ def _continue_from(m: ModelConfig, path: Path):
     wanted, saved = m.mechanism_config().to_dict(), model.config_dict()
     top = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in model.config.fixed:
+        if key == "segment_size":
+            continue
         if wanted[key] is not None and wanted[key] != saved[key]:  # None: the backbone's default, as saved
             name = f"model.{key}" if key in top else f"model.{m.mechanism}.{key}"
             raise ValueError(f"{name} = {wanted[key]!r}, but the model saved in {path} has {saved[key]!r}")
     follow = (*model.config.resizable, "bptt_depth", "gradient_checkpointing")
     model.config = dataclasses.replace(model.config, **{key: getattr(m.mechanism_config(), key) for key in follow})
+    if wanted["segment_size"] not in (None, saved["segment_size"]):
+        model = _resegmented(model, wanted["segment_size"])
     return model
+
+
+def _resegmented(model, segment_size: int):
+    """The same mechanism and weights in segments of `segment_size` positions (its layout, content and window
+    checks redone by the constructor)."""
+    config = dataclasses.replace(model.config, segment_size=segment_size)
+    try:
+        rebuilt = type(model).from_config(model.backbone, config)
+    except ValueError as error:
+        raise ValueError(f"model.segment_size: {error}") from None
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
 
 
 def _scratch_backbone(m: ModelConfig, tokenizer, labels: dict):
