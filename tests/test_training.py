@@ -340,6 +340,7 @@ def test_a_saved_model_goes_on_in_other_segments_with_the_same_weights(tmp_path)
     with pytest.raises(ValueError, match="model.segment_size: segment_size=64.*backbone's 48"):
         Trainer(longer)  # past the scratch backbone's window of 48 positions
 
+
 @pytest.mark.parametrize("task", ["copy", "reverse", "associative"])
 def test_algorithmic_tasks_fill_their_segments_and_train(tmp_path, task):
     flat = training._flatten(TINY) | {"output.dir": str(tmp_path / "run"), "curriculum.eval_samples": 6}
