@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, write_result  # noqa: E402
 
 from memformers.evaluation import format_length, load_cells  # noqa: E402
+from memformers.tasks import task_spec  # noqa: E402
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 
@@ -86,14 +87,26 @@ def main() -> None:
         panels.insert(0, ("mean", "mean over qa1–qa5"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4), sharey=True, squeeze=False)
     axes = axes[0]
+    shortest = min([n for n in lengths if n > 0], default=512)
+
+    def x(n: int) -> int:  # length 0 (the story alone) drawn one octave left of the shortest, on a log axis
+        return n or shortest // 2
+
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, rows in summary.items():
             points = [(n, rows[n][key]) for n in lengths if n in rows and rows[n][key] is not None]
-            if points:
-                x = [max(n, 256) for n, _ in points]  # length 0 drawn at the left edge of a log axis
-                ax.plot(x, [100 * v for _, v in points], marker="o", label=name)
+            if points:  # "NAME, last window" and "NAME, facts first" rows: NAME's colour, dashed
+                base = name.split(",")[0]
+                color = f"C{list(dict.fromkeys(n.split(',')[0] for n in summary)).index(base)}"
+                style = "--" if "window" in name else "-." if "facts first" in name else "-"
+                ax.plot(
+                    [x(n) for n, _ in points], [100 * v for _, v in points], style, marker="o", color=color, label=name
+                )
+        tasks = TASKS if key == "mean" else ("qa1",)
+        chance = 100 * sum(1 / len(task_spec(task).answers) for task in tasks) / len(tasks)
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f}%)")
         ax.set_xscale("log", base=2)
-        ax.set_xticks([max(n, 256) for n in lengths], [format_length(n) for n in lengths], rotation=45)
+        ax.set_xticks([x(n) for n in lengths], [format_length(n) for n in lengths], rotation=45)
         ax.set_xlabel("input length (tokens)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
