@@ -92,12 +92,12 @@ def main() -> None:
     def x(n: int) -> int:  # length 0 (the story alone) drawn one octave left of the shortest, on a log axis
         return n or shortest // 2
 
+    mechanisms = list(dict.fromkeys(name.split(",")[0] for name in summary))  # "NAME, last window" → NAME
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, rows in summary.items():
             points = [(n, rows[n][key]) for n in lengths if n in rows and rows[n][key] is not None]
             if points:  # "NAME, last window" and "NAME, facts first" rows: NAME's colour, dashed
-                base = name.split(",")[0]
-                color = f"C{list(dict.fromkeys(n.split(',')[0] for n in summary)).index(base)}"
+                color = f"C{mechanisms.index(name.split(',')[0])}"
                 style = "--" if "window" in name else "-." if "facts first" in name else "-"
                 ax.plot(
                     [x(n) for n, _ in points], [100 * v for _, v in points], style, marker="o", color=color, label=name

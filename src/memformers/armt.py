@@ -95,7 +95,7 @@ def state_dtype(weights: torch.dtype) -> torch.dtype:
 class ARMTConfig(MechanismConfig):
     """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
 
-    fixed = ("segment_size", "alignment", "num_memory_tokens", "d_mem", "nu")
+    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu")
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
     d_mem: int = 64  # the paper's; keys are φ(W_K m) of 2·nu·d_mem features

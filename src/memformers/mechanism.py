@@ -55,9 +55,10 @@ class MechanismConfig:
     """The knobs every mechanism has, the driver's; a mechanism's config adds its own. Each config checks itself
     when made (a `ValueError` naming the knob), so a model, a saved JSON and the trainer's TOML check them alike."""
 
-    # Knobs a saved model keeps when training continues under a new config (they shape weights or segments), and
-    # knobs that follow the new config (only a state's capacity); the others stay as saved.
-    fixed: ClassVar[tuple[str, ...]] = ("segment_size", "alignment")
+    # Knobs a saved model keeps when training continues under a new config (they shape weights or layouts), and
+    # knobs that follow the new config (only a state's capacity); the others stay as saved. `segment_size` shapes
+    # no weight: it always follows the config, the model rebuilt around the same weights.
+    fixed: ClassVar[tuple[str, ...]] = ("alignment",)
     resizable: ClassVar[tuple[str, ...]] = ()
 
     segment_size: int = 512  # the backbone's input length per segment, memory and special tokens included

@@ -45,7 +45,7 @@ class MemoryState:
 class RMTConfig(MechanismConfig):
     """RMT's knobs (and the driver's)."""
 
-    fixed = ("segment_size", "alignment", "num_memory_tokens")
+    fixed = ("alignment", "num_memory_tokens")
 
     num_memory_tokens: int = 10  # m memory vectors (the papers use 10); 0: the backbone alone on the same segments
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone

@@ -82,11 +82,11 @@ def _frozen_as_asked(model, m: ModelConfig):
 def _continue_from(m: ModelConfig, path: Path):
     """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config.
 
-    The knobs that shape weights or layouts (the config class's `fixed`) must equal the saved ones, except
-    `segment_size`: no weight depends on it, so a model trained on short segments can go on with longer ones (the
-    model is rebuilt around the same weights, checked against the backbone's window). Those that only size a state
-    (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config; the others stay as saved. To put a
-    saved backbone into another mechanism, give its `backbone/` folder instead.
+    The knobs that shape weights or layouts (the config class's `fixed`) must equal the saved ones; those that only
+    size a state (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config, `segment_size` too (no
+    weight depends on it: a model trained on short segments goes on with longer ones, rebuilt around the same
+    weights and checked against the backbone's window); the others stay as saved. To put a saved backbone into
+    another mechanism, give its `backbone/` folder instead.
     """
     from . import registry
     from .saving import load
@@ -101,8 +101,6 @@ def _continue_from(m: ModelConfig, path: Path):
     wanted, saved = m.mechanism_config().to_dict(), model.config_dict()
     top = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in model.config.fixed:
-        if key == "segment_size":
-            continue
         if wanted[key] is not None and wanted[key] != saved[key]:  # None: the backbone's default, as saved
             name = f"model.{key}" if key in top else f"model.{m.mechanism}.{key}"
             raise ValueError(f"{name} = {wanted[key]!r}, but the model saved in {path} has {saved[key]!r}")

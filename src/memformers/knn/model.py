@@ -51,7 +51,7 @@ class KNNMemoryState:
 class KNNConfig(MechanismConfig):
     """kNN memory's knobs (and the driver's); defaults from the paper where it gives them."""
 
-    fixed = ("segment_size", "alignment", "memory_layers", "combine", "normalize_keys")
+    fixed = ("alignment", "memory_layers", "combine", "normalize_keys")
     resizable = ("memory_size",)
 
     memory_layers: tuple[int, ...] = (-4,)  # decoder layers with memory; negative counts from the top

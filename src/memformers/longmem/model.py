@@ -47,7 +47,7 @@ MAX_MEMORY_SIZE = 1 << 22
 class LongMemConfig(MechanismConfig):
     """LongMem's knobs (and the driver's); None: the backbone's default, resolved when the model is built."""
 
-    fixed = ("segment_size", "alignment", "sidenet_layers", "memory_layer", "fusion_layer", "chunk_size")
+    fixed = ("alignment", "sidenet_layers", "memory_layer", "fusion_layer", "chunk_size")
     resizable = ("memory_size",)
 
     sidenet_layers: int | None = None  # S, dividing the backbone's L blocks (default L/2)
