@@ -106,6 +106,30 @@ def test_set_dropout_reaches_every_dropout_of_a_backbone(family):
 
 
 @pytest.mark.parametrize("family", ENCODERS + DECODERS)
+def test_keep_layers_is_the_one_block_model_with_the_same_weights_and_reloads_so(family, tmp_path):
+    """A 2-block backbone cut to its first block computes what a 1-block model of that family computes with the
+    same weights (its state dict loads strictly), and its saved copy reloads with one block."""
+    model = tiny_backbone(family)
+    ids = random_ids(2, 12)
+    mf.backbones.keep_layers(model, 1)
+    config = tiny_config(family)
+    for key in mf.backbones.LAYER_COUNT_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, 1)
+    auto = transformers.AutoModelForMaskedLM if family in ENCODERS else transformers.AutoModelForCausalLM
+    one_block = auto.from_config(config).eval()
+    one_block.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(model(ids).logits, one_block(ids).logits, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = auto.from_pretrained(tmp_path).eval()
+    assert len(list(reloaded.state_dict())) == len(list(model.state_dict()))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    for count in (0, 2, True):
+        with pytest.raises(ValueError, match=r"count must be an int in \[1, 1\]"):
+            mf.backbones.keep_layers(model, count)
+
+
+@pytest.mark.parametrize("family", ENCODERS + DECODERS)
 def test_set_attention_changes_the_kernel_not_the_outputs(family):
     model = tiny_backbone(family)
     ids = random_ids(2, 12)

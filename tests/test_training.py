@@ -139,6 +139,21 @@ def test_dropout_attention_and_fused_adamw(tmp_path):
     kept.close()
 
 
+def test_keep_layers_trains_a_pretrained_backbone_cut_to_its_first_blocks(tmp_path):
+    """`model.keep_layers = 2` on MiniLM (6 blocks): the model trains with 2, and its saved copy reloads with 2."""
+    from memformers.backbone_layers import layer_stack
+
+    changes = {"model.backbone": "minilm", "model.keep_layers": 2, "curriculum.segments": [1]}
+    trainer = Trainer(tiny(tmp_path, "cut", **changes), progress=False, resume=False)
+    assert len(layer_stack(trainer.unwrapped.backbone)) == 2
+    trainer.train_step()
+    trainer.close()
+    saved = train(tiny(tmp_path, "saved", **changes, **{"curriculum.max_steps_per_stage": 1}), progress=False)
+    assert mf.load(saved).backbone.config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match=r"model\.keep_layers: count must be an int in \[1, 6\]"):
+        Trainer(tiny(tmp_path, "deep", **changes | {"model.keep_layers": 7}), progress=False, resume=False)
+
+
 def test_curriculum_advances_on_step_budget(tmp_path):
     config = tiny(tmp_path, **{"curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 0})
     train(config, progress=False)
@@ -273,6 +288,8 @@ def test_two_processes_match_one(tmp_path):
         ("model.dropout", 0.0, r"model.dropout .* \[model.scratch\] dropout"),  # a scratch backbone has its own
         ("optim.fused_adamw", "yes", "optim.fused_adamw"),
         ("model.attention", "flash", "model.attention"),
+        ("model.keep_layers", 0, "model.keep_layers"),
+        ("model.keep_layers", 2, r"model\.keep_layers .* scratch backbone"),
     ],
 )
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):

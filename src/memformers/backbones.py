@@ -27,7 +27,7 @@ import torch
 import transformers
 from torch import nn
 
-from .backbone_layers import cache_arguments
+from .backbone_layers import cache_arguments, layer_stack
 from .files import atomic_folder
 
 Kind = Literal["encoder", "decoder"]
@@ -231,6 +231,27 @@ def set_dropout(model: nn.Module, rate: float) -> None:
     for key, value in (config.to_dict() if config is not None else {}).items():
         if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
             setattr(config, key, rate)
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # how families' configs name their depth
+
+
+def keep_layers(model: transformers.PreTrainedModel, count: int) -> None:
+    """Keep the first `count` transformer blocks of a pretrained backbone (its embeddings, final norm and head stay).
+
+    A truncated pretrained model costs about count/L of a step and still starts from pretrained weights, which learn
+    a task many times faster than a scratch model of the same size. The config follows, so a saved copy reloads
+    with `count` blocks."""
+    stack = layer_stack(model)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(stack):
+        raise ValueError(f"count must be an int in [1, {len(stack)}] (this backbone's blocks), got {count!r}")
+    del stack[count:]
+    config = model.config
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, count)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block attention kinds (sliding, full)
+        config.layer_types = config.layer_types[:count]
 
 
 def encoder_special_ids(backbone, cls_token_id: int | None, sep_token_id: int | None) -> tuple[int, int]:

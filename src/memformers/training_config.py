@@ -30,6 +30,9 @@ Config (TOML; every key optional unless marked):
   attention               the backbone's attention kernel: "eager" or "sdpa"; leave out to keep the backbone's
                           (sdpa where it has one). On a CPU, "eager" with dropout = 0 trained a MiniLM step 1.5×
                           faster than sdpa, whose backward is slow there (0.79 against 1.17 s); on a GPU keep sdpa
+  keep_layers             keep only the first N blocks of a pretrained backbone or a Hugging Face folder (its
+                          embeddings, final norm and head stay): a step costs about N/L, and the blocks start
+                          pretrained. Leave out to keep them all
 [model.scratch]           only for backbone = "scratch"; vocabulary = the task tokenizer's
   family                  "bert" (default; encoder) or "llama" (decoder, for head = "causal-lm")
   layers, hidden, heads, intermediate   default 4, 128, 4, 512
@@ -147,6 +150,7 @@ class ModelConfig:
     alignment: str = "right"
     dropout: float | None = None  # every dropout rate of a pretrained or saved backbone; None: its own
     attention: str | None = None  # the backbone's attention kernel ("eager", "sdpa"); None: its own
+    keep_layers: int | None = None  # a pretrained backbone's first N blocks only; None: all of them
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     # [model.<mechanism>] tables, by registry name: that mechanism's own knobs (its config class's fields)
     knobs: dict[str, dict] = field(default_factory=dict)

@@ -200,6 +200,11 @@ def validate(config: TrainConfig) -> None:
         _fail("model.dropout", m.dropout, "left out for a scratch backbone: set [model.scratch] dropout")
     if m.attention is not None and m.attention not in ("eager", "sdpa"):
         _fail("model.attention", m.attention, "'eager' or 'sdpa' (leave it out to keep the backbone's)")
+    depth = m.keep_layers
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        _fail("model.keep_layers", depth, "an int ≥ 1 (leave it out to keep every block)")
+    if m.keep_layers is not None and (m.backbone == "scratch" or (Path(m.backbone) / "memformers.json").exists()):
+        _fail("model.keep_layers", m.keep_layers, "left out for a scratch backbone or a saved memformers model")
     if m.freeze_backbone and m.mechanism == "rmt" and m.num_memory_tokens == 0:
         _fail("model.freeze_backbone", True, "false when there is no memory to train (model.num_memory_tokens = 0)")
     if o.weight_decay < 0:

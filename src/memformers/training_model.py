@@ -48,6 +48,11 @@ def build_model(config: TrainConfig):
     else:
         kwargs = {"num_labels": len(answers)} | labels if m.head == "classification" else {}
         backbone, _ = backbones.load(m.backbone, head=m.head, **kwargs)
+        if m.keep_layers is not None:
+            try:
+                backbones.keep_layers(backbone, m.keep_layers)
+            except ValueError as error:
+                raise ValueError(f"model.keep_layers: {error}") from None
     _set_kernels(backbone, m)
     from . import registry
 
