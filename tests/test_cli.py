@@ -78,8 +78,8 @@ def warning_lines(result) -> list[str]:
     [
         (["stream", "--backbone", "/missing/model"], ["--backbone", "/missing/model"]),
         (["stream", "--segments", "4,0"], ["--segments", "≥ 1"]),
-        (["demo", "--task", "foo"], ["--task", "memorize, detect, reason", "'foo'"]),
-        (["demo", "--task", "qa1"], ["--task", "'qa1'"]),  # its help lists only memorize, detect and reason
+        (["demo", "--task", "foo"], ["--task", "qa1, qa2, qa3, qa4, qa5", "'foo'"]),
+        (["demo", "--task", "detect"], ["--task", "'detect'"]),  # the shipped model learnt qa1-qa5 only
         (["demo", "--samples", "0"], ["--samples"]),
         (["demo", "--table-samples", "0"], ["--table-samples"]),
         (["demo", "--table-lengths", "1024,x"], ["--table-lengths"]),
@@ -150,7 +150,7 @@ def test_demo_reads_the_shipped_model_by_default() -> None:
     """A wrong default would not fail: the demo would stream an untrained RMT instead."""
     demo = typer.main.get_command(app).commands["demo"]
     default = Path(next(p.default for p in demo.params if p.name == "checkpoint"))
-    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-cpu"
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "babilong-armt"
     assert default == SHIPPED_CHECKPOINT == shipped
     assert (default / "memformers.json").is_file()
 
@@ -158,7 +158,7 @@ def test_demo_reads_the_shipped_model_by_default() -> None:
 def test_demo_asks_only_the_tasks_its_checkpoint_was_trained_on(classifier) -> None:
     assert_one_line_error(run("demo", "--checkpoint", classifier, "--task", "reason"), "--task", "memorize, detect")
     shipped = trained_tasks(read_config(SHIPPED_CHECKPOINT))  # what the shipped demo may ask
-    assert shipped == ["memorize", "detect", "reason"]
+    assert shipped == ["qa1", "qa2", "qa3", "qa4", "qa5"]
     weighted = {"extra": {"task": "qa1,qa2,qa5,qa5"}}  # a task listed twice trained twice as often; asked once
     assert trained_tasks(weighted) == ["qa1", "qa2", "qa5"]
 

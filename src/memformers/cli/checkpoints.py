@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import InputError, InputWarning
 
 # src/memformers/cli/checkpoints.py → the repository's root
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[3] / "checkpoints" / "rmt-cpu"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[3] / "checkpoints" / "babilong-armt"
 
 
 def read_checkpoint(checkpoint: Path, option: str) -> dict:

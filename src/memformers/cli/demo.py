@@ -85,7 +85,7 @@ def demo(
     ),
     task: str | None = typer.Option(
         None,
-        help="Tasks the checkpoint was trained on, comma-separated (the shipped model: memorize, detect or reason); "
+        help="Tasks the checkpoint was trained on, comma-separated (the shipped model: qa1, qa2, qa3, qa4, qa5); "
         "default: detect, one fact hidden anywhere, else every task it was trained on.",
     ),
     length: int | None = typer.Option(
@@ -111,10 +111,10 @@ def demo(
 ) -> None:
     """Hide facts in a million tokens of Austen, stream them through a trained memory model, and ask about them.
 
-    By default: 3 samples of the detect task (one fact at a random place in 1,048,576 tokens of books the model never
-    saw), read side by side by the shipped RMT; then its accuracy at 1K to 128K tokens, 16 samples a length, with
-    the chance level beside each accuracy. A checkpoint with a recorded evaluation that says it is not right at a
-    million tokens is shown at the longest length where it is, and says so.
+    By default: one story of each of BABILong's qa1-qa5, hidden in 1,048,576 tokens of books the model never saw,
+    read side by side by the shipped ARMT; then its recorded accuracy grid, with the chance level beside each
+    accuracy. A checkpoint whose recorded evaluation says it is not right at a million tokens is shown at the
+    longest length where it is, and says so.
     """
     from ..precision import resolve_precision
     from ..registry import get as mechanism_named
@@ -131,7 +131,7 @@ def demo(
         raise InputError(
             f"--checkpoint: {checkpoint} holds a {config.get('mechanism')} over a {config.get('backbone_class')}; the "
             "demo reads a classifier (RMT or ARMT over an encoder with a classification head, like "
-            "checkpoints/rmt-cpu); score other models with memformers eval"
+            "checkpoints/babilong-armt); score other models with memformers eval"
         )
     allowed = trained_tasks(config) or list(CLASSIFIER_TASKS)
     default = ["detect"] if "detect" in allowed else allowed
