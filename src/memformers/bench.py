@@ -358,7 +358,8 @@ def run(
         model, backbone = build_mechanism(name, settings)
         _warm_up(model, backbone, settings)
         limit = backbones.describe(backbone).max_positions if model is None else None
-        measured = [(r["length"], r["seconds"]) for r in records if _is(r, "inference", name) and r["status"] == "ok"]
+        done = [r for r in records if record_is(r, "inference", name) and r["status"] == "ok"]
+        measured = [(r["length"], r["seconds"]) for r in done]
         blocked: str | None = None  # what stops every longer length too (the window, memory)
         for length in sorted(settings.lengths):
             if ("inference", name, length) in have:
@@ -417,11 +418,13 @@ def _key(record: Record) -> tuple:
     return record["kind"], record["mechanism"], record.get("length", record.get("segments"))
 
 
-def _is(record: Record, kind: str, name: str) -> bool:
+def record_is(record: Record, kind: str, name: str) -> bool:
+    """Whether `record` measured mechanism `name` in `kind` ("inference" or "training")."""
     return record["kind"] == kind and record["mechanism"] == name
 
 
-def _mib(peak: int | None) -> str:
+def mib_text(peak: int | None) -> str:
+    """A peak in MiB for tables, or why there is none (a device whose memory is not metered)."""
     return "memory not metered" if peak is None else f"{peak / 2**20:,.1f} MiB"
 
 
@@ -432,7 +435,7 @@ def _describe(record: Record) -> str:
     if record["kind"] == "inference":
         return (
             f"{label:>15} {record['length']:>10,} tokens: {record['tokens_per_s']:>10,.0f} tokens/s, "
-            f"peak {_mib(record['peak_bytes'])}, {record['seconds']:.1f} s"
+            f"peak {mib_text(record['peak_bytes'])}, {record['seconds']:.1f} s"
         )
     return f"{label:>15} training over {record['segments']} segments: {record['step_seconds']:.3f} s a step"
 

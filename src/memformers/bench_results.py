@@ -3,7 +3,7 @@
 Why apart from `bench`: these are pure functions of the records a run wrote (its JSON), with no model, device or
 clock in them. They are read again long after a run (the CLI and `benchmarks/mechanisms.py` report from them) and
 change when a report changes, not when a measurement does. They import `bench`'s labels and the small functions
-that read a record (`_is`, `_mib`); `bench` never imports them.
+that read a record (`record_is`, `mib_text`); `bench` never imports them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .bench import LABELS, Record, _is, _mib
+from .bench import LABELS, Record, mib_text, record_is
 
 
 def crossover(records: list[Record], recurrent: str = "rmt") -> dict:
@@ -71,11 +71,11 @@ def markdown_tables(records: list[Record], lengths: list[int]) -> str:
     for name in names:
         cells = []
         for n in lengths:
-            r = next((r for r in records if _is(r, "inference", name) and r["length"] == n), None)
+            r = next((r for r in records if record_is(r, "inference", name) and r["length"] == n), None)
             if r is None:
                 cells.append("–")
             elif r["status"] == "ok":
-                cells.append(f"{r['tokens_per_s']:,.0f} tok/s · {_mib(r['peak_bytes'])}")
+                cells.append(f"{r['tokens_per_s']:,.0f} tok/s · {mib_text(r['peak_bytes'])}")
             else:
                 cells.append(f"skipped ({r['reason']})")
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
@@ -86,7 +86,7 @@ def markdown_tables(records: list[Record], lengths: list[int]) -> str:
         for name in names:
             cells = []
             for c in counts:
-                r = next((r for r in records if _is(r, "training", name) and r["segments"] == c), None)
+                r = next((r for r in records if record_is(r, "training", name) and r["segments"] == c), None)
                 cells.append("–" if r is None else f"{r['step_seconds']:.3f}" if r["status"] == "ok" else "skipped")
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -109,7 +109,7 @@ def plot(records: list[Record], time_path: str | Path, memory_path: str | Path, 
             points = sorted(
                 (r["length"], r[key] * scale)
                 for r in records
-                if _is(r, "inference", name) and r["status"] == "ok" and r.get(key) is not None
+                if record_is(r, "inference", name) and r["status"] == "ok" and r.get(key) is not None
             )
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=LABELS[name])
