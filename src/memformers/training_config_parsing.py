@@ -203,8 +203,8 @@ def validate(config: TrainConfig) -> None:
     depth = m.keep_layers
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         _fail("model.keep_layers", depth, "an int ≥ 1 (leave it out to keep every block)")
-    if m.keep_layers is not None and (m.backbone == "scratch" or (Path(m.backbone) / "memformers.json").exists()):
-        _fail("model.keep_layers", m.keep_layers, "left out for a scratch backbone or a saved memformers model")
+    if depth is not None and (m.backbone == "scratch" or (Path(m.backbone) / "memformers.json").exists()):
+        _fail("model.keep_layers", depth, "left out for a scratch backbone or a saved memformers model")
     if m.freeze_backbone and m.mechanism == "rmt" and m.num_memory_tokens == 0:
         _fail("model.freeze_backbone", True, "false when there is no memory to train (model.num_memory_tokens = 0)")
     if o.weight_decay < 0:
