@@ -122,6 +122,28 @@ def test_train_given_a_missing_file_or_a_folder(tmp_path) -> None:
     assert_one_line_error(run("train", broken), "config", "broken.toml", "TOML")
 
 
+def test_curves_draws_one_run_or_several_and_names_a_bad_run(tmp_path) -> None:
+    for name, loss in (("base", 1.0), ("lower-lr", 0.5)):
+        (tmp_path / name).mkdir()
+        lines = [{"type": "train", "step": s, "loss": loss / s, "accuracy": 0.5} for s in (10, 20)]
+        lines.append({"type": "eval", "step": 20, "loss": loss, "accuracy": 0.6})
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one = run("curves", tmp_path / "base", "--out", tmp_path / "one.png")
+    both = run(
+        "curves",
+        tmp_path / "base",
+        f"lr=1e-4={tmp_path / 'lower-lr' / 'metrics.jsonl'}",
+        "--out",
+        tmp_path / "both.png",
+    )
+    assert one.exit_code == both.exit_code == 0, one.output + both.output
+    assert (tmp_path / "one.png").stat().st_size > 0 and (tmp_path / "both.png").stat().st_size > 0
+    assert_one_line_error(run("curves", tmp_path / "none", "--out", tmp_path / "x.png"), "runs", "none", "exist")
+    twice = run("curves", tmp_path / "base", tmp_path / "base" / "metrics.jsonl", "--out", tmp_path / "x.png")
+    assert_one_line_error(twice, "runs", "'base'", "twice", "LABEL=PATH")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_a_corrupt_checkpoint_names_its_file(classifier, tmp_path) -> None:
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()

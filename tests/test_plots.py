@@ -1,13 +1,15 @@
-"""The training-curve picture: drawn from metrics records, written whole or not at all."""
+"""The training-curve pictures, of one run and of several side by side: drawn from metrics records, written whole
+or not at all."""
 
 from __future__ import annotations
 
 import json
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
-from memformers.plots import read_metrics, training_curves
+from memformers.plots import compare_runs, read_metrics, trailing_mean, training_curves
 
 
 def run_records() -> list[dict]:
@@ -34,6 +36,25 @@ def test_records_without_training_or_validation_are_refused(tmp_path):
 
 
 def test_each_tasks_validation_is_drawn_where_several_are_learned_together(tmp_path, monkeypatch):
+    labels = spy_on_labels(monkeypatch)
+    records = run_records()
+    for record in records:
+        if record["type"] == "eval":
+            record["accuracy_by_task"] = {"qa1": 1.0, "qa2": record["accuracy"] / 2}
+    training_curves(records, tmp_path / "curves.png")
+    assert labels.count("validation qa1") == labels.count("validation qa2") == 1  # on the accuracy panel only
+    labels.clear()
+    training_curves(run_records(), tmp_path / "curves.png")
+    assert not any(label and label.startswith("validation q") for label in labels)
+
+
+def test_the_trailing_mean_starts_at_the_first_point():
+    assert trailing_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+    assert trailing_mean(np.array([2.0, 4.0]), 20).tolist() == [2.0, 3.0]
+
+
+def spy_on_labels(monkeypatch) -> list:
+    """The label of every line drawn from now on."""
     from matplotlib.axes import Axes
 
     labels = []
@@ -44,12 +65,21 @@ def test_each_tasks_validation_is_drawn_where_several_are_learned_together(tmp_p
         return plot(self, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "plot", spy)
-    records = run_records()
-    for record in records:
-        if record["type"] == "eval":
-            record["accuracy_by_task"] = {"qa1": 1.0, "qa2": record["accuracy"] / 2}
-    training_curves(records, tmp_path / "curves.png")
-    assert labels.count("validation qa1") == labels.count("validation qa2") == 1  # on the accuracy panel only
-    labels.clear()
-    training_curves(run_records(), tmp_path / "curves.png")
-    assert not any(label and label.startswith("validation q") for label in labels)
+    return labels
+
+
+def test_runs_compared_draw_each_runs_loss_and_validation_once(tmp_path, monkeypatch):
+    labels = spy_on_labels(monkeypatch)
+    slower = [dict(r, accuracy=r["accuracy"] / 2) for r in run_records()]
+    png = compare_runs({"lr 1e-4": run_records(), "lr 1e-3": slower}, tmp_path / "compared.png", title="lr")
+    assert plt.imread(png).shape[:2] == (456, 1320)
+    assert labels == ["lr 1e-4", "lr 1e-4", "lr 1e-3", "lr 1e-3"]  # training loss, then validation, per run
+    assert [p.name for p in tmp_path.iterdir()] == ["compared.png"]
+
+
+def test_runs_compared_refuse_nothing_to_draw(tmp_path):
+    with pytest.raises(ValueError, match="at least one run"):
+        compare_runs({}, tmp_path / "compared.png")
+    with pytest.raises(ValueError, match="'empty' holds no training or validation"):
+        compare_runs({"full": run_records(), "empty": [{"type": "stage", "step": 1}]}, tmp_path / "compared.png")
+    assert not list(tmp_path.iterdir())

@@ -53,6 +53,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:  # [n] → [n]
+    """Each point the mean of itself and up to `window` − 1 points before it: the line starts at the first log
+    instead of `window` logs in, and a short run still gets one."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))  # [n + 1]
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
     """Loss and accuracy against the step: training as a moving mean of `smooth` logged points, validation as
     points (and each task's, where several are learned together), and a vertical line where the curriculum moved
@@ -67,10 +76,10 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
         if train:
             steps = np.array([r["step"] for r in train])
             values = scale * np.array([r[key] for r in train], dtype=float)
-            window = max(1, min(smooth, len(values)))
-            mean = np.convolve(values, np.ones(window) / window, mode="valid")  # (len - window + 1,)
             ax.plot(steps, values, color="tab:blue", alpha=0.2, linewidth=0.8)
-            ax.plot(steps[window - 1 :], mean, color="tab:blue", label=f"training (mean of {window})")
+            ax.plot(
+                steps, trailing_mean(values, smooth), color="tab:blue", label=f"training (mean of the last {smooth})"
+            )
         if evals:
             ax.plot(
                 [r["step"] for r in evals],
@@ -96,6 +105,47 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
     acc_ax.set_ylim(0, 100)
     acc_ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title or "training")
+    fig.tight_layout()
+    return _save_atomically(fig, Path(path))
+
+
+def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "", smooth: int = 20) -> Path:
+    """Several runs on one picture, one colour each: training loss as a moving mean of `smooth` logged points, and
+    validation accuracy as points, with each run's curriculum changes as dotted lines in its colour. What an ablation
+    needs: runs that differ in one setting, read against the same steps."""
+    if not runs:
+        raise ValueError("runs: give at least one run to draw")
+    for label, records in runs.items():
+        if not any(r.get("type") in ("train", "eval") for r in records):
+            raise ValueError(f"runs: {label!r} holds no training or validation lines")
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for index, (label, records) in enumerate(runs.items()):
+        color = f"C{index % 10}"  # matplotlib's ten-colour cycle
+        train = [r for r in records if r.get("type") == "train"]
+        evals = [r for r in records if r.get("type") == "eval"]
+        if train:
+            losses = np.array([r["loss"] for r in train], dtype=float)
+            loss_ax.plot([r["step"] for r in train], trailing_mean(losses, smooth), color=color, label=label)
+        if evals:
+            acc_ax.plot(
+                [r["step"] for r in evals],
+                [100 * r["accuracy"] for r in evals],
+                "o-",
+                color=color,
+                markersize=3,
+                label=label,
+            )
+        for change in (r for r in records if r.get("type") == "stage" and not r.get("done")):
+            for ax in (loss_ax, acc_ax):
+                ax.axvline(change["step"], color=color, linestyle=":", linewidth=0.8)
+    loss_ax.set_ylabel(f"training loss (mean of the last {smooth} logs)")
+    acc_ax.set_ylabel("validation accuracy (%)")
+    acc_ax.set_ylim(0, 100)
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "runs compared")
     fig.tight_layout()
     return _save_atomically(fig, Path(path))
 

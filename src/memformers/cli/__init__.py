@@ -18,6 +18,7 @@ app.command()(evaluate.data)
 app.command("eval")(evaluate.evaluate)
 app.command("perplexity")(evaluate.perplexity_command)
 app.command()(train.train)
+app.command()(train.curves)
 app.command()(measure.flops)
 app.command()(measure.bench)
 

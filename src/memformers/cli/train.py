@@ -1,4 +1,5 @@
-"""`memformers train`: a training config (TOML) and the command line's overrides of it, run by the trainer."""
+"""`memformers train`: a training config (TOML) and the command line's overrides of it, run by the trainer; and
+`memformers curves`: how runs learned, drawn from their metrics."""
 
 from __future__ import annotations
 
@@ -39,3 +40,38 @@ def train(
         overrides.append(f"curriculum.vary_segments={str(vary_segments).lower()}")
     path = run_training(config, overrides, progress=progress, resume=resume, stop_after_steps=stop_after)
     console.print(f"saved {path}")
+
+
+def curves(
+    runs: list[str] = typer.Argument(
+        ..., help="Run folders or metrics.jsonl files, each as PATH or LABEL=PATH (the label defaults to the folder)."
+    ),
+    out: Path = typer.Option(..., "--out", help="The picture to write (.png, .pdf or .svg)."),
+    title: str = typer.Option("", help="Title (default: 'training' for one run, 'runs compared' for several)."),
+    smooth: int = typer.Option(20, min=1, help="Training points averaged into each point of the line."),
+) -> None:
+    """Draw training curves from metrics.jsonl: one run as the trainer draws it, several on one picture."""
+    from ..plots import compare_runs, read_metrics, training_curves
+
+    labelled = {}
+    for item in runs:
+        label, _, path = item.rpartition("=")
+        path = Path(path)
+        label = label or _run_name(path)
+        if label in labelled:
+            raise ValueError(f"runs: the label {label!r} is given twice; name them as LABEL=PATH")
+        if not path.exists():
+            raise ValueError(f"runs: {path} does not exist (a run folder or its metrics.jsonl)")
+        labelled[label] = read_metrics(path)
+    if len(labelled) == 1:
+        written = training_curves(next(iter(labelled.values())), out, title=title, smooth=smooth)
+    else:
+        written = compare_runs(labelled, out, title=title, smooth=smooth)
+    console.print(f"saved {written}")
+
+
+def _run_name(path: Path) -> str:
+    """A run's default label: its folder's name (for `run/` or `run/metrics.jsonl`), else the file's stem."""
+    if path.name == "metrics.jsonl":
+        return path.parent.name
+    return path.stem if path.is_file() else path.name
