@@ -53,7 +53,7 @@ def curves(
     """Draw training curves from metrics.jsonl: one run as the trainer draws it, several on one picture."""
     from ..plots import compare_runs, read_metrics, training_curves
 
-    labelled = {}
+    labelled: dict[str, list[dict]] = {}  # label → the run's metrics records
     for item in runs:
         label, _, path = item.rpartition("=")
         path = Path(path)
