@@ -138,7 +138,9 @@ def test_curves_draws_one_run_or_several_and_names_a_bad_run(tmp_path) -> None:
     )
     assert one.exit_code == both.exit_code == 0, one.output + both.output
     assert (tmp_path / "one.png").stat().st_size > 0 and (tmp_path / "both.png").stat().st_size > 0
-    assert_one_line_error(run("curves", tmp_path / "none", "--out", tmp_path / "x.png"), "runs", "none", "exist")
+    assert_one_line_error(run("curves", tmp_path / "none", "--out", tmp_path / "x.png"), "runs", "none", "metrics")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("curves", tmp_path / "empty", "--out", tmp_path / "x.png"), "runs", "empty", "metrics")
     twice = run("curves", tmp_path / "base", tmp_path / "base" / "metrics.jsonl", "--out", tmp_path / "x.png")
     assert_one_line_error(twice, "runs", "'base'", "twice", "LABEL=PATH")
     assert not (tmp_path / "x.png").exists()

@@ -80,6 +80,6 @@ def test_runs_compared_draw_each_runs_loss_and_validation_once(tmp_path, monkeyp
 def test_runs_compared_refuse_nothing_to_draw(tmp_path):
     with pytest.raises(ValueError, match="at least one run"):
         compare_runs({}, tmp_path / "compared.png")
-    with pytest.raises(ValueError, match="'empty' holds no training or validation"):
+    with pytest.raises(ValueError, match="'empty': no training or validation"):
         compare_runs({"full": run_records(), "empty": [{"type": "stage", "step": 1}]}, tmp_path / "compared.png")
     assert not list(tmp_path.iterdir())

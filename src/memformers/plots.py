@@ -62,14 +62,21 @@ def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:  # [n] → [n]
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
-    """Loss and accuracy against the step: training as a moving mean of `smooth` logged points, validation as
-    points (and each task's, where several are learned together), and a vertical line where the curriculum moved
-    to more segments (labelled with their count)."""
+def _run_lines(records: list[dict], name: str = "records") -> tuple[list[dict], list[dict], list[dict]]:
+    """A run's training lines, validation lines and curriculum changes; a run with nothing to draw is refused."""
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
     if not train and not evals:
-        raise ValueError("records hold no training or validation lines")
+        raise ValueError(f"{name}: no training or validation lines")
+    changes = [r for r in records if r.get("type") == "stage" and not r.get("done")]
+    return train, evals, changes
+
+
+def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
+    """Loss and accuracy against the step: training as the mean of the last `smooth` logged points, validation as
+    points (and each task's, where several are learned together), and a vertical line where the curriculum moved
+    to more segments (labelled with their count)."""
+    train, evals, changes = _run_lines(records)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         scale = 100 if key == "accuracy" else 1
@@ -96,7 +103,7 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
                     (r["step"], 100 * r["accuracy_by_task"][name]) for r in by_task if name in r["accuracy_by_task"]
                 ]
                 ax.plot(*zip(*points, strict=True), "--", linewidth=0.9, alpha=0.8, label=f"validation {name}")
-        for change in (r for r in records if r.get("type") == "stage" and not r.get("done")):
+        for change in changes:
             ax.axvline(change["step"], color="grey", linestyle=":", linewidth=0.8)
             ax.text(change["step"], ax.get_ylim()[1], f" {change['segments']} seg", fontsize=7, va="top")
         ax.set_xlabel("step")
@@ -110,19 +117,15 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
 
 
 def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "", smooth: int = 20) -> Path:
-    """Several runs on one picture, one colour each: training loss as a moving mean of `smooth` logged points, and
-    validation accuracy as points, with each run's curriculum changes as dotted lines in its colour. What an ablation
-    needs: runs that differ in one setting, read against the same steps."""
+    """Several runs on one picture, one colour each: training loss as the mean of the last `smooth` logged points,
+    and validation accuracy as points, with each run's curriculum changes as dotted lines in its colour. What an
+    ablation needs: runs that differ in one setting, read against the same steps."""
     if not runs:
         raise ValueError("runs: give at least one run to draw")
-    for label, records in runs.items():
-        if not any(r.get("type") in ("train", "eval") for r in records):
-            raise ValueError(f"runs: {label!r} holds no training or validation lines")
+    lines = {label: _run_lines(records, f"runs: {label!r}") for label, records in runs.items()}  # before drawing
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for index, (label, records) in enumerate(runs.items()):
+    for index, (label, (train, evals, changes)) in enumerate(lines.items()):
         color = f"C{index % 10}"  # matplotlib's ten-colour cycle
-        train = [r for r in records if r.get("type") == "train"]
-        evals = [r for r in records if r.get("type") == "eval"]
         if train:
             losses = np.array([r["loss"] for r in train], dtype=float)
             loss_ax.plot([r["step"] for r in train], trailing_mean(losses, smooth), color=color, label=label)
@@ -135,7 +138,7 @@ def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "",
                 markersize=3,
                 label=label,
             )
-        for change in (r for r in records if r.get("type") == "stage" and not r.get("done")):
+        for change in changes:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(change["step"], color=color, linestyle=":", linewidth=0.8)
     loss_ax.set_ylabel(f"training loss (mean of the last {smooth} logs)")

@@ -60,9 +60,10 @@ def curves(
         label = label or _run_name(path)
         if label in labelled:
             raise ValueError(f"runs: the label {label!r} is given twice; name them as LABEL=PATH")
-        if not path.exists():
-            raise ValueError(f"runs: {path} does not exist (a run folder or its metrics.jsonl)")
-        labelled[label] = read_metrics(path)
+        try:
+            labelled[label] = read_metrics(path)
+        except FileNotFoundError as error:  # bad input, not a bug: one line
+            raise ValueError(f"runs: {error} (give a run folder or its metrics.jsonl)") from None
     if len(labelled) == 1:
         written = training_curves(next(iter(labelled.values())), out, title=title, smooth=smooth)
     else:
