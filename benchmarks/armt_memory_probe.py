@@ -86,7 +86,7 @@ def main() -> None:
     with torch.no_grad():
         _, state = model.step(first, model.init_state(len(samples)))
         model.step(second, state)
-    ends = 1 + second.attention_mask.sum(1)  # [batch] after [CLS] and the content: the question ends there
+    ends = model.prefix + second.attention_mask.sum(1)  # [batch] after ([CLS] and) the content: the question ends
     layers = []
     with torch.no_grad():
         for index, layer in enumerate(model.layers):
