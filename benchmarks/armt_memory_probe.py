@@ -26,6 +26,7 @@ from common import write_result
 
 import memformers as mf
 from memformers.armt import dpfp
+from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import sample_segments
 from memformers.saving import read_config
 from memformers.tasks import make_sample
@@ -71,7 +72,7 @@ def main() -> None:
         model, tokenizer = mf.AssociativeMemoryTransformer(args.backbone, **options), args.tokenizer
     else:
         model = mf.load(args.checkpoint)
-        tokenizer = read_config(args.checkpoint)["extra"].get("tokenizer", f"{args.checkpoint}/backbone")
+        tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     if not isinstance(model, mf.AssociativeMemoryTransformer):
         parser.error(f"--checkpoint: an ARMT model is needed, got {type(model).__name__}")
     model.eval()

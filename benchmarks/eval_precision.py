@@ -18,6 +18,7 @@ import torch
 from common import write_result
 
 import memformers as mf
+from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import class_answers, predict_classes
 from memformers.precision import autocast
 from memformers.saving import read_config
@@ -47,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = mf.load(args.checkpoint).eval()
-    tokenizer = read_config(args.checkpoint)["extra"].get("tokenizer", f"{args.checkpoint}/backbone")
+    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model)
     rows = []
     for task in args.tasks.split(","):

@@ -23,8 +23,8 @@ import torch
 from common import write_result
 
 import memformers as mf
-from memformers.evaluation import class_answers, wilson_interval
-from memformers.evaluation import predict_classes as read_classes
+from memformers.cli.checkpoints import checkpoint_tokenizer
+from memformers.evaluation import class_answers, equal_length_batches, predict_classes, wilson_interval
 from memformers.precision import autocast
 from memformers.saving import read_config
 from memformers.tasks import make_sample
@@ -78,21 +78,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = mf.load(args.checkpoint).eval()
-    tokenizer = read_config(args.checkpoint)["extra"].get("tokenizer", f"{args.checkpoint}/backbone")
+    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model) or PLACES
     options = {"facts_first": args.facts_first}
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
-    order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens)  # length 0: equal lengths side by side
     predicted: dict[int, str] = {}
     with autocast(args.precision):
-        for first in range(0, len(order), args.batch):
-            indices = order[first : first + args.batch]
-            groups: dict[int, list[int]] = {}
-            for i in indices:
-                groups.setdefault(samples[i].num_tokens, []).append(i)
-            for group in groups.values():
-                for i, label in zip(group, read_classes(model, [samples[i] for i in group]), strict=True):
-                    predicted[i] = classes[label]
+        for batch in equal_length_batches(samples, args.batch):  # length 0: stories of several lengths
+            for i, label in zip(batch, predict_classes(model, [samples[i] for i in batch]), strict=True):
+                predicted[i] = classes[label]
     errors: Counter = Counter()
     expected: Counter = Counter()  # a uniform guess among the five wrong places, for the same stories
     after: dict[str, list[int]] = {}
