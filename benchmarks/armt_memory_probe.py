@@ -25,7 +25,6 @@ import torch
 from common import write_result
 
 import memformers as mf
-from memformers.armt import dpfp
 from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import sample_segments
 from memformers.saving import read_config
@@ -92,11 +91,10 @@ def main() -> None:
     with torch.no_grad():
         for index, layer in enumerate(model.layers):
             memory = writes[index].float()  # [batch, m, hidden]
-            keys = dpfp(memory @ layer.key.weight.float().T, layer.nu)  # [batch, m, d_key]
-            beta = torch.sigmoid(memory @ layer.beta.weight.float().T + layer.beta.bias.float()).squeeze(-1)
-            hidden = reads[index].float()
+            keys, _, beta = layer.write_terms(memory)  # [batch, m, d_key], [batch, m]
+            hidden = reads[index]
             question = torch.stack([hidden[row, end - QUESTION_TOKENS : end] for row, end in enumerate(ends.tolist())])
-            queries = dpfp(question @ layer.query.weight.float().T, layer.nu)  # [batch, q, d_key]
+            queries = layer.queries(question).float()  # [batch, q, d_key]
             scores = queries @ keys.transpose(1, 2)  # [batch, q, m]
             shares = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
             entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(shares.shape[-1])

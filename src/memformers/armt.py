@@ -152,10 +152,22 @@ class AssociativeMemory(nn.Module):
         self.beta = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value.weight)  # an untrained ARMT reads nothing
 
+    def queries(self, hidden: torch.Tensor) -> torch.Tensor:  # [batch, length, hidden] → [batch, length, d_key]
+        """φ(W_Q x): what each token entering the layer asks the memory."""
+        return dpfp(self.query(hidden.to(self.query.weight.dtype)), self.nu)
+
+    def write_terms(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys k_i = φ(W_K m_i) [batch, m, d_key], values v_i = W_V m_i [batch, m, hidden] and strengths
+        β_i = σ(W_β m_i) [batch, m] of the memory tokens' outputs `memory` [batch, m, hidden], in its precision."""
+        dtype = memory.dtype
+        keys = dpfp(F.linear(memory, self.key.weight.to(dtype)), self.nu)
+        values = F.linear(memory, self.value.weight.to(dtype))
+        betas = torch.sigmoid(F.linear(memory, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
+        return keys, values, betas
+
     def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
         """y [batch, length, hidden] for the hidden states [batch, length, hidden] entering the layer."""
-        dtype = self.query.weight.dtype
-        features = dpfp(self.query(hidden.to(dtype)), self.nu)  # [batch, length, d_key]
+        features = self.queries(hidden)  # [batch, length, d_key]
         return associative_read(features, matrix.to(features.dtype), normalizer.to(features.dtype))
 
     def write(
@@ -163,13 +175,9 @@ class AssociativeMemory(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new (A, z) after the memory tokens' outputs `memory` [batch, m, hidden] write, computed in the
         state's precision (`state_dtype`), outside any autocast: nothing carried is rounded."""
-        dtype = matrix.dtype
         with torch.autocast(memory.device.type, enabled=False):
-            memory = memory.to(dtype)
-            keys = dpfp(F.linear(memory, self.key.weight.to(dtype)), self.nu)  # [batch, m, d_key]
-            values = F.linear(memory, self.value.weight.to(dtype))  # [batch, m, hidden]
-            betas = torch.sigmoid(F.linear(memory, self.beta.weight.to(dtype), self.beta.bias.to(dtype)))
-            return delta_rule_write(keys, values, betas.squeeze(-1), matrix, normalizer)
+            keys, values, betas = self.write_terms(memory.to(matrix.dtype))
+            return delta_rule_write(keys, values, betas, matrix, normalizer)
 
 
 # --------------------------------------------------------------------------------------------------------------
