@@ -625,6 +625,18 @@ def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
         tiny(tmp_path, **{"curriculum.vary_per": "step"})
 
 
+def test_each_step_logs_the_segments_its_batch_had(tmp_path):
+    """With lengths drawn per batch, a step's record says how many segments its batch ran, not only the stage's."""
+    changes = {"curriculum.vary_segments": True, "curriculum.vary_per": "batch", "curriculum.segments": [4]}
+    config = tiny(tmp_path, **changes, **{"curriculum.max_steps_per_stage": 8})
+    train(config, progress=False)
+    steps = records(config.output_dir, "train")
+    batches = training.TaskBatches(config, None, 43)
+    drawn = [batches.segments_of((r["step"] - 1) * config.optim.batch_size, 4) for r in steps]
+    assert [r["batch_segments"] for r in steps] == drawn
+    assert {r["segments"] for r in steps} == {4} and min(drawn) < 4
+
+
 @pytest.mark.parametrize("mechanism", ["rmt", "knn"])
 def test_a_frozen_backbone_stays_as_loaded_while_the_memory_trains(tmp_path, mechanism):
     base = train(decoder(tmp_path, "rmt", "base", **{"model.num_memory_tokens": 0}), progress=False)

@@ -214,9 +214,11 @@ class Trainer(CheckpointMixin, ValidationMixin):
         start = time.perf_counter()
         self.model.train()
         totals = torch.zeros(4, device=acc.device)  # loss sum, correct, samples, tokens
+        longest = 0  # segments of this step's longest row: below the stage's count when lengths vary
         for chunk in range(o.grad_accum):
             batch = self._training_batch(self.state.position, current, chunk)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
+            longest = max(longest, -(-batch["input_ids"].shape[1] // self.unwrapped.content_size))
             sync = chunk == o.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 out = self.model(**batch, logits=self._logits_mode)
@@ -245,6 +247,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
             "step": self.state.step,
             "stage": self.state.stage,
             "segments": current,
+            "batch_segments": longest,
             "loss": loss / samples,
             "accuracy": correct / samples,
             "lr": self.scheduler.get_last_lr()[0],
