@@ -3,6 +3,8 @@ tokens write different things, and how selectively the question reads them.
 
     python benchmarks/armt_memory_probe.py --checkpoint checkpoints/babilong-armt --name armt_memory_probe_shipped
     python benchmarks/armt_memory_probe.py --backbone checkpoints/babilong-stage0/backbone --name armt_memory_probe_init
+    python benchmarks/armt_memory_probe.py --backbone checkpoints/babilong-stage0/backbone --memory-attention causal \
+        --name armt_memory_probe_init_causal
 
 Each sample is a qa1 story with its facts first, in two segments: the first holds the story, the second noise and
 the question, so everything the question learns about the story passes through the first segment's writes.
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--num-memory-tokens", type=int, default=16, help="With --backbone.")
     parser.add_argument("--segment-size", type=int, default=512, help="With --backbone.")
     parser.add_argument("--tokenizer", default="minilm", help="With --backbone.")
+    parser.add_argument("--memory-attention", choices=("full", "causal"), help="With --backbone (ARMTConfig).")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="armt_memory_probe")
@@ -68,6 +71,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.backbone:
         options = {"num_memory_tokens": args.num_memory_tokens, "segment_size": args.segment_size}
+        options["memory_attention"] = args.memory_attention
         model, tokenizer = mf.AssociativeMemoryTransformer(args.backbone, **options), args.tokenizer
     else:
         model = mf.load(args.checkpoint)
@@ -111,6 +115,7 @@ def main() -> None:
             print(row)
     source = {"backbone": args.backbone} if args.backbone else {"checkpoint": args.checkpoint}
     result = source | {"num_memory_tokens": model.num_memory_tokens, "samples": args.samples, "length": length}
+    result["memory_attention"] = model.config.memory_attention
     print(write_result(args.name, result | {"layers": layers}))
 
 

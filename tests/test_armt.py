@@ -9,10 +9,12 @@ import torch
 from conftest import DECODERS, ENCODERS, assert_batch_generates_as_rows_alone, random_ids, tiny_backbone
 
 import memformers as mf
+from memformers import backbone_layers
 from memformers.armt import AssociativeMemory, associative_read, delta_rule_write, dpfp
 
 ALL = ENCODERS + DECODERS
 FAMILIES = ("bert", "gpt2", "llama")
+ARRANGEMENTS = [(family, None) for family in ALL] + [(family, "causal") for family in ENCODERS]  # memory_attention
 
 
 def tiny_armt(family: str, m: int = 3, segment_size: int = 16, head: str = "token", d_mem: int = 4, **kwargs):
@@ -169,6 +171,46 @@ def test_untrained_segments_equal_the_backbone_with_memory_tokens_appended(famil
             torch.testing.assert_close(out.logits[:, s * c : (s + 1) * c], bare[:, start : start + c])
 
 
+@pytest.mark.parametrize("family", ENCODERS)
+def test_causal_memory_leaves_an_encoders_segment_as_the_backbone_reads_it_alone(family):
+    """memory_attention="causal", W_V = 0: the segment's outputs are the bare backbone's on [CLS] segment [SEP],
+    memory tokens nowhere in sight."""
+    model = tiny_armt(family, memory_attention="causal").eval()
+    c = model.content_size
+    ids = random_ids(2, 3 * c)
+    embed = model.backbone.get_input_embeddings()
+    with torch.no_grad():
+        out = model(ids)
+        for s in range(3):
+            parts = [torch.full((2, 1), 3), ids[:, s * c : (s + 1) * c], torch.full((2, 1), 4)]
+            bare = model.backbone(inputs_embeds=embed(torch.cat(parts, dim=1))).logits
+            torch.testing.assert_close(out.logits[:, s * c : (s + 1) * c], bare[:, 1 : 1 + c])
+
+
+@pytest.mark.parametrize(("memory_attention", "later_tokens_matter"), [("causal", False), ("full", True)])
+def test_causal_memory_tokens_see_only_the_ones_before_them(memory_attention, later_tokens_matter):
+    """Changing the last memory token's embedding leaves the others' outputs, in every layer, as they were."""
+    model = tiny_armt("bert", m=3, memory_attention=memory_attention).eval()
+    ids = random_ids(2, model.content_size)
+    outputs = []
+    blocks = backbone_layers.layer_stack(model.backbone)
+    keep = lambda _module, _args, output: outputs.append(backbone_layers.block_output_hidden(output))  # noqa: E731
+    handles = [block.register_forward_hook(keep) for block in blocks]
+    try:
+        with torch.no_grad():
+            model(ids)
+            model.memory[-1] += torch.randn(model.memory.shape[-1])  # not a constant: LayerNorm would remove it
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first = slice(model.content_size + 2, model.content_size + 4)  # memory tokens 1 and 2 of 3
+    before, after = outputs[:2], outputs[2:]
+    changed = [bool((a[:, first] - b[:, first]).abs().max() > 1e-6) for a, b in zip(before, after, strict=True)]
+    assert changed == [later_tokens_matter] * 2
+    assert bool((outputs[-1][:, -1] - outputs[1][:, -1]).abs().max() > 1e-6)  # the changed token itself does
+
+
 # --- memory carries information -------------------------------------------------------------------------------------
 
 
@@ -190,11 +232,12 @@ def test_a_token_in_segment_one_changes_segment_eight(family):
 # --- rows never mix ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize(("family", "memory_attention"), ARRANGEMENTS)
 @pytest.mark.parametrize("alignment", ["left", "right"])
-def test_each_row_equals_running_it_alone(family, alignment):
+def test_each_row_equals_running_it_alone(family, memory_attention, alignment):
     """In fp64, so that any difference is mixing, not rounding amplified by the reads' division."""
-    model = writing(tiny_armt(family, alignment=alignment)).double().eval()
+    model = tiny_armt(family, alignment=alignment, memory_attention=memory_attention)
+    model = writing(model).double().eval()
     c = model.content_size
     lengths = [3 * c + 5, c - 3, 2 * c]
     ids = random_ids(3, max(lengths))
@@ -381,6 +424,10 @@ def test_bad_input_names_the_argument():
             tiny_armt("gpt2", **kwargs)
     with pytest.raises(ValueError, match="segment_size"):
         tiny_armt("bert", m=4, segment_size=6)
+    with pytest.raises(ValueError, match="memory_attention"):
+        tiny_armt("bert", memory_attention="sideways")
+    with pytest.raises(ValueError, match="memory_attention"):
+        tiny_armt("gpt2", memory_attention="full")
     with pytest.raises(ValueError, match="cls_token_id"):
         mf.AssociativeMemoryTransformer(tiny_backbone("bert"), segment_size=32, d_mem=4)
     with pytest.raises(ValueError, match="backbone"):

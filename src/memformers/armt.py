@@ -25,6 +25,12 @@ Layouts (`segment_size` positions at most, padding only at the end of a row):
 - encoder: `[CLS] content [SEP] memory×m`; content = segment_size − m − 2.
 - decoder: `content memory×m` under the causal mask; content = segment_size − m. Content tokens never see this
   segment's memory tokens: they read the past only through the associative matrices.
+
+`memory_attention` says who sees the memory tokens. "full" (an encoder's default): they and the segment all see one
+another, so m tokens that start alike end alike in a pretrained encoder's upper layers (MiniLM: cosine 0.99 between
+two of them), and a segment writes one association m times. "causal" (a decoder's only arrangement, which an encoder
+may choose): memory token i sees the segment and memory tokens 1..i, the segment sees none of them, so token i can
+write what tokens before it left out, and the segment's outputs do not depend on this segment's memory tokens.
 """
 
 from __future__ import annotations
@@ -95,11 +101,12 @@ def state_dtype(weights: torch.dtype) -> torch.dtype:
 class ARMTConfig(MechanismConfig):
     """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
 
-    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu")
+    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention")
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
     d_mem: int = 64  # the paper's; keys are φ(W_K m) of 2·nu·d_mem features
     nu: int = 3  # DPFP's order
+    memory_attention: str | None = None  # "full" or "causal" (see the module's docstring); None: the layout's own
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -111,6 +118,8 @@ class ARMTConfig(MechanismConfig):
         check_int("nu", self.nu, 1)
         if self.kind is not None:
             check_choice("kind", self.kind, ("encoder", "decoder"))
+        if self.memory_attention is not None:
+            check_choice("memory_attention", self.memory_attention, ("full", "causal"))
 
     @property
     def d_key(self) -> int:
@@ -206,8 +215,13 @@ class AssociativeMemoryTransformer(MemoryModel):
         self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu) for _ in layers)
         if self.info.is_decoder:
             self.prefix, self.suffix = 0, 0  # content memory
+            if config.memory_attention == "full":
+                raise ValueError(
+                    'memory_attention="full" needs an encoder: a decoder\'s memory tokens are causal ("causal" or None)'
+                )
         else:
             self.prefix, self.suffix = 1, 1  # [CLS] content [SEP] memory
+        self.causal_memory = self.info.is_decoder or config.memory_attention == "causal"
         m = config.num_memory_tokens
         self._place_memory_tokens(decoder_overhead=m, encoder_overhead=2 + m)
 
@@ -258,8 +272,9 @@ class AssociativeMemoryTransformer(MemoryModel):
 
     def _layout(
         self, ids: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # embeds [b, L, hidden], mask [b, L], write [b, m]
-        """Input embeddings with the memory tokens right after each row's content (and [SEP]), padding last."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # embeds [b, L, hidden], mask, write [b, m]
+        """Input embeddings with the memory tokens right after each row's content (and [SEP]), padding last; the
+        mask is [b, L], or [b, 1, L, L] (True: may attend) for an encoder with causal memory tokens."""
         batch, n = ids.shape
         m = self.num_memory_tokens
         embed = self.backbone.get_input_embeddings()
@@ -276,6 +291,8 @@ class AssociativeMemoryTransformer(MemoryModel):
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < start + tail).long().expand(batch, -1)
         write = start + self.suffix + torch.arange(m, device=ids.device)  # [batch, m] memory positions
+        if self.causal_memory and not self.info.is_decoder:
+            full_mask = _causal_memory_mask(full_mask.bool(), start + self.suffix)
         return embeds, full_mask, write
 
     @contextlib.contextmanager
@@ -329,6 +346,20 @@ class AssociativeMemoryTransformer(MemoryModel):
             return self.backbone.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs
             )
+
+
+def _causal_memory_mask(
+    valid: torch.Tensor,  # [batch, L] True at real positions
+    first: torch.Tensor,  # [batch, 1] each row's first memory position
+) -> torch.Tensor:  # [batch, 1, L, L] True where a query (row) may attend a key (column)
+    """An encoder's mask with a decoder's memory tokens: every position sees the real positions before the memory,
+    memory token i also sees memory tokens 1..i, and nothing else sees a memory token."""
+    p = torch.arange(valid.shape[1], device=valid.device)
+    key_is_memory = (p >= first) & valid  # [batch, L]
+    query_is_memory = key_is_memory.unsqueeze(2)  # [batch, L, 1]
+    sees_memory = query_is_memory & key_is_memory.unsqueeze(1) & (p.view(1, 1, -1) <= p.view(1, -1, 1))
+    allowed = (valid & ~key_is_memory).unsqueeze(1) | sees_memory  # [batch, L, L]
+    return allowed.unsqueeze(1)
 
 
 def _reader(memory: AssociativeMemory, matrix: torch.Tensor, normalizer: torch.Tensor):
