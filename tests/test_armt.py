@@ -123,6 +123,23 @@ def test_dpfp_has_two_nu_d_nonnegative_features():
     torch.testing.assert_close(features[..., 8:16], doubled * doubled.roll(2, dims=-1))
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_queries_and_keys_are_dpfp_at_unit_length_unless_told_otherwise(normalize):
+    """As in the ARMT authors' code: φ of a query or key is scaled to length 1, so a hidden state 10× larger
+    weighs the same in a read; without it (models saved before the knob) it weighs 100×."""
+    model = tiny_armt("llama", normalize_features=normalize)
+    layer = model.layers[0]
+    hidden = torch.randn(2, 5, 32)
+    raw = dpfp(layer.query(hidden), nu=3)
+    expected = raw / raw.norm(dim=-1, keepdim=True) if normalize else raw
+    torch.testing.assert_close(layer.queries(hidden), expected)
+    keys, _, _ = layer.write_terms(hidden)
+    raw_keys = dpfp(layer.key(hidden), nu=3)
+    torch.testing.assert_close(keys, raw_keys / raw_keys.norm(dim=-1, keepdim=True) if normalize else raw_keys)
+    scale = 1.0 if normalize else 100.0
+    torch.testing.assert_close(layer.queries(10 * hidden), scale * layer.queries(hidden))
+
+
 def test_read_from_an_empty_memory_is_exactly_zero():
     torch.manual_seed(0)
     layer = AssociativeMemory(hidden=8, d_mem=3, nu=3)
@@ -391,6 +408,24 @@ def test_save_and_load_round_trip_exact(family, tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_a_model_saved_before_normalize_features_loads_unnormalised(tmp_path):
+    """Its JSON lacks the knob: it computes as it was trained (normalize_features False), a new model normalises."""
+    import json
+
+    assert tiny_armt("gpt2").normalize_features is True
+    model = writing(tiny_armt("gpt2", normalize_features=False)).eval()
+    model.save_pretrained(tmp_path / "armt")
+    saved = tmp_path / "armt" / "memformers.json"
+    data = json.loads(saved.read_text())
+    del data["config"]["normalize_features"]
+    saved.write_text(json.dumps(data))
+    loaded = mf.load(tmp_path / "armt")
+    assert loaded.normalize_features is False and not loaded.layers[0].normalize
+    ids = random_ids(1, 3 * model.content_size)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
 # --- streaming ------------------------------------------------------------------------------------------------------
 
 
@@ -419,6 +454,7 @@ def test_bad_input_names_the_argument():
         ({"segment_size": 4, "m": 4}, "segment_size"),
         ({"bptt_depth": -1}, "bptt_depth"),
         ({"alignment": "middle"}, "alignment"),
+        ({"normalize_features": "yes"}, "normalize_features"),
     ):
         with pytest.raises(ValueError, match=name):
             tiny_armt("gpt2", **kwargs)

@@ -10,8 +10,11 @@ has processed a segment, the memory tokens' outputs m_i write (delta rule, with 
     A ← A + Σ_i β_i (v_i − v̄_i) ⊗ k_i         z ← z + Σ_i γ_i k_i
 
 and in the next segment every token x_j entering layer l first reads y_j = A φ(W_Q x_j) / (zᵀ φ(W_Q x_j) + ε),
-which is added to its hidden state. φ is DPFP with ν = 3 (d_key = 2·ν·d_mem). W_V starts at 0, so an untrained
-ARMT reads exactly nothing and equals the backbone on the segment with the memory tokens appended.
+which is added to its hidden state. φ is DPFP with ν = 3 (d_key = 2·ν·d_mem), scaled to unit length, as the ARMT
+authors' code does (`normalize_features`): DPFP is quadratic in its input, so without it a key's weight in every
+read grows with the square of its token's norm, which in a decoder's residual stream spans orders of magnitude.
+W_V starts at 0, so an untrained ARMT reads exactly nothing and equals the backbone on the segment with the memory
+tokens appended.
 
 The state is kept, and written, in at least float32 whatever the backbone computes in: under bf16 autocast a
 write rounded A to bf16 (8 bits of mantissa) at every segment, so over hundreds of segments the small corrections
@@ -36,6 +39,7 @@ write what tokens before it left out, and the segment's outputs do not depend on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -101,12 +105,14 @@ def state_dtype(weights: torch.dtype) -> torch.dtype:
 class ARMTConfig(MechanismConfig):
     """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
 
-    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention")
+    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention", "normalize_features")
+    saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
     d_mem: int = 64  # the paper's; keys are φ(W_K m) of 2·nu·d_mem features
     nu: int = 3  # DPFP's order
     memory_attention: str | None = None  # "full" or "causal" (see the module's docstring); None: the layout's own
+    normalize_features: bool | None = None  # φ of queries and keys at unit length; None: True (a saved model: as saved)
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -120,6 +126,8 @@ class ARMTConfig(MechanismConfig):
             check_choice("kind", self.kind, ("encoder", "decoder"))
         if self.memory_attention is not None:
             check_choice("memory_attention", self.memory_attention, ("full", "causal"))
+        if self.normalize_features not in (None, True, False):
+            raise ValueError(f"normalize_features must be True, False or None, got {self.normalize_features!r}")
 
     @property
     def d_key(self) -> int:
@@ -152,24 +160,29 @@ class AssociativeState:
 class AssociativeMemory(nn.Module):
     """One layer's projections: W_Q (read), W_K, W_V (zero at init) and W_β (write)."""
 
-    def __init__(self, hidden: int, d_mem: int, nu: int) -> None:
+    def __init__(self, hidden: int, d_mem: int, nu: int, normalize: bool = True) -> None:
         super().__init__()
-        self.nu = nu
+        self.nu, self.normalize = nu, normalize
         self.query = nn.Linear(hidden, d_mem, bias=False)
         self.key = nn.Linear(hidden, d_mem, bias=False)
         self.value = nn.Linear(hidden, hidden, bias=False)
         self.beta = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value.weight)  # an untrained ARMT reads nothing
 
+    def features(self, projected: torch.Tensor) -> torch.Tensor:  # [..., d_mem] → [..., d_key]
+        """φ of a projected query or key: DPFP, at unit length when the layer normalises."""
+        phi = dpfp(projected, self.nu)
+        return F.normalize(phi, dim=-1) if self.normalize else phi
+
     def queries(self, hidden: torch.Tensor) -> torch.Tensor:  # [batch, length, hidden] → [batch, length, d_key]
         """φ(W_Q x): what each token entering the layer asks the memory."""
-        return dpfp(self.query(hidden.to(self.query.weight.dtype)), self.nu)
+        return self.features(self.query(hidden.to(self.query.weight.dtype)))
 
     def write_terms(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys k_i = φ(W_K m_i) [batch, m, d_key], values v_i = W_V m_i [batch, m, hidden] and strengths
         β_i = σ(W_β m_i) [batch, m] of the memory tokens' outputs `memory` [batch, m, hidden], in its precision."""
         dtype = memory.dtype
-        keys = dpfp(F.linear(memory, self.key.weight.to(dtype)), self.nu)
+        keys = self.features(F.linear(memory, self.key.weight.to(dtype)))
         values = F.linear(memory, self.value.weight.to(dtype))
         betas = torch.sigmoid(F.linear(memory, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
         return keys, values, betas
@@ -212,7 +225,10 @@ class AssociativeMemoryTransformer(MemoryModel):
         self.causal = self.info.is_decoder
         hidden = self.info.hidden_size
         layers = backbone_layers.layer_stack(self.backbone)
-        self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu) for _ in layers)
+        if config.normalize_features is None:
+            config = self.config = dataclasses.replace(config, normalize_features=True)
+        normalize = config.normalize_features
+        self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu, normalize) for _ in layers)
         if self.info.is_decoder:
             self.prefix, self.suffix = 0, 0  # content memory
             if config.memory_attention == "full":

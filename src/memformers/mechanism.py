@@ -60,6 +60,8 @@ class MechanismConfig:
     # no weight: it always follows the config, the model rebuilt around the same weights.
     fixed: ClassVar[tuple[str, ...]] = ("alignment",)
     resizable: ClassVar[tuple[str, ...]] = ()
+    # What a model saved before a knob existed had instead (its JSON lacks the key): it loads and computes as saved.
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     segment_size: int = 512  # the backbone's input length per segment, memory and special tokens included
     alignment: Alignment = "left"  # "right": every row ends on a full last segment
@@ -92,6 +94,11 @@ class MechanismConfig:
         if unknown:
             raise ValueError(f"{unknown[0]}: not a knob of {cls.__name__}; allowed: {sorted(names)}")
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: dict) -> MechanismConfig:
+        """The config of a saved model: knobs newer than the model take the values it was computed with."""
+        return cls.from_dict(cls.saved_before | data)
 
 
 @functools.cache

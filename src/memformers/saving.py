@@ -116,7 +116,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
     config = read_config(path)
     try:
         mechanism = registry.get(config["mechanism"])
-        knobs = mechanism.config.from_dict(config["config"])
+        knobs = mechanism.config.from_saved(config["config"])
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     backbone_class = getattr(transformers, config["backbone_class"])
