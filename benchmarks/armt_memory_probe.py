@@ -103,7 +103,7 @@ def main() -> None:
             shares = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
             entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(shares.shape[-1])
             row = {
-                "layer": index,
+                "layer": model.memory_blocks[index],
                 "beta": round(float(beta.mean()), 4),
                 "beta_range": [round(float(beta.min()), 4), round(float(beta.max()), 4)],
                 "key_cosine": round(pairwise_cosine(keys), 4),

@@ -31,11 +31,11 @@ def main() -> None:
         layers = sorted({int(index) for index in args.layers.split(",")})
     except ValueError:
         parser.error(f"--layers: comma-separated ints, got {args.layers!r}")
-    if not layers or layers[0] < 0 or layers[-1] >= len(model.layers):
-        parser.error(f"--layers: indices from 0 to {len(model.layers) - 1}, got {args.layers!r}")
+    if not layers or not set(layers) <= set(model.memory_blocks):
+        parser.error(f"--layers: blocks with a memory, {list(model.memory_blocks)}, got {args.layers!r}")
     with torch.no_grad():
-        for index in layers:
-            memory = model.layers[index]
+        for block in layers:
+            memory = model.layers[model.memory_blocks.index(block)]
             memory.value.weight.zero_()
             memory.beta.weight.zero_()
             memory.beta.bias.zero_()

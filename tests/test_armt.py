@@ -408,6 +408,27 @@ def test_save_and_load_round_trip_exact(family, tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_memory_in_chosen_layers_equals_every_layer_with_the_others_silent(family, tmp_path):
+    """memory_layers=[-1]: the top block alone reads and writes; the same as a memory in every block whose other
+    blocks read nothing (W_V = 0), and it saves and loads with its one layer."""
+    top = writing(tiny_armt(family, memory_layers=[-1])).eval()
+    assert top.memory_blocks == (1,) and len(top.layers) == 1
+    every = tiny_armt(family).eval()
+    every.memory.data.copy_(top.memory.data)
+    every.layers[1].load_state_dict(top.layers[0].state_dict())
+    ids = random_ids(2, 3 * top.content_size)
+    with torch.no_grad():
+        out = top(ids)
+        torch.testing.assert_close(out.logits, every(ids).logits)
+    assert out.state.matrix.shape[0] == 1
+    top.save_pretrained(tmp_path / "armt")
+    loaded = mf.load(tmp_path / "armt")
+    assert loaded.memory_blocks == (1,)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out.logits)
+
+
 def test_a_model_saved_before_normalize_features_loads_unnormalised(tmp_path):
     """Its JSON lacks the knob: it computes as it was trained (normalize_features False), a new model normalises."""
     import json
@@ -455,6 +476,9 @@ def test_bad_input_names_the_argument():
         ({"bptt_depth": -1}, "bptt_depth"),
         ({"alignment": "middle"}, "alignment"),
         ({"normalize_features": "yes"}, "normalize_features"),
+        ({"memory_layers": []}, "memory_layers"),
+        ({"memory_layers": [2]}, "memory_layers"),
+        ({"memory_layers": [0, -2]}, "memory_layers"),
     ):
         with pytest.raises(ValueError, match=name):
             tiny_armt("gpt2", **kwargs)

@@ -1,6 +1,7 @@
 """Associative Recurrent Memory Transformer (ARMT, arXiv 2407.04841) around any Hugging Face encoder or decoder.
 
-Every layer l keeps an associative matrix A_l [d_key, hidden] and a normaliser z_l [d_key], both 0 at the start.
+Every layer l (or those of `memory_layers`, as the authors' `wrap_layers`) keeps an associative matrix A_l
+[d_key, hidden] and a normaliser z_l [d_key], both 0 at the start.
 Memory tokens (the same learned embeddings in every segment) sit right after each segment's content. After layer l
 has processed a segment, the memory tokens' outputs m_i write (delta rule, with the paper's γ correction):
 
@@ -49,7 +50,7 @@ import transformers
 from torch import nn
 
 from . import backbone_layers, backbones
-from .mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from .mechanism import MechanismConfig, MemoryModel, check_choice, check_int, check_layers, resolve_layers
 from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
@@ -105,7 +106,7 @@ def state_dtype(weights: torch.dtype) -> torch.dtype:
 class ARMTConfig(MechanismConfig):
     """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
 
-    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention", "normalize_features")
+    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention", "normalize_features", "memory_layers")
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
@@ -113,6 +114,9 @@ class ARMTConfig(MechanismConfig):
     nu: int = 3  # DPFP's order
     memory_attention: str | None = None  # "full" or "causal" (see the module's docstring); None: the layout's own
     normalize_features: bool | None = None  # φ of queries and keys at unit length; None: True (a saved model: as saved)
+    memory_layers: tuple[int, ...] | None = (
+        None  # blocks with an associative memory (negative: from the top); None: all
+    )
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -126,6 +130,8 @@ class ARMTConfig(MechanismConfig):
             check_choice("kind", self.kind, ("encoder", "decoder"))
         if self.memory_attention is not None:
             check_choice("memory_attention", self.memory_attention, ("full", "causal"))
+        if self.memory_layers is not None:
+            self.memory_layers = check_layers("memory_layers", self.memory_layers)
         if self.normalize_features not in (None, True, False):
             raise ValueError(f"normalize_features must be True, False or None, got {self.normalize_features!r}")
 
@@ -138,8 +144,8 @@ class ARMTConfig(MechanismConfig):
 class AssociativeState:
     """Every layer's associative memory; its size does not depend on how many segments were read."""
 
-    matrix: torch.Tensor  # [layers, batch, d_key, hidden] A per layer
-    normalizer: torch.Tensor  # [layers, batch, d_key] z per layer
+    matrix: torch.Tensor  # [layers, batch, d_key, hidden] A per memory layer
+    normalizer: torch.Tensor  # [layers, batch, d_key] z per memory layer
 
     def detach(self) -> AssociativeState:
         return AssociativeState(self.matrix.detach(), self.normalizer.detach())
@@ -224,11 +230,19 @@ class AssociativeMemoryTransformer(MemoryModel):
         self.token_level = self.info.head == "token"
         self.causal = self.info.is_decoder
         hidden = self.info.hidden_size
-        layers = backbone_layers.layer_stack(self.backbone)
+        blocks = len(backbone_layers.layer_stack(self.backbone))
+        chosen = (
+            range(blocks)
+            if config.memory_layers is None
+            else resolve_layers("memory_layers", config.memory_layers, blocks)
+        )
+        self.memory_blocks = tuple(sorted(chosen))  # the blocks that read and write, in depth order
         if config.normalize_features is None:
             config = self.config = dataclasses.replace(config, normalize_features=True)
         normalize = config.normalize_features
-        self.layers = nn.ModuleList(AssociativeMemory(hidden, config.d_mem, config.nu, normalize) for _ in layers)
+        self.layers = nn.ModuleList(
+            AssociativeMemory(hidden, config.d_mem, config.nu, normalize) for _ in self.memory_blocks
+        )  # one per block of `memory_blocks`
         if self.info.is_decoder:
             self.prefix, self.suffix = 0, 0  # content memory
             if config.memory_attention == "full":
@@ -325,7 +339,8 @@ class AssociativeMemoryTransformer(MemoryModel):
             blocks = backbone_layers.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
             # one unbind, not a select per layer: each select's backward would fill a zero tensor of all layers
             matrices, normalizers = state.matrix.unbind(0), state.normalizer.unbind(0)
-            for index, (block, memory) in enumerate(zip(blocks, self.layers, strict=True)):
+            for index, (block_index, memory) in enumerate(zip(self.memory_blocks, self.layers, strict=True)):
+                block = blocks[block_index]
                 matrix, normalizer = matrices[index], normalizers[index]
                 handles.append(block.register_forward_pre_hook(_reader(memory, matrix, normalizer), with_kwargs=True))
                 if write is not None:

@@ -50,6 +50,24 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def check_layers(name: str, value: Any) -> tuple[int, ...]:
+    """`value` (a list or tuple of ints; negative counts from the top) as a tuple; else a ValueError naming `name`."""
+    layers = tuple(value) if isinstance(value, list) else value
+    if not isinstance(layers, tuple) or not layers:
+        raise ValueError(f"{name} must name at least one layer, got {value!r}")
+    if any(isinstance(layer, bool) or not isinstance(layer, int) for layer in layers):
+        raise ValueError(f"{name} must hold ints, got {value!r}")
+    return layers
+
+
+def resolve_layers(name: str, layers: tuple[int, ...], num_layers: int) -> list[int]:
+    """`layers` as distinct indices in [0, num_layers), negative ones counted from the top; else a ValueError."""
+    resolved = [layer % num_layers if -num_layers <= layer < num_layers else None for layer in layers]
+    if None in resolved or len(set(resolved)) != len(resolved):
+        raise ValueError(f"{name} must be distinct layers in [{-num_layers}, {num_layers - 1}], got {layers}")
+    return resolved
+
+
 @dataclass(kw_only=True)
 class MechanismConfig:
     """The knobs every mechanism has, the driver's; a mechanism's config adds its own. Each config checks itself

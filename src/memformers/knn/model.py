@@ -16,7 +16,7 @@ import transformers
 from torch import nn
 
 from .. import backbone_layers, backbones
-from ..mechanism import MechanismConfig, MemoryModel, check_choice, check_int
+from ..mechanism import MechanismConfig, MemoryModel, check_choice, check_int, check_layers, resolve_layers
 from ..recurrence import StepOutput
 from ..segments import Segment, as_segment
 from .attention import COMBINES, Combine, KNNAttention
@@ -63,13 +63,7 @@ class KNNConfig(MechanismConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.memory_layers, list):
-            self.memory_layers = tuple(self.memory_layers)
-        if not isinstance(self.memory_layers, tuple) or not self.memory_layers:
-            raise ValueError(f"memory_layers must name at least one layer, got {self.memory_layers!r}")
-        for layer in self.memory_layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ValueError(f"memory_layers must hold ints, got {self.memory_layers!r}")
+        self.memory_layers = check_layers("memory_layers", self.memory_layers)
         check_int("memory_size", self.memory_size, 1, MAX_MEMORY_SIZE)
         check_int("top_k", self.top_k, 1)
         check_choice("combine", self.combine, COMBINES)
@@ -100,12 +94,7 @@ class MemorizingTransformer(MemoryModel):
                 f"backbone: kNN memory needs a decoder (Llama family or GPT-2), got {self.info.class_name}"
             )
         num_layers = len(backbone_layers.decoder_layers(self.backbone))
-        memory_layers = config.memory_layers
-        resolved = [layer % num_layers if -num_layers <= layer < num_layers else None for layer in memory_layers]
-        if None in resolved or len(set(resolved)) != len(resolved):
-            raise ValueError(
-                f"memory_layers must be distinct layers in [{-num_layers}, {num_layers - 1}], got {memory_layers}"
-            )
+        resolved = resolve_layers("memory_layers", config.memory_layers, num_layers)
         self.content_size = config.segment_size
         self.token_level = self.info.head == "token"
         self.causal = True
