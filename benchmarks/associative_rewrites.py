@@ -97,9 +97,9 @@ def backbone(seed: int) -> transformers.PreTrainedModel:
 def build(name: str, seed: int, memory_tokens: int, d_mem: int) -> mf.MemoryModel:
     net = backbone(seed)
     if name == "armt":
-        model = mf.AssociativeMemoryTransformer(
-            net, num_memory_tokens=memory_tokens, segment_size=CONTENT + memory_tokens, d_mem=d_mem
-        )
+        options = {"num_memory_tokens": memory_tokens, "segment_size": CONTENT + memory_tokens, "d_mem": d_mem}
+        # the results committed were measured with unnormalised features, before ARMT's default became the authors'
+        model = mf.AssociativeMemoryTransformer(net, **options, normalize_features=False)
     elif name == "rmt":
         model = mf.RecurrentMemoryTransformer(
             net, num_memory_tokens=memory_tokens, segment_size=CONTENT + 2 * memory_tokens
