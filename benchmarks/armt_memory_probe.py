@@ -13,7 +13,9 @@ Per layer, over the first segment's m memory tokens:
 - `key_cosine` and `hidden_cosine`: the mean cosine between two different memory tokens' keys φ(W_K m_i), and
   between their outputs m_i; near 1, the m writes are copies of one, and the memory holds one association;
 - `read_entropy`: for the question's tokens in the second segment, the entropy of the shares φ(q)ᵀk_i / Σ_j φ(q)ᵀk_j
-  of the m keys in their read, over log m; 1 means every read is the same average of all m values.
+  of the m keys in their read, over log m; 1 means every read is the same average of all m values;
+- `read_ratio`: how large what those tokens read is beside their hidden states, ‖y‖ / ‖x‖ (0 at initialisation,
+  where W_V = 0: how far training has made the memory matter to the layer).
 `--backbone` wraps a backbone in a fresh ARMT (seed 0) to show the same numbers at initialisation. Writes
 results/NAME.json.
 """
@@ -102,6 +104,9 @@ def main() -> None:
             scores = queries @ keys.transpose(1, 2)  # [batch, q, m]
             shares = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
             entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(shares.shape[-1])
+            unrecorded = type(layer).read  # the method itself: the instance's is wrapped by `recording`
+            read = unrecorded(layer, question, state.matrix[index], state.normalizer[index]).float()  # [b, q, hidden]
+            ratio = read.norm(dim=-1) / question.float().norm(dim=-1).clamp_min(1e-12)
             row = {
                 "layer": model.memory_blocks[index],
                 "beta": round(float(beta.mean()), 4),
@@ -110,6 +115,7 @@ def main() -> None:
                 "hidden_cosine": round(pairwise_cosine(memory), 4),
                 "read_entropy": round(float(entropy.mean()), 4),
                 "read_top_share": round(float(shares.max(-1).values.mean()), 4),
+                "read_ratio": round(float(ratio.mean()), 4),
             }
             layers.append(row)
             print(row)

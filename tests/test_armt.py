@@ -140,6 +140,19 @@ def test_queries_and_keys_are_dpfp_at_unit_length_unless_told_otherwise(normaliz
     torch.testing.assert_close(layer.queries(10 * hidden), scale * layer.queries(hidden))
 
 
+@pytest.mark.parametrize("normalize_gate", [True, False])
+def test_a_normalised_gate_reads_the_direction_of_a_memory_output_not_its_size(normalize_gate):
+    """normalize_gate: β of m and of 10·m are the same, so a large residual stream cannot start a gate saturated."""
+    layer = tiny_armt("llama", normalize_gate=normalize_gate).layers[0]
+    memory = torch.randn(2, 3, 32)
+    _, _, betas = layer.write_terms(memory)
+    _, _, betas_of_larger = layer.write_terms(10 * memory)
+    assert torch.allclose(betas, betas_of_larger, atol=1e-5) == normalize_gate
+    rms = memory.square().mean(-1, keepdim=True).sqrt()
+    unit = torch.sigmoid(layer.beta(memory / rms)).squeeze(-1)
+    torch.testing.assert_close(betas, unit if normalize_gate else torch.sigmoid(layer.beta(memory)).squeeze(-1))
+
+
 def test_read_from_an_empty_memory_is_exactly_zero():
     torch.manual_seed(0)
     layer = AssociativeMemory(hidden=8, d_mem=3, nu=3)
@@ -477,6 +490,7 @@ def test_bad_input_names_the_argument():
         ({"alignment": "middle"}, "alignment"),
         ({"normalize_features": "yes"}, "normalize_features"),
         ({"memory_layers": []}, "memory_layers"),
+        ({"normalize_gate": 1}, "normalize_gate"),
         ({"memory_layers": [2]}, "memory_layers"),
         ({"memory_layers": [0, -2]}, "memory_layers"),
     ):

@@ -15,7 +15,8 @@ which is added to its hidden state. φ is DPFP with ν = 3 (d_key = 2·ν·d_mem
 authors' code does (`normalize_features`): DPFP is quadratic in its input, so without it a key's weight in every
 read grows with the square of its token's norm, which in a decoder's residual stream spans orders of magnitude.
 W_V starts at 0, so an untrained ARMT reads exactly nothing and equals the backbone on the segment with the memory
-tokens appended.
+tokens appended. `normalize_gate` computes β from m scaled to unit RMS: in a decoder's residual stream ‖m‖ is large,
+so σ(W_β m) starts at 0 or 1 for many tokens, and a gate at 0 gets no gradient (σ' = β(1 − β)) and never opens.
 
 The state is kept, and written, in at least float32 whatever the backbone computes in: under bf16 autocast a
 write rounded A to bf16 (8 bits of mantissa) at every segment, so over hundreds of segments the small corrections
@@ -106,7 +107,8 @@ def state_dtype(weights: torch.dtype) -> torch.dtype:
 class ARMTConfig(MechanismConfig):
     """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
 
-    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention", "normalize_features", "memory_layers")
+    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention", "normalize_features")
+    fixed += ("memory_layers", "normalize_gate")
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
@@ -114,9 +116,8 @@ class ARMTConfig(MechanismConfig):
     nu: int = 3  # DPFP's order
     memory_attention: str | None = None  # "full" or "causal" (see the module's docstring); None: the layout's own
     normalize_features: bool | None = None  # φ of queries and keys at unit length; None: True (a saved model: as saved)
-    memory_layers: tuple[int, ...] | None = (
-        None  # blocks with an associative memory (negative: from the top); None: all
-    )
+    memory_layers: tuple[int, ...] | None = None  # blocks with a memory (negative: from the top); None: all
+    normalize_gate: bool = False  # β = σ(W_β m / rms(m) + b); the paper's (False) reads m as it is
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -132,6 +133,8 @@ class ARMTConfig(MechanismConfig):
             check_choice("memory_attention", self.memory_attention, ("full", "causal"))
         if self.memory_layers is not None:
             self.memory_layers = check_layers("memory_layers", self.memory_layers)
+        if not isinstance(self.normalize_gate, bool):
+            raise ValueError(f"normalize_gate must be True or False, got {self.normalize_gate!r}")
         if self.normalize_features not in (None, True, False):
             raise ValueError(f"normalize_features must be True, False or None, got {self.normalize_features!r}")
 
@@ -166,9 +169,9 @@ class AssociativeState:
 class AssociativeMemory(nn.Module):
     """One layer's projections: W_Q (read), W_K, W_V (zero at init) and W_β (write)."""
 
-    def __init__(self, hidden: int, d_mem: int, nu: int, normalize: bool = True) -> None:
+    def __init__(self, hidden: int, d_mem: int, nu: int, normalize: bool = True, normalize_gate: bool = False) -> None:
         super().__init__()
-        self.nu, self.normalize = nu, normalize
+        self.nu, self.normalize, self.normalize_gate = nu, normalize, normalize_gate
         self.query = nn.Linear(hidden, d_mem, bias=False)
         self.key = nn.Linear(hidden, d_mem, bias=False)
         self.value = nn.Linear(hidden, hidden, bias=False)
@@ -190,7 +193,10 @@ class AssociativeMemory(nn.Module):
         dtype = memory.dtype
         keys = self.features(F.linear(memory, self.key.weight.to(dtype)))
         values = F.linear(memory, self.value.weight.to(dtype))
-        betas = torch.sigmoid(F.linear(memory, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
+        gate_input = (
+            memory * torch.rsqrt(memory.square().mean(-1, keepdim=True) + EPSILON) if self.normalize_gate else memory
+        )
+        betas = torch.sigmoid(F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
         return keys, values, betas
 
     def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
@@ -241,7 +247,8 @@ class AssociativeMemoryTransformer(MemoryModel):
             config = self.config = dataclasses.replace(config, normalize_features=True)
         normalize = config.normalize_features
         self.layers = nn.ModuleList(
-            AssociativeMemory(hidden, config.d_mem, config.nu, normalize) for _ in self.memory_blocks
+            AssociativeMemory(hidden, config.d_mem, config.nu, normalize, config.normalize_gate)
+            for _ in self.memory_blocks
         )  # one per block of `memory_blocks`
         if self.info.is_decoder:
             self.prefix, self.suffix = 0, 0  # content memory
