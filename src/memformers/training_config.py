@@ -45,7 +45,8 @@ Config (TOML; every key optional unless marked):
                           keys of 2·nu·d_mem DPFP features in every layer; memory_attention ("full", an encoder's
                           default, or "causal": memory tokens in a decoder's order); normalize_features (true:
                           queries' and keys' features at unit length, as the ARMT authors' code); memory_layers
-                          (blocks with a memory, negative from the top; default all)
+                          (blocks with a memory, negative from the top; default all); normalize_gate (false: write
+                          strengths β from the memory outputs as they are; true: scaled to unit RMS first)
 [model.knn]               KNNConfig; defaults from MemorizingTransformer
   memory_layers           decoder layers with kNN memory, negative = from the end (default [-4])
   memory_size, top_k      stored (key, value) pairs per row, head and layer (65536); neighbours per query (32)
