@@ -107,8 +107,16 @@ def state_dtype(weights: torch.dtype) -> torch.dtype:
 class ARMTConfig(MechanismConfig):
     """ARMT's knobs (and the driver's), with the paper's defaults; checks itself on creation."""
 
-    fixed = ("alignment", "num_memory_tokens", "d_mem", "nu", "memory_attention", "normalize_features")
-    fixed += ("memory_layers", "normalize_gate")
+    fixed = (
+        "alignment",
+        "num_memory_tokens",
+        "d_mem",
+        "nu",
+        "memory_attention",
+        "normalize_features",
+        "memory_layers",
+        "normalize_gate",
+    )
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
