@@ -6,7 +6,8 @@
 qa1 asks where an actor is; the answer is the place of their last move. A wrong answer is one of three kinds:
 - an earlier place of the same actor: the memory kept the actor's moves but not which came last;
 - a place where only other actors went: the fact was bound to the wrong actor;
-- a place nobody in the story went to: the fact was not kept at all.
+- a place nobody in the story went to: the fact was not kept at all;
+- (decoders, which generate their answer) no single place: the answer names none of the places, or several.
 Beside the counts stands what a uniform guess among the five wrong places would give for the same stories, so a
 kind that is over-represented stands out. Accuracy is also split by how many facts of the story come after the
 one that answers (later writes the memory had to keep it through) and by the story's number of facts.
@@ -23,14 +24,22 @@ import torch
 from common import write_result
 
 import memformers as mf
+from memformers.babilong_metric import answer_part
 from memformers.cli.checkpoints import checkpoint_tokenizer
-from memformers.evaluation import class_answers, equal_length_batches, predict_classes, wilson_interval
+from memformers.evaluation import (
+    class_answers,
+    equal_length_batches,
+    generate_answers,
+    generates,
+    predict_classes,
+    wilson_interval,
+)
 from memformers.precision import autocast
 from memformers.saving import read_config
 from memformers.tasks import make_sample
 from memformers.tasks.babi import ACTORS, PLACES
 
-KINDS = ("earlier place of the actor", "another actor's place", "a place not in the story")
+KINDS = ("earlier place of the actor", "another actor's place", "a place not in the story", "no single place")
 
 
 def moves(facts: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -45,12 +54,20 @@ def moves(facts: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def error_kind(story: list[tuple[str, str]], actor: str, answer: str, wrong: str) -> str:
     """Which of KINDS a wrong answer is."""
+    if wrong not in PLACES:
+        return KINDS[3]
     own = {place for who, place in story if who == actor} - {answer}
     if wrong in own:
         return KINDS[0]
     if wrong in {place for who, place in story if who != actor}:
         return KINDS[1]
     return KINDS[2]
+
+
+def named_place(output: str) -> str:
+    """The one place a generated answer names (as the BABILong metric reads it), or "" for none or several."""
+    named = [place for place in PLACES if place in answer_part(output)]
+    return named[0] if len(named) == 1 else ""
 
 
 def bucket(value: int, edges: tuple[int, ...]) -> str:
@@ -85,7 +102,12 @@ def main() -> None:
     predicted: dict[int, str] = {}
     with autocast(args.precision):
         for batch in equal_length_batches(samples, args.batch):  # length 0: stories of several lengths
-            for i, label in zip(batch, predict_classes(model, [samples[i] for i in batch]), strict=True):
+            rows = [samples[i] for i in batch]
+            if generates(model):
+                for i, text in zip(batch, generate_answers(model, rows, tokenizer), strict=True):
+                    predicted[i] = named_place(text)
+                continue
+            for i, label in zip(batch, predict_classes(model, rows), strict=True):
                 predicted[i] = classes[label]
     errors: Counter = Counter()
     expected: Counter = Counter()  # a uniform guess among the five wrong places, for the same stories

@@ -27,6 +27,14 @@ def test_wrong_answers_are_sorted_by_what_the_memory_lost():
     )
 
 
+def test_a_generated_answer_names_one_place_or_counts_as_none():
+    assert memory_errors.named_place("The kitchen. Then the garden") == "kitchen"  # only the first sentence counts
+    assert memory_errors.named_place(" office") == "office"
+    assert memory_errors.named_place("kitchen or garden") == ""
+    assert memory_errors.named_place("Mary") == ""
+    assert memory_errors.error_kind(STORY, "Mary", "office", "") == "no single place"
+
+
 def test_generated_stories_parse_into_moves_that_end_at_the_answer():
     for seed in range(20):
         story = qa1(random.Random(seed))
