@@ -201,9 +201,7 @@ class AssociativeMemory(nn.Module):
         dtype = memory.dtype
         keys = self.features(F.linear(memory, self.key.weight.to(dtype)))
         values = F.linear(memory, self.value.weight.to(dtype))
-        gate_input = (
-            memory * torch.rsqrt(memory.square().mean(-1, keepdim=True) + EPSILON) if self.normalize_gate else memory
-        )
+        gate_input = F.rms_norm(memory, memory.shape[-1:], eps=EPSILON) if self.normalize_gate else memory
         betas = torch.sigmoid(F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
         return keys, values, betas
 

@@ -35,7 +35,7 @@ from . import backbone_layers, backbones, registry
 from . import flops as flops_model
 from .mechanism import MemoryModel
 from .profiling import PeakMemory, peak_rss_bytes, reset_peak_rss, stream_throughput
-from .segments import stream_segments
+from .segments import count_segments, stream_segments
 
 MECHANISMS = (*registry.MECHANISMS, "full")  # every registered mechanism, and the backbone with full attention
 LABELS = {name: m.label for name, m in registry.MECHANISMS.items()} | {"full": "full attention"}
@@ -243,7 +243,7 @@ def measure_inference(
             "peak_bytes": meter.peak_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
         }
-    segments = -(-length // model.content_size)
+    segments = count_segments(length, model.content_size)
     chunks = token_chunks(length, vocab, settings.seed, settings.device)
     reset_peak_rss()
     with (

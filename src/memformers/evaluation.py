@@ -21,7 +21,7 @@ import torch
 
 from .babilong_metric import BABILONG_SCORER, babilong_correct, babilong_labels
 from .files import atomic_file
-from .segments import Segment, stack_segments, stream_segments
+from .segments import Segment, count_segments, stack_segments, stream_segments
 
 # ----------------------------------------------------------------------------------------------------------------
 # Accuracy × length grids
@@ -250,7 +250,7 @@ def score_samples(
     start = time.perf_counter()
     batches = equal_length_batches(made, batch_size)  # length 0: stories alone, of different lengths
     reads = [made[b[0]].num_tokens if window is None else min(window, made[b[0]].num_tokens) for b in batches]
-    per_batch = [-(-read // model.content_size) for read in reads]
+    per_batch = [count_segments(read, model.content_size) for read in reads]
     for number, (indices, read) in enumerate(zip(batches, reads, strict=True)):
         batch = [made[index] for index in indices]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recurrence import iterate
-from .segments import IGNORE_INDEX, shift_labels, split_into_segments
+from .segments import IGNORE_INDEX, count_segments, shift_labels, split_into_segments
 
 POOLED_FROM = 16  # segment index (1-based) from which segments are pooled into "16+"
 
@@ -144,7 +144,7 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     scores, floats, done = SegmentScores(), 0.0, 0
-    segments_per_doc = [-(-len(d) // model.content_size) for d in documents]
+    segments_per_doc = [count_segments(len(d), model.content_size) for d in documents]
     total = sum(segments_per_doc)
     start = time.perf_counter()
     for first in range(0, len(documents), batch_size):

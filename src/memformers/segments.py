@@ -42,6 +42,11 @@ class Segment:
         )
 
 
+def count_segments(tokens: int, content_size: int) -> int:
+    """How many segments of `content_size` tokens `tokens` tokens fill (the last one possibly partly)."""
+    return -(-tokens // content_size)
+
+
 def check_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Validate a [batch, length] batch of ids and return its attention mask (all ones when not given)."""
     if not isinstance(input_ids, torch.Tensor):
@@ -101,7 +106,7 @@ def split_into_segments(
     rows = [attention_mask[row].bool() for row in range(batch)]
     row_ids = [input_ids[row][keep] for row, keep in enumerate(rows)]
     row_labels = [None if labels is None else labels[row][keep] for row, keep in enumerate(rows)]
-    row_segments = [-(-len(ids) // content_size) for ids in row_ids]
+    row_segments = [count_segments(len(ids), content_size) for ids in row_ids]
     num_segments = max(row_segments)
 
     segments = []

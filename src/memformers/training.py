@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .precision import resolve_precision
-from .segments import IGNORE_INDEX, shift_labels
+from .segments import IGNORE_INDEX, count_segments, shift_labels
 from .training_checkpoints import (  # noqa: F401 (re-exported here)
     CheckpointMixin,
     TrainState,
@@ -218,7 +218,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
         for chunk in range(o.grad_accum):
             batch = self._training_batch(self.state.position, current, chunk)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            longest = max(longest, -(-batch["input_ids"].shape[1] // self.unwrapped.content_size))
+            longest = max(longest, count_segments(batch["input_ids"].shape[1], self.unwrapped.content_size))
             sync = chunk == o.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 out = self.model(**batch, logits=self._logits_mode)

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from .segments import IGNORE_INDEX, shift_labels
+from .segments import IGNORE_INDEX, count_segments, shift_labels
 from .training_config import TrainConfig
 from .training_model import class_vocabulary
 
@@ -143,7 +143,7 @@ def answer_correct(
     correct = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     for row in range(labels.shape[0]):
         n = int(lengths[row])
-        count = -(-n // content_size)
+        count = count_segments(n, content_size)
         kept = min(n, content_size) if alignment == "right" else n - (count - 1) * content_size
         target = labels[row, attention_mask[row].bool()][n - kept :]  # the row's last segment
         predicted = logits[row, :kept].argmax(-1)
