@@ -11,8 +11,8 @@ qa1 asks where an actor is; the answer is the place of their last move. A wrong 
 Beside the counts stands what a uniform guess among the five wrong places would give for the same stories, so a
 kind that is over-represented stands out. Accuracy is also split by how many facts of the story come after the
 one that answers (later writes the memory had to keep it through) and by the story's number of facts.
-With `--facts-first` every fact sits before the noise, so past one window only the memory answers. Writes
-results/NAME.json.
+With `--facts-first` every fact sits before the noise, so past one window only the memory answers; with
+`--facts-apart` the facts are spaced evenly through it. Writes results/NAME.json.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoints/babilong-armt")
     parser.add_argument("--length", type=int, default=1024, help="Tokens a sample (0: the story alone).")
     parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
+    placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
@@ -97,7 +99,7 @@ def main() -> None:
     model = mf.load(args.checkpoint).eval()
     tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model) or PLACES
-    options = {"facts_first": args.facts_first}
+    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart}
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
     predicted: dict[int, str] = {}
     with autocast(args.precision):
@@ -135,6 +137,7 @@ def main() -> None:
         "task": "qa1",
         "length": args.length,
         "facts_first": args.facts_first,
+        "facts_apart": args.facts_apart,
         "precision": args.precision,
         "overall": share(sum(predicted[i] == s.target for i, s in enumerate(samples)), len(samples)),
         "errors_by_kind": by_kind,
@@ -142,7 +145,8 @@ def main() -> None:
         "by_story_facts": {key: share(sum(v), len(v)) for key, v in sorted(size.items())},
     }
     path = write_result(args.name, result)
-    print(f"qa1 at {args.length} tokens{' (facts first)' if args.facts_first else ''}: {result['overall']}")
+    placed = " (facts first)" if args.facts_first else " (facts apart)" if args.facts_apart else ""
+    print(f"qa1 at {args.length} tokens{placed}: {result['overall']}")
     for kind, row in by_kind.items():
         guess = row["uniform_guess_share"] or 0
         print(f"  {kind}: {row['errors']} ({row['share'] or 0:.0%}; a uniform guess {guess:.0%})")

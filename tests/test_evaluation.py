@@ -154,6 +154,9 @@ def test_facts_first_puts_the_facts_out_of_the_window(tokenizer, tmp_path):
     evaluate_grid(oracle, ["detect"], [600], 4, tokenizer, path, on_cell=measured.append, facts_first=True)
     assert [c.facts_first for c in measured] == [True]
     assert [r["facts_first"] for r in json.loads(path.read_text())["results"]] == [True]
+    evaluate_grid(oracle, ["detect"], [600], 4, tokenizer, path, on_cell=measured.append, facts_apart=True)
+    assert [(c.facts_first, c.facts_apart) for c in measured] == [(True, False), (False, True)]  # measured again
+    assert [r["facts_apart"] for r in json.loads(path.read_text())["results"]] == [True]
 
 
 def test_format_length():
@@ -236,6 +239,14 @@ def test_cli_data_and_eval(tokenizer, tmp_path):
     assert saved["results"][0]["facts_first"] and "--facts-first" in saved["command"]
     both = runner.invoke(app, ["eval", str(tmp_path / "tiny"), "--data", str(out), "--facts-first"])
     assert both.exit_code == 2 and "--facts-first" in both.output
+    apart = runner.invoke(app, ["eval", str(tmp_path / "tiny"), "--task", "detect", "--lengths", "256",
+                                "--samples", "2", "--facts-apart", "--json", str(tmp_path / "apart.json")])  # fmt: skip
+    assert apart.exit_code == 0, apart.output
+    saved = json.loads((tmp_path / "apart.json").read_text())
+    assert saved["results"][0]["facts_apart"] and "--facts-apart" in saved["command"]
+    two_ways = runner.invoke(app, ["eval", str(tmp_path / "tiny"), "--task", "detect", "--facts-first",
+                                   "--facts-apart"])  # fmt: skip
+    assert two_ways.exit_code == 2 and "choose one" in two_ways.output
 
 
 def test_cli_demo_answers_questions_with_a_saved_model(tokenizer, tmp_path):

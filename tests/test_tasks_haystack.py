@@ -56,6 +56,26 @@ def test_memorize_puts_the_fact_first_and_detect_anywhere():
     assert len(set(positions)) > 10 and max(positions) > 1000
 
 
+def test_facts_apart_are_the_same_story_evenly_spaced():
+    """`facts_apart`: fact i of k starts at the noise sentence at or before i/k of the noise (a sentence, at most a
+    few hundred tokens, before its even point), in order, at the exact length; the story is the task's own."""
+    tokenizer = _tokenizer("minilm")
+    for task in ("qa1", "qa2", "qa3"):
+        for index in range(4):
+            sample = make_sample(task, 8192, tokenizer, seed=3, index=index, facts_apart=True)
+            check_sample(sample, tokenizer, 8192)
+            scattered = make_sample(task, 8192, tokenizer, seed=3, index=index)
+            story = (sample.facts, sample.question, sample.target)
+            assert story == (scattered.facts, scattered.question, scattered.target)
+            sizes = [len(encode_sentence(tokenizer, fact)) for fact in sample.facts]
+            noise = 8192 - sum(sizes) - len(encode_sentence(tokenizer, sample.question))
+            for i, position in enumerate(sample.fact_positions):
+                offset, even = position - sum(sizes[:i]), i * noise // len(sizes)  # tokens of noise before fact i
+                assert even - 400 < offset <= even
+    with pytest.raises(ValueError, match="choose one"):
+        make_sample("qa1", 1024, tokenizer, facts_first=True, facts_apart=True)
+
+
 def test_length_zero_is_the_story_alone():
     tokenizer = _tokenizer("minilm")
     sample = make_sample("qa2", 0, tokenizer, seed=3)

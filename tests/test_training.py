@@ -592,23 +592,36 @@ def test_training_stories_are_never_evaluation_stories(tmp_path):
 
 def test_facts_placed_first_must_be_carried_to_the_question(tmp_path):
     """`task.facts_first`: that fraction of samples has every fact before the noise, so at two segments none shares
-    the question's segment; the others keep the task's scattered facts."""
+    the question's segment; `task.facts_apart` spaces another fraction's facts evenly; the others keep the task's
+    scattered facts. Adding `facts_apart` leaves the samples `facts_first` places where they were."""
     from memformers.tasks import make_sample
 
-    changes = {"task.name": "qa1", "task.facts_first": 0.5, "curriculum.segments": [2], "model.segment_size": 128}
+    changes = {"task.name": "qa1", "task.facts_first": 0.4, "curriculum.segments": [2], "model.segment_size": 128}
     trainer = Trainer(tiny(tmp_path, **changes), progress=False)
-    content, indices = trainer.unwrapped.content_size, list(range(12))
+    content, indices = trainer.unwrapped.content_size, list(range(16))
     batch = trainer.batches.batch(indices, 2, seed=0, vary=False)
-    first = [trainer.batches.facts_first(i) for i in indices]
-    assert 0 < sum(first) < len(first)  # a mix, drawn per sample
+    placed = [trainer.batches.placement(i) for i in indices]
+    assert set(placed) == {"start", ""}  # a mix, drawn per sample
     for index, row in zip(indices, batch["input_ids"], strict=True):
-        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", facts_first=first[index])
+        first = placed[index] == "start"
+        sample = make_sample("qa1", 2 * content, trainer.tokenizer, 0, index, "train", facts_first=first)
         assert row.tolist() == sample.ids.tolist()
-        if first[index]:  # facts from token 0 on, contiguous, all in the first segment; the question in the second
+        if first:  # facts from token 0 on, contiguous, all in the first segment; the question in the second
             facts_end = sample.fact_positions[-1] + len(trainer.tokenizer(sample.facts[-1])["input_ids"]) - 2
             assert sample.fact_positions[0] == 0 and facts_end <= content <= sample.question_position
+    apart = Trainer(tiny(tmp_path, **changes, **{"task.facts_apart": 0.4}), progress=False)
+    placed_too = [apart.batches.placement(i) for i in indices]
+    assert set(placed_too) == {"start", "apart", ""}
+    assert [p == "start" for p in placed_too] == [p == "start" for p in placed]
+    batch = apart.batches.batch(indices, 2, seed=0, vary=False)
+    for index, row in zip(indices, batch["input_ids"], strict=True):
+        options = {"facts_first": placed_too[index] == "start", "facts_apart": placed_too[index] == "apart"}
+        sample = make_sample("qa1", 2 * content, apart.tokenizer, 0, index, "train", **options)
+        assert row.tolist() == sample.ids.tolist()
     with pytest.raises(ValueError, match="task.facts_first"):
         tiny(tmp_path, **{"task.facts_first": 1.5})
+    with pytest.raises(ValueError, match="task.facts_apart"):
+        tiny(tmp_path, **{"task.facts_first": 0.6, "task.facts_apart": 0.6})
 
 
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):

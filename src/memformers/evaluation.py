@@ -47,6 +47,7 @@ class Cell:
     scorer: str = ""  # how generated answers were judged (BABILONG_SCORER); "" for a classifier's classes
     precision: str = "fp32"  # what the reading computed in ("bf16": autocast; memformers.precision)
     facts_first: bool = False  # every fact before the noise: no window holds one, only a memory can answer
+    facts_apart: bool = False  # the facts evenly spaced through the noise: as few to a segment as the length allows
 
 
 NUM_EXAMPLES = 3  # generated answers kept per cell
@@ -195,6 +196,7 @@ def evaluate_cell(
     max_new_tokens: int = 8,
     precision: str = "fp32",
     facts_first: bool = False,
+    facts_apart: bool = False,
 ) -> Cell:
     """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
 
@@ -206,6 +208,7 @@ def evaluate_cell(
     `precision` "bf16" reads under autocast (`memformers.precision`): on a CPU with bf16 instructions ~2.6× faster.
     `facts_first` puts every fact of the story before the noise (the same stories, placed otherwise), so that past
     one window only what the memory carried can answer: its share, with no help from the segment in front of it.
+    `facts_apart` spaces them evenly through the noise instead: a memory then takes in about one at a time.
     """
     from .tasks import make_sample, task_spec
 
@@ -213,13 +216,14 @@ def evaluate_cell(
         raise ValueError(f"task must be a question-answering task for an accuracy grid, got {task!r}")
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be ≥ 1, got samples={samples}, batch_size={batch_size}")
-    options = {"facts_first": facts_first}
+    options = {"facts_first": facts_first, "facts_apart": facts_apart}
     made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir, **options) for index in range(samples)]
     labels = list(babilong_labels(task))
     cell = score_samples(
         model, made, labels, tokenizer, batch_size, device, progress, window, max_new_tokens, precision
     )
-    cell.task, cell.length, cell.seed, cell.split, cell.facts_first = task, length, seed, split, facts_first
+    cell.task, cell.length, cell.seed, cell.split = task, length, seed, split
+    cell.facts_first, cell.facts_apart = facts_first, facts_apart
     return cell
 
 
@@ -354,9 +358,12 @@ def evaluate_grid(
     cells = load_cells(json_path) if json_path else []
     seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
     scorer = BABILONG_SCORER if generates(model) else ""
-    how = (seed, split, scorer, cell_options.get("precision", "fp32"), cell_options.get("facts_first", False))
+    placement = (cell_options.get("facts_first", False), cell_options.get("facts_apart", False))
+    how = (seed, split, scorer, cell_options.get("precision", "fp32"), placement)
     done = {
-        (c.task, c.length, c.samples) for c in cells if (c.seed, c.split, c.scorer, c.precision, c.facts_first) == how
+        (c.task, c.length, c.samples)
+        for c in cells
+        if (c.seed, c.split, c.scorer, c.precision, (c.facts_first, c.facts_apart)) == how
     }
     for task in tasks:
         for length, count in zip(lengths, counts, strict=True):

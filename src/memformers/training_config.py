@@ -70,6 +70,9 @@ Config (TOML; every key optional unless marked):
                           memory that reads nothing yet. The others keep the task's placement (qa1-qa5:
                           scattered). 1.0 alone teaches a model to ignore the facts beside the question.
                           Default 0
+  facts_apart             bAbI tasks: this fraction of samples (drawn with facts_first, the two add up to at most
+                          1) spaces the facts evenly through the noise: about one at a time for the memory, as far
+                          apart as the length allows. Default 0
   vocab_size, key_size, value_size   algorithmic tasks (copy, reverse, associative): symbols, and the associative
                           task's key and value lengths (default 16, 2, 1); their own tokenizer, head "causal-lm"
 [curriculum]
@@ -195,6 +198,7 @@ class TaskConfig:
     key_size: int = 2  # associative: symbols per key
     value_size: int = 1  # associative: symbols per value
     facts_first: float = 0.0  # bAbI tasks: fraction of samples with every fact before the noise
+    facts_apart: float = 0.0  # bAbI tasks: fraction of samples with the facts evenly spaced through the noise
 
 
 @dataclass

@@ -162,8 +162,11 @@ def validate(config: TrainConfig) -> None:
         for key in ("key_size", "value_size"):
             if getattr(t, key) < 1:
                 _fail(f"task.{key}", getattr(t, key), "an int ≥ 1")
-    if not 0 <= t.facts_first <= 1:
-        _fail("task.facts_first", t.facts_first, "a number in [0, 1]")
+    for key in ("facts_first", "facts_apart"):
+        if not 0 <= getattr(t, key) <= 1:
+            _fail(f"task.{key}", getattr(t, key), "a number in [0, 1]")
+    if t.facts_first + t.facts_apart > 1:
+        _fail("task.facts_apart", t.facts_apart, f"at most 1 - task.facts_first = {1 - t.facts_first:g}")
     if t.split not in ("train", "test", "all"):
         _fail("task.split", t.split, "one of ('train', 'test', 'all')")
     parse_segments(c.segments)

@@ -81,7 +81,8 @@ class TaskBatches:
         try:
             names = self.config.task_names
             name = names[index % len(names)]
-            options = {"training": training, "facts_first": self.facts_first(index)}
+            placement = self.placement(index)
+            options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
             sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
         except ValueError as error:
             raise ValueError(
@@ -95,10 +96,14 @@ class TaskBatches:
             item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
         return item
 
-    def facts_first(self, index: int) -> bool:
-        """Whether sample `index` puts every fact before the noise (`task.facts_first`)."""
-        fraction = self.config.task.facts_first
-        return bool(fraction) and self._draw("facts-first", index).random() < fraction
+    def placement(self, index: int) -> str:
+        """Where sample `index` puts its facts: "start" (`task.facts_first`), "apart" (`task.facts_apart`) or ""
+        (the task's own). One draw decides both, so a fraction of one leaves the other's samples as they were."""
+        first, apart = self.config.task.facts_first, self.config.task.facts_apart
+        if not (first or apart):
+            return ""
+        draw = self._draw("facts-first", index).random()
+        return "start" if draw < first else "apart" if draw < first + apart else ""
 
     def without_noise(self, index: int) -> bool:
         """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""

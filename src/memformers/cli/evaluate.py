@@ -83,6 +83,12 @@ def evaluate(
         help="Put every fact of each story before the noise (the same stories): past one window only the memory "
         "can answer, so this measures what it carries. Recorded in each cell.",
     ),
+    facts_apart: bool = typer.Option(
+        False,
+        "--facts-apart",
+        help="Space the facts of each story evenly through the noise (the same stories): the memory takes in about "
+        "one at a time, as far apart as the length allows. Recorded in each cell.",
+    ),
     max_new_tokens: int = typer.Option(8, help="Decoders: most tokens generated per answer (greedy, stops at EOS)."),
     precision: str = typer.Option(
         "fp32",
@@ -122,8 +128,11 @@ def evaluate(
     tasks = [t.strip() for t in (task or "memorize").split(",") if t.strip()]
     counts = parse_ints(samples, "--samples", minimum=1)
     tokenizer = checkpoint_tokenizer(checkpoint, config)
-    if data is not None and facts_first:
-        raise InputError("--facts-first places the facts of generated samples; a --data file's stay where it put them")
+    if data is not None and (facts_first or facts_apart):
+        option = "--facts-first" if facts_first else "--facts-apart"
+        raise InputError(f"{option} places the facts of generated samples; a --data file's stay where it put them")
+    if facts_first and facts_apart:
+        raise InputError("--facts-first and --facts-apart place the facts in two ways; choose one")
     records = read_babilong_file(data) if data is not None else None
     if records is None:
         for name in tasks:
@@ -145,6 +154,7 @@ def evaluate(
             + (["--split", split, "--seed", str(seed)] if data is None else [])
             + (["--window", str(window)] if window else [])
             + (["--facts-first"] if facts_first else [])
+            + (["--facts-apart"] if facts_apart else [])
             + (["--max-new-tokens", str(max_new_tokens)] if generates(model) else [])
             + (["--precision", precision] if precision != "fp32" else [])
             + (["--json", str(json_out)] if json_out else [])
@@ -189,6 +199,7 @@ def evaluate(
                 split=split,
                 noise_dir=noise_dir,
                 facts_first=facts_first,
+                facts_apart=facts_apart,
                 **options,
             )
     console.print(markdown_table(cells))

@@ -1,9 +1,10 @@
 """Hide a story's facts in noise text so that a sample has exactly the requested number of tokens.
 
 A sample is a sequence of pieces: noise, a fact, noise, a fact, ..., noise, the question. Facts keep their order;
-they sit between noise sentences (at the start for `placement="start"`, else at random sentence boundaries); the
-question is always last. The last noise sentence before the question is cut at the token level so that the whole
-sample, question included, is exactly `length` tokens (`length=0`: the story and question with no noise).
+they sit between noise sentences (at the start for `placement="start"`, evenly apart for `"apart"`, else at random
+sentence boundaries); the question is always last. The last noise sentence before the question is cut at the token
+level so that the whole sample, question included, is exactly `length` tokens (`length=0`: the story and question
+with no noise).
 
 Tokenization: every sentence is tokenized on its own, with a leading space and without special tokens, and the
 sample's token ids are the concatenation of those pieces. `Sample.ids` is therefore the authoritative tokenization:
@@ -27,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from memformers.tasks.babi import Story
 from memformers.tasks.noise import TokenizedNoise, tokenized_noise
 
-PLACEMENTS = ("random", "start")
+PLACEMENTS = ("random", "start", "apart")
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,9 @@ def build_haystack(
     """Put `story`'s facts, in order, into noise from `split` so that the sample has exactly `length` tokens.
 
     `placement="start"` puts all facts first (fact memorization); `"random"` scatters them over sentence
-    boundaries of the noise. The noise starts at a random sentence of the split's books and cycles through them.
+    boundaries of the noise; `"apart"` spaces them evenly, fact i at the sentence boundary at or before i/k of the
+    noise (k facts), so a memory sees about one fact per stretch of needed/k tokens. The noise starts at a random
+    sentence of the split's books and cycles through them.
     """
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
         raise ValueError(f"length must be an int >= 0 (0 = no noise), got {length!r}")
@@ -158,6 +161,8 @@ def build_haystack(
         begin = int(noise.starts[rng.randrange(noise.num_sentences)])  # corpus token where the noise starts
         if placement == "start":
             points = [0] * len(fact_ids)
+        elif placement == "apart":
+            points = [_sentence_boundary(noise, begin, i * needed // len(fact_ids)) for i in range(len(fact_ids))]
         else:
             points = sorted(_sentence_boundary(noise, begin, rng.randint(0, needed)) for _ in fact_ids)
     position = previous = 0

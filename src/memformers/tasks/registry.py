@@ -120,13 +120,15 @@ def make_sample(
     *,
     training: bool = False,
     facts_first: bool = False,
+    facts_apart: bool = False,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
     `tokenizer` is a tokenizer object or a name for `memformers.backbones.load_tokenizer`. `training` draws from the
     trainer's own stream: the evaluation samples (any seed) are then stories it never trained on, even at length 0,
     where no noise book tells them apart. `facts_first` puts every fact of the same story before the noise
-    (placement "start"), wherever the task puts them otherwise.
+    (placement "start"), wherever the task puts them otherwise; `facts_apart` spaces them evenly through it
+    (placement "apart"): as far from each other as the length allows.
     """
     spec = task_spec(task)
     if spec.kind != "babi":
@@ -136,9 +138,11 @@ def make_sample(
         )
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if facts_first and facts_apart:
+        raise ValueError("facts_first and facts_apart place the facts in two ways; choose one")
     rng = sample_rng(seed, task, length, index, training)
     story = generate_story(task, rng)
-    placement = "start" if facts_first else spec.placement
+    placement = "start" if facts_first else "apart" if facts_apart else spec.placement
     return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, placement)
 
 
