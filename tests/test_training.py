@@ -624,6 +624,38 @@ def test_facts_placed_first_must_be_carried_to_the_question(tmp_path):
         tiny(tmp_path, **{"task.facts_first": 0.6, "task.facts_apart": 0.6})
 
 
+def test_vary_fill_draws_each_samples_length_within_its_last_segment(tmp_path):
+    """`curriculum.vary_fill`: a sample of n segments is 0 .. one segment less one tokens shorter, drawn per
+    sample, so its partly filled segment (and its facts' places in their segments) differs from sample to sample;
+    validation draws its own; one segment stays whole. Off, every sample of a count has one length."""
+    from memformers.tasks import make_sample
+
+    changes = {"task.name": "qa1", "curriculum.segments": [3], "model.segment_size": 64}
+    trainer = Trainer(tiny(tmp_path, **changes, **{"curriculum.vary_fill": True}), progress=False)
+    batches, content, indices = trainer.batches, trainer.unwrapped.content_size, list(range(24))
+    full = 3 * content - batches.reserve
+    lengths = batches.batch(indices, 3, seed=0)["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 10 and full - content < min(lengths) and max(lengths) <= full
+    for index, length in zip(indices[:4], lengths, strict=False):
+        sample = make_sample("qa1", length, trainer.tokenizer, 0, index, "train", training=True)
+        assert length == sample.num_tokens  # classification: the sample is the row
+    validation = [batches.fill_cut(i, 3, seed=7) for i in indices]
+    assert validation != [batches.fill_cut(i, 3, seed=0) for i in indices]
+    assert {batches.fill_cut(i, 1, seed=0) for i in indices} == {0}
+    fixed = Trainer(tiny(tmp_path, "fixed", **changes), progress=False).batches.batch(indices, 3, seed=0)
+    assert set(fixed["attention_mask"].sum(1).tolist()) == {full}
+    with pytest.raises(ValueError, match="curriculum.vary_fill"):
+        tiny(
+            tmp_path,
+            **{
+                "task.name": "copy",
+                "model.head": "causal-lm",
+                "model.scratch.family": "llama",
+                "curriculum.vary_fill": True,
+            },
+        )
+
+
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
     """`vary_per = "batch"`: every sample of a global batch (all its micro-batches and processes) has the same
     count, so no row runs the longest row's segments; the counts still cover min_segments .. the stage."""

@@ -87,6 +87,10 @@ Config (TOML; every key optional unless marked):
   min_segments            the shortest length vary_segments draws (default 1; more where a story needs it)
   no_noise_fraction       bAbI tasks: this fraction of training samples is the story alone, no noise (length 0),
                           drawn per sample (default 0): the partly filled segment that length-0 evaluation reads
+  vary_fill               bAbI tasks: each sample (validation too) is up to one segment shorter, drawn per sample,
+                          so the partly filled segment, and where the facts sit in their segments, varies (default
+                          false). Without it every sample of a count has one layout, and a memory can learn one
+                          that breaks at other lengths
   eval_every              steps between validations inside a stage (default 100; 0 = only at the budget's end)
   eval_samples            validation samples at the stage's length (default 128)
   eval_batch_size         default: the per-process micro-batch
@@ -210,6 +214,7 @@ class CurriculumConfig:
     vary_per: str = "sample"
     min_segments: int = 1
     no_noise_fraction: float = 0.0
+    vary_fill: bool = False  # bAbI tasks: samples up to one segment shorter, drawn per sample
     eval_every: int = 100
     eval_samples: int = 128
     eval_batch_size: int | None = None

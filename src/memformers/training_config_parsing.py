@@ -189,6 +189,8 @@ def validate(config: TrainConfig) -> None:
             _fail(key, value, f"an int ≥ {low}")
     if c.vary_per not in ("sample", "batch"):
         _fail("curriculum.vary_per", c.vary_per, "one of ('sample', 'batch')")
+    if c.vary_fill and (config.algorithmic or config.task_names == ["lm"]):
+        _fail("curriculum.vary_fill", c.vary_fill, "false for algorithmic tasks and lm (their lengths are fixed)")
     if not 0 <= c.no_noise_fraction <= 1:
         _fail("curriculum.no_noise_fraction", c.no_noise_fraction, "a number in [0, 1]")
     if c.eval_batch_size is not None and c.eval_batch_size < 1:

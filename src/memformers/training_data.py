@@ -75,19 +75,19 @@ class TaskBatches:
                 name, segments * self.content_size, seed, index, segment_size=self.content_size, **options
             )
             return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
-        length = segments * self.content_size - self.reserve
-        if no_noise:
-            length = 0
-        try:
-            names = self.config.task_names
-            name = names[index % len(names)]
-            placement = self.placement(index)
-            options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
-            sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
-        except ValueError as error:
-            raise ValueError(
-                f"model.segment_size: {segments} segment(s) too short for task {t.name}: {error}"
-            ) from None
+        full = segments * self.content_size - self.reserve
+        lengths = [0] if no_noise else [full - self.fill_cut(index, segments, seed), full]
+        name = self.config.task_names[index % len(self.config.task_names)]
+        placement = self.placement(index)
+        options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
+        for length in dict.fromkeys(lengths):  # a story too long for a shorter sample keeps the full length
+            try:
+                sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
+                break
+            except ValueError as error:
+                failure = error
+        else:
+            raise ValueError(f"model.segment_size: {segments} segment(s) too short for task {t.name}: {failure}")
         if self.head == "classification":
             return sample_item(sample, "class", answers=self.answers)
         item = sample_item(sample, "text", self.eos_id)
@@ -104,6 +104,13 @@ class TaskBatches:
             return ""
         draw = self._draw("facts-first", index).random()
         return "start" if draw < first else "apart" if draw < first + apart else ""
+
+    def fill_cut(self, index: int, segments: int, seed: int) -> int:
+        """Tokens sample `index` leaves out of its partly filled segment (`curriculum.vary_fill`): 0 .. one
+        segment less one, drawn per sample and seed, so validation draws its own. One segment is left whole."""
+        if not self.config.curriculum.vary_fill or segments < 2:
+            return 0
+        return self._draw(f"fill:{seed}", index).randrange(self.content_size)
 
     def without_noise(self, index: int) -> bool:
         """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""
