@@ -627,7 +627,8 @@ def test_facts_placed_first_must_be_carried_to_the_question(tmp_path):
 def test_vary_fill_draws_each_samples_length_within_its_last_segment(tmp_path):
     """`curriculum.vary_fill`: a sample of n segments is 0 .. one segment less one tokens shorter, drawn per
     sample, so its partly filled segment (and its facts' places in their segments) differs from sample to sample;
-    validation draws its own; one segment stays whole. Off, every sample of a count has one length."""
+    validation draws its own; one segment stays whole; facts placed first stay in the first segment. Off, every
+    sample of a count has one length."""
     from memformers.tasks import make_sample
 
     changes = {"task.name": "qa1", "curriculum.segments": [3], "model.segment_size": 64}
@@ -639,21 +640,23 @@ def test_vary_fill_draws_each_samples_length_within_its_last_segment(tmp_path):
     for index, length in zip(indices[:4], lengths, strict=False):
         sample = make_sample("qa1", length, trainer.tokenizer, 0, index, "train", training=True)
         assert length == sample.num_tokens  # classification: the sample is the row
-    validation = [batches.fill_cut(i, 3, seed=7) for i in indices]
-    assert validation != [batches.fill_cut(i, 3, seed=0) for i in indices]
-    assert {batches.fill_cut(i, 1, seed=0) for i in indices} == {0}
+    validation = [next(batches.lengths(i, 3, 7, full)) for i in indices]
+    assert validation != [next(batches.lengths(i, 3, 0, full)) for i in indices]
+    assert [list(batches.lengths(i, 1, 0, content)) for i in indices] == [[content]] * len(indices)
     fixed = Trainer(tiny(tmp_path, "fixed", **changes), progress=False).batches.batch(indices, 3, seed=0)
     assert set(fixed["attention_mask"].sum(1).tolist()) == {full}
+
+    changes |= {"curriculum.segments": [2], "curriculum.vary_fill": True, "task.facts_first": 1.0}
+    first = Trainer(tiny(tmp_path, "first", **changes), progress=False)
+    kept = first.batches.batch(list(range(40)), 2, seed=0)["attention_mask"].sum(1).tolist()
+    assert len(set(kept)) > 5 and min(kept) < 2 * content - 20
+    for index, length in enumerate(kept):
+        sample = make_sample("qa1", length, first.tokenizer, 0, index, "train", training=True, facts_first=True)
+        facts_end = sample.story_tokens - (sample.num_tokens - sample.question_position)
+        assert sample.fact_positions[0] == 0 and facts_end <= length - content  # all before the last segment
     with pytest.raises(ValueError, match="curriculum.vary_fill"):
-        tiny(
-            tmp_path,
-            **{
-                "task.name": "copy",
-                "model.head": "causal-lm",
-                "model.scratch.family": "llama",
-                "curriculum.vary_fill": True,
-            },
-        )
+        tiny(tmp_path, **{"task.name": "copy", "model.head": "causal-lm", "model.scratch.family": "llama",
+                          "curriculum.vary_fill": True})  # fmt: skip
 
 
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):

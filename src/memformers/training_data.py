@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import torch
 
@@ -75,17 +76,18 @@ class TaskBatches:
                 name, segments * self.content_size, seed, index, segment_size=self.content_size, **options
             )
             return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
-        full = segments * self.content_size - self.reserve
-        lengths = [0] if no_noise else [full - self.fill_cut(index, segments, seed), full]
+        full = 0 if no_noise else segments * self.content_size - self.reserve
         name = self.config.task_names[index % len(self.config.task_names)]
         placement = self.placement(index)
         options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
-        for length in dict.fromkeys(lengths):  # a story too long for a shorter sample keeps the full length
+        for length in self.lengths(index, segments, seed, full):
             try:
                 sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)
-                break
             except ValueError as error:
                 failure = error
+                continue
+            if length == full or placement != "start" or self.facts_in_first_segment(sample, segments):
+                break
         else:
             raise ValueError(f"model.segment_size: {segments} segment(s) too short for task {t.name}: {failure}")
         if self.head == "classification":
@@ -105,12 +107,23 @@ class TaskBatches:
         draw = self._draw("facts-first", index).random()
         return "start" if draw < first else "apart" if draw < first + apart else ""
 
-    def fill_cut(self, index: int, segments: int, seed: int) -> int:
-        """Tokens sample `index` leaves out of its partly filled segment (`curriculum.vary_fill`): 0 .. one
-        segment less one, drawn per sample and seed, so validation draws its own. One segment is left whole."""
-        if not self.config.curriculum.vary_fill or segments < 2:
-            return 0
-        return self._draw(f"fill:{seed}", index).randrange(self.content_size)
+    def lengths(self, index: int, segments: int, seed: int, full: int) -> Iterator[int]:
+        """The lengths to try for sample `index`, the first whose story fits taken, `full` last: with
+        `curriculum.vary_fill` first `full` less a cut of 0 .. one segment less one, drawn per sample and seed (so
+        validation draws its own), then halves of the cut (a long story may not fit the first). One segment and a
+        story alone keep their length."""
+        cut = 0
+        if self.config.curriculum.vary_fill and segments >= 2 and full:
+            cut = self._draw(f"fill:{seed}", index).randrange(self.content_size)
+        while cut:
+            yield full - cut
+            cut //= 2
+        yield full
+
+    def facts_in_first_segment(self, sample, segments: int) -> bool:
+        """Whether facts placed first all lie in the first of `segments` (a shorter sample may not leave room)."""
+        facts = sample.story_tokens - (sample.num_tokens - sample.question_position)
+        return facts <= sample.num_tokens - (segments - 1) * self.content_size
 
     def without_noise(self, index: int) -> bool:
         """Whether training sample `index` is its story alone (`curriculum.no_noise_fraction`)."""

@@ -74,6 +74,11 @@ class Sample:
     pieces: tuple[Piece, ...] = field(repr=False)
     tokenizer: PreTrainedTokenizerBase = field(repr=False)
 
+    @property
+    def story_tokens(self) -> int:
+        """Tokens of the facts and the question, the rest being noise: the shortest length the story fits in."""
+        return sum(len(piece) for piece in self.pieces if isinstance(piece, np.ndarray))
+
     def blocks(self, block: int = 1 << 16) -> Iterator[np.ndarray]:
         """The ids piece by piece, in slices of at most `block` tokens."""
         for piece in self.pieces:
