@@ -208,6 +208,13 @@ def test_cli_data_and_eval(tokenizer, tmp_path):
 
     bad = runner.invoke(app, ["data", "--task", "qa9", "--lengths", "512", "--out", str(out)])
     assert bad.exit_code != 0 and "qa9" in bad.output
+    apart_file = tmp_path / "apart.jsonl"
+    result = runner.invoke(app, ["data", "--task", "qa1", "--lengths", "512", "--samples", "2", "--facts-apart",
+                                 "--out", str(apart_file)])  # fmt: skip
+    assert result.exit_code == 0 and all(json.loads(line)["facts_apart"] for line in apart_file.open())
+    both = runner.invoke(app, ["data", "--task", "qa1", "--lengths", "512", "--facts-first", "--facts-apart",
+                               "--out", str(apart_file)])  # fmt: skip
+    assert both.exit_code == 2 and "choose one" in both.output
 
     save_tiny_classifier(tmp_path / "tiny", tokenizer)
     grid = tmp_path / "grid.json"

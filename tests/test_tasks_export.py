@@ -46,6 +46,23 @@ def test_export_matches_make_sample_from_the_test_books(tmp_path):
     assert record["input"] == sample.input and record["fact_positions"] == list(sample.fact_positions)
 
 
+def test_export_places_the_facts_as_make_sample_does(tmp_path):
+    """`facts_first` / `facts_apart`: the same placement as the grid's, recorded in each line; bAbI tasks only."""
+    for placement in ({"facts_first": True}, {"facts_apart": True}):
+        out = tmp_path / "placed.jsonl"
+        export_jsonl("qa1", [1024], 2, "minilm", 7, out, **placement)
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        for index, record in enumerate(records):
+            sample = make_sample("qa1", 1024, "minilm", seed=7, index=index, split="test", **placement)
+            assert record["input"] == sample.input and record["fact_positions"] == list(sample.fact_positions)
+            assert all(record[key] for key in placement)
+            scattered = make_sample("qa1", 1024, "minilm", seed=7, index=index, split="test")
+            assert record["fact_positions"] != list(scattered.fact_positions)  # placed otherwise: the same story
+            assert record["facts"] == list(scattered.facts)
+    with pytest.raises(ValueError, match="algorithmic"):
+        export_jsonl("qa1,copy", [64], 1, "minilm", 0, tmp_path / "x.jsonl", facts_first=True)
+
+
 def test_export_algorithmic(tmp_path):
     out = tmp_path / "algo.jsonl"
     assert export_jsonl("copy,associative", [32], 2, "minilm", 0, out) == 4

@@ -33,6 +33,8 @@ def data(
     out: Path = typer.Option(..., help="Output JSONL file (BABILong's fields input, question, target, and more)."),
     noise_dir: Path | None = typer.Option(None, help="Folder of .txt books to use as noise instead of Austen."),
     split: str = typer.Option("test", help="Noise books: 'test' (held out from training), 'train' or 'all'."),
+    facts_first: bool = typer.Option(False, "--facts-first", help="Every fact of each story before the noise."),
+    facts_apart: bool = typer.Option(False, "--facts-apart", help="The facts spaced evenly through the noise."),
     threads: int = threads_option(),
 ) -> None:
     """Export a task × length grid to JSONL, one sample a line.
@@ -44,7 +46,11 @@ def data(
 
     use_threads(threads)
     name = resolve_tokenizer(tokenizer)
-    written = export_jsonl(task, parse_ints(lengths, "--lengths"), samples, name, seed, out, noise_dir, split)
+    if facts_first and facts_apart:
+        raise InputError("--facts-first and --facts-apart place the facts in two ways; choose one")
+    placement = {"facts_first": facts_first, "facts_apart": facts_apart}
+    grid = (task, parse_ints(lengths, "--lengths"), samples, name, seed, out, noise_dir, split)
+    written = export_jsonl(*grid, **placement)
     console.print(f"wrote {written} samples to {out}")
 
 

@@ -179,6 +179,9 @@ def export_jsonl(
     out: Path,
     noise_dir: Path | None = None,
     split: str = "test",
+    *,
+    facts_first: bool = False,
+    facts_apart: bool = False,
 ) -> int:
     """Write a task x length grid of samples to JSONL (one sample a line), so any model can be evaluated on it.
 
@@ -186,9 +189,15 @@ def export_jsonl(
     question included), question, target, label, answers, facts, supporting, fact_positions (token index of each
     fact in the sample's ids), num_tokens and tokenizer. Noise comes from the test books by default. For
     algorithmic tasks `length` is the source length in their own symbols and the tokenizer is not used.
+    `facts_first` / `facts_apart` place the bAbI stories' facts as `make_sample` does (recorded in each line).
     Returns the number of lines written.
     """
     names = _parse_tasks(task)
+    placement = {"facts_first": facts_first, "facts_apart": facts_apart}
+    if facts_first and facts_apart:
+        raise ValueError("facts_first and facts_apart place the facts in two ways; choose one")
+    if (facts_first or facts_apart) and any(TASKS[name].kind != "babi" for name in names):
+        raise ValueError(f"facts_first and facts_apart place bAbI tasks' facts; {task!r} includes algorithmic tasks")
     if isinstance(lengths, int) or not lengths:
         raise ValueError(f"lengths must be a non-empty list of ints, got {lengths!r}")
     for length in lengths:
@@ -210,7 +219,7 @@ def export_jsonl(
             for name in names:
                 for length in lengths:
                     for index in range(samples):
-                        record = _record(name, length, index, seed, tok, tokenizer, noise_dir, split)
+                        record = _record(name, length, index, seed, tok, tokenizer, noise_dir, split, placement)
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
                         written += 1
         tmp.replace(out)
@@ -228,6 +237,7 @@ def _record(
     tokenizer_name: TokenizerLike,
     noise_dir: Path | None,
     split: str,
+    placement: dict[str, bool],
 ) -> dict:
     base = {"task": name, "length": length, "index": index, "seed": seed}
     if TASKS[name].kind == "algorithmic":
@@ -245,16 +255,20 @@ def _record(
             "num_tokens": len(sample.source),
             "tokenizer": None,
         }
-    sample = make_sample(name, length, tok, seed, index, split, noise_dir)
-    return base | {
-        "input": sample.input,
-        "question": sample.question,
-        "target": sample.target,
-        "label": sample.label,
-        "answers": list(sample.answers),
-        "facts": list(sample.facts),
-        "supporting": list(sample.supporting),
-        "fact_positions": list(sample.fact_positions),
-        "num_tokens": sample.num_tokens,
-        "tokenizer": str(tokenizer_name) if isinstance(tokenizer_name, str | Path) else None,
-    }
+    sample = make_sample(name, length, tok, seed, index, split, noise_dir, **placement)
+    return (
+        base
+        | placement
+        | {
+            "input": sample.input,
+            "question": sample.question,
+            "target": sample.target,
+            "label": sample.label,
+            "answers": list(sample.answers),
+            "facts": list(sample.facts),
+            "supporting": list(sample.supporting),
+            "fact_positions": list(sample.fact_positions),
+            "num_tokens": sample.num_tokens,
+            "tokenizer": str(tokenizer_name) if isinstance(tokenizer_name, str | Path) else None,
+        }
+    )
