@@ -198,6 +198,23 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, how):
     assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
+def test_resuming_with_changed_settings_says_which(tmp_path):
+    """A resumed run goes on with today's config; where it differs from the checkpoint's, a warning names each
+    setting with both values. The same config resumes silently."""
+    import warnings
+
+    from memformers.errors import InputWarning
+
+    config = tiny(tmp_path)
+    train(config, stop_after_steps=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        train(config, stop_after_steps=3, progress=False)
+    changed = tiny(tmp_path, **{"optim.lr": 3e-4, "curriculum.vary_fill": True})
+    with pytest.warns(InputWarning, match=r"curriculum\.vary_fill: False → True; optim\.lr: 0\.003 → 0\.0003$"):
+        train(changed, stop_after_steps=4, progress=False)
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     config = tiny(tmp_path)
     real_save = torch.save

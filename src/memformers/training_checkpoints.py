@@ -13,12 +13,14 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import InputWarning
 from .files import fresh_folder, replace_folder, staging
 from .training_config import CHECKPOINT_PREFIX
 
@@ -144,7 +146,24 @@ class CheckpointMixin:
 
         model.load_state_dict(load(path / "model").state_dict())
 
+    def _warn_changed_config(self, path: Path) -> None:
+        """Say which settings differ from those the checkpoint was trained with: a resumed run goes on with
+        today's config, which is how a setting is changed mid-run, and easy to do unawares."""
+        from .training_config_parsing import _flatten
+
+        saved = json.loads((path / "trainer.json").read_text()).get("train_config")
+        if saved is None:
+            return
+        before, now = _flatten(saved), _flatten(self.config.to_dict())
+        changed = [f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+                   if k != "output.dir" and before.get(k) != now.get(k)]  # fmt: skip
+        if changed:
+            message = f"resuming {path.name} with settings it was not trained with: " + "; ".join(changed)
+            warnings.warn(message, InputWarning, stacklevel=2)
+
     def _load_trainer_state(self, path: Path) -> None:
+        if self.accelerator.is_main_process:
+            self._warn_changed_config(path)
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
