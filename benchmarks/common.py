@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from memformers.evaluation import wilson_interval
 from memformers.precision import cpu_has_native_bf16
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,3 +59,9 @@ def write_result(name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def share(correct: int, total: int) -> dict:
+    """A count of right answers as its accuracy with a 95% interval (None where nothing was counted)."""
+    low, high = wilson_interval(correct, total) if total else (0.0, 1.0)
+    return {"samples": total, "correct": correct, "accuracy": correct / total if total else None, "ci95": [low, high]}

@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import write_result
+from common import share, write_result
 
 import memformers as mf
 from memformers.cli.checkpoints import checkpoint_tokenizer
-from memformers.evaluation import generate_answers, generates, wilson_interval
+from memformers.evaluation import generate_answers, generates
 from memformers.precision import autocast
 from memformers.saving import read_config
 from memformers.tasks import collate, get_tokenizer, make_sample, sample_item
 from memformers.training_data import answer_correct
-
-
-def share(correct: int, total: int) -> dict:
-    low, high = wilson_interval(correct, total)
-    return {"samples": total, "correct": correct, "accuracy": correct / total, "ci95": [low, high]}
 
 
 def main() -> None:

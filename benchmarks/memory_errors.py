@@ -21,7 +21,7 @@ import argparse
 from collections import Counter
 
 import torch
-from common import write_result
+from common import share, write_result
 
 import memformers as mf
 from memformers.babilong_metric import answer_part
@@ -32,7 +32,6 @@ from memformers.evaluation import (
     generate_answers,
     generates,
     predict_classes,
-    wilson_interval,
 )
 from memformers.precision import autocast
 from memformers.saving import read_config
@@ -75,11 +74,6 @@ def bucket(value: int, edges: tuple[int, ...]) -> str:
     low = max(edge for edge in edges if edge <= value)
     higher = [edge for edge in edges if edge > low]
     return f"{low}" if higher and higher[0] == low + 1 else f"{low}–{higher[0] - 1}" if higher else f"{low}+"
-
-
-def share(correct: int, total: int) -> dict:
-    low, high = wilson_interval(correct, total) if total else (0.0, 1.0)
-    return {"samples": total, "correct": correct, "accuracy": correct / total if total else None, "ci95": [low, high]}
 
 
 def main() -> None:

@@ -46,11 +46,8 @@ def data(
 
     use_threads(threads)
     name = resolve_tokenizer(tokenizer)
-    if facts_first and facts_apart:
-        raise InputError("--facts-first and --facts-apart place the facts in two ways; choose one")
-    placement = {"facts_first": facts_first, "facts_apart": facts_apart}
     grid = (task, parse_ints(lengths, "--lengths"), samples, name, seed, out, noise_dir, split)
-    written = export_jsonl(*grid, **placement)
+    written = export_jsonl(*grid, facts_first=facts_first, facts_apart=facts_apart)  # both: refused by make_sample
     console.print(f"wrote {written} samples to {out}")
 
 

@@ -194,8 +194,6 @@ def export_jsonl(
     """
     names = _parse_tasks(task)
     placement = {"facts_first": facts_first, "facts_apart": facts_apart}
-    if facts_first and facts_apart:
-        raise ValueError("facts_first and facts_apart place the facts in two ways; choose one")
     if (facts_first or facts_apart) and any(TASKS[name].kind != "babi" for name in names):
         raise ValueError(f"facts_first and facts_apart place bAbI tasks' facts; {task!r} includes algorithmic tasks")
     if isinstance(lengths, int) or not lengths:
