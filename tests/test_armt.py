@@ -153,6 +153,24 @@ def test_a_normalised_gate_reads_the_direction_of_a_memory_output_not_its_size(n
     torch.testing.assert_close(betas, unit if normalize_gate else torch.sigmoid(layer.beta(memory)).squeeze(-1))
 
 
+def test_the_authors_later_initialisation_changes_only_the_gate_bias_and_the_memory_scale():
+    """gate_bias and memory_init_std set W_β's bias and the memory embeddings' std at creation; every other weight
+    is drawn as without them (same seed), so a run with them differs from one without in these alone."""
+    torch.manual_seed(0)
+    plain = tiny_armt("llama")
+    torch.manual_seed(0)
+    authors = tiny_armt("llama", gate_bias=1.0, memory_init_std=0.02)
+    for layer in authors.layers:
+        assert torch.equal(layer.beta.bias, torch.ones(1))
+    _, _, betas = authors.layers[0].write_terms(torch.zeros(1, 3, 32))
+    torch.testing.assert_close(betas, torch.full((1, 3), torch.sigmoid(torch.tensor(1.0)).item()))
+    embedding_std = plain.backbone.get_input_embeddings().weight.float().std()
+    torch.testing.assert_close(authors.memory / 0.02, plain.memory / embedding_std)
+    changed = {"memory"} | {f"layers.{i}.beta.bias" for i in range(len(plain.layers))}
+    for (name, ours), (_, theirs) in zip(plain.named_parameters(), authors.named_parameters(), strict=True):
+        assert torch.equal(ours, theirs) != (name in changed), name
+
+
 def test_read_from_an_empty_memory_is_exactly_zero():
     torch.manual_seed(0)
     layer = AssociativeMemory(hidden=8, d_mem=3, nu=3)
@@ -491,6 +509,10 @@ def test_bad_input_names_the_argument():
         ({"normalize_features": "yes"}, "normalize_features"),
         ({"memory_layers": []}, "memory_layers"),
         ({"normalize_gate": 1}, "normalize_gate"),
+        ({"gate_bias": "one"}, "gate_bias"),
+        ({"gate_bias": float("nan")}, "gate_bias"),
+        ({"memory_init_std": 0.0}, "memory_init_std"),
+        ({"memory_init_std": True}, "memory_init_std"),
         ({"memory_layers": [2]}, "memory_layers"),
         ({"memory_layers": [0, -2]}, "memory_layers"),
     ):

@@ -51,7 +51,15 @@ import transformers
 from torch import nn
 
 from . import backbone_layers, backbones
-from .mechanism import MechanismConfig, MemoryModel, check_choice, check_int, check_layers, resolve_layers
+from .mechanism import (
+    MechanismConfig,
+    MemoryModel,
+    check_choice,
+    check_int,
+    check_layers,
+    check_number,
+    resolve_layers,
+)
 from .recurrence import StepOutput
 from .segments import Segment, as_segment
 
@@ -126,6 +134,11 @@ class ARMTConfig(MechanismConfig):
     normalize_features: bool | None = None  # φ of queries and keys at unit length; None: True (a saved model: as saved)
     memory_layers: tuple[int, ...] | None = None  # blocks with a memory (negative: from the top); None: all
     normalize_gate: bool = False  # β = σ(W_β m / rms(m) + b); the paper's (False) reads m as it is
+    # Initialisation only (a saved model loads its weights): the authors' later code starts W_β's bias at 1 (β ≈ 0.73
+    # for a zero input) and the memory embeddings at std 0.02; None: nn.Linear's own bias draw, and the memory at the
+    # backbone embeddings' std, as the paper's code and RMT do.
+    gate_bias: float | None = None
+    memory_init_std: float | None = None
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -145,6 +158,10 @@ class ARMTConfig(MechanismConfig):
             raise ValueError(f"normalize_gate must be True or False, got {self.normalize_gate!r}")
         if self.normalize_features not in (None, True, False):
             raise ValueError(f"normalize_features must be True, False or None, got {self.normalize_features!r}")
+        if self.gate_bias is not None:
+            check_number("gate_bias", self.gate_bias)
+        if self.memory_init_std is not None:
+            check_number("memory_init_std", self.memory_init_std, positive=True)
 
     @property
     def d_key(self) -> int:
@@ -177,7 +194,15 @@ class AssociativeState:
 class AssociativeMemory(nn.Module):
     """One layer's projections: W_Q (read), W_K, W_V (zero at init) and W_β (write)."""
 
-    def __init__(self, hidden: int, d_mem: int, nu: int, normalize: bool = True, normalize_gate: bool = False) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        d_mem: int,
+        nu: int,
+        normalize: bool = True,
+        normalize_gate: bool = False,
+        gate_bias: float | None = None,
+    ) -> None:
         super().__init__()
         self.nu, self.normalize, self.normalize_gate = nu, normalize, normalize_gate
         self.query = nn.Linear(hidden, d_mem, bias=False)
@@ -185,6 +210,8 @@ class AssociativeMemory(nn.Module):
         self.value = nn.Linear(hidden, hidden, bias=False)
         self.beta = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value.weight)  # an untrained ARMT reads nothing
+        if gate_bias is not None:
+            nn.init.constant_(self.beta.bias, gate_bias)
 
     def features(self, projected: torch.Tensor) -> torch.Tensor:  # [..., d_mem] → [..., d_key]
         """φ of a projected query or key: DPFP, at unit length when the layer normalises."""
@@ -253,7 +280,7 @@ class AssociativeMemoryTransformer(MemoryModel):
             config = self.config = dataclasses.replace(config, normalize_features=True)
         normalize = config.normalize_features
         self.layers = nn.ModuleList(
-            AssociativeMemory(hidden, config.d_mem, config.nu, normalize, config.normalize_gate)
+            AssociativeMemory(hidden, config.d_mem, config.nu, normalize, config.normalize_gate, config.gate_bias)
             for _ in self.memory_blocks
         )  # one per block of `memory_blocks`
         if self.info.is_decoder:
@@ -266,7 +293,7 @@ class AssociativeMemoryTransformer(MemoryModel):
             self.prefix, self.suffix = 1, 1  # [CLS] content [SEP] memory
         self.causal_memory = self.info.is_decoder or config.memory_attention == "causal"
         m = config.num_memory_tokens
-        self._place_memory_tokens(decoder_overhead=m, encoder_overhead=2 + m)
+        self._place_memory_tokens(decoder_overhead=m, encoder_overhead=2 + m, init_std=config.memory_init_std)
 
     def no_weight_decay(self) -> set[str]:
         return {"memory"}  # the memory tokens are embeddings, not weights to shrink

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -43,6 +44,13 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
     ):
         allowed = f"an int ≥ {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_number(name: str, value: Any, positive: bool = False) -> None:
+    """`value` must be a finite int or float (not a bool), above 0 if `positive`; else a ValueError naming `name`."""
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -157,11 +165,11 @@ class MemoryModel(nn.Module):
         if backbone is not None:
             self.backbone, self.info = backbones.take(backbone, config.segment_size, kind, span)
 
-    def _place_memory_tokens(self, decoder_overhead: int, encoder_overhead: int) -> None:
+    def _place_memory_tokens(self, decoder_overhead: int, encoder_overhead: int, init_std: float | None = None) -> None:
         """For mechanisms that put `num_memory_tokens` learned embeddings into every segment (RMT, ARMT): fix the
         layout's kind and [CLS]/[SEP] ids in the config, the content each segment leaves, and the embeddings
-        (`self.memory`, drawn at the scale of the backbone's own). Overheads: positions a segment spends on
-        anything but content."""
+        (`self.memory`, drawn at `init_std`, or at the scale of the backbone's own when None). Overheads: positions
+        a segment spends on anything but content."""
         from . import backbones
 
         config, name, m = self.config, type(self).__name__, self.config.num_memory_tokens
@@ -183,8 +191,9 @@ class MemoryModel(nn.Module):
                 f"segment_size={config.segment_size} leaves no room for content: {self.info.kind} {name} with "
                 f"num_memory_tokens={m} uses {overhead} positions per segment; use segment_size ≥ {overhead + 1}"
             )
-        embeddings = self.backbone.get_input_embeddings().weight
-        self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * embeddings.detach().float().std())
+        if init_std is None:
+            init_std = self.backbone.get_input_embeddings().weight.detach().float().std().item()
+        self.memory = nn.Parameter(torch.randn(m, self.info.hidden_size) * init_std)
 
     @classmethod
     def make_config(cls, config: MechanismConfig | None, knobs: dict) -> MechanismConfig:
