@@ -142,3 +142,11 @@ def test_bad_arguments_name_the_argument():
         qa2(random.Random(0), num_facts=1)
     with pytest.raises(ValueError, match="num_facts"):
         qa1(random.Random(0), num_facts=(5, 2))
+    with pytest.raises(ValueError, match="num_facts"):
+        generate_story("memorize", random.Random(0), num_facts=2)
+
+
+def test_generate_story_passes_num_facts_and_without_it_draws_as_before():
+    assert len(generate_story("qa1", random.Random(3), num_facts=4).facts) == 4
+    assert {len(generate_story("qa1", random.Random(i), (2, 3)).facts) for i in range(30)} == {2, 3}
+    assert generate_story("qa1", random.Random(5)) == qa1(random.Random(5))

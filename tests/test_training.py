@@ -676,6 +676,35 @@ def test_vary_fill_draws_each_samples_length_within_its_last_segment(tmp_path):
                           "curriculum.vary_fill": True})  # fmt: skip
 
 
+def test_num_facts_trains_on_stories_of_that_many_sentences(tmp_path):
+    """`task.num_facts`: training (and validation) stories have that many facts; the rows are make_sample's with
+    the same range, and stories without it have their task's own, longer range."""
+    from memformers.tasks import make_sample
+
+    changes = {"task.name": "qa1", "curriculum.segments": [2], "model.segment_size": 64}
+    few = Trainer(tiny(tmp_path, **changes, **{"task.num_facts": [2, 3]}), progress=False)
+    full = 2 * few.unwrapped.content_size - few.batches.reserve
+    indices = list(range(30))
+    batch = few.batches.batch(indices, 2, seed=0, vary=False)
+    counts = []
+    for index, row in zip(indices, batch["input_ids"], strict=True):
+        sample = make_sample("qa1", full, few.tokenizer, 0, index, "train", num_facts=(2, 3))
+        assert row.tolist() == sample.ids.tolist()
+        counts.append(len(sample.facts))
+    assert set(counts) == {2, 3}
+    trained = few.batches.batch(indices[:8], 2, seed=0)  # the training stream, drawn as validation's
+    for index, row in zip(indices, trained["input_ids"], strict=False):
+        sample = make_sample("qa1", full, few.tokenizer, 0, index, "train", training=True, num_facts=(2, 3))
+        assert row.tolist() == sample.ids.tolist() and len(sample.facts) in (2, 3)
+    own = [len(make_sample("qa1", full, few.tokenizer, 0, i, "train").facts) for i in indices]
+    assert max(own) > 3
+    for value in (0, [3, 2], "two", True, [2, 3, 4]):
+        with pytest.raises(ValueError, match="task.num_facts"):
+            tiny(tmp_path, **changes, **{"task.num_facts": value})
+    with pytest.raises(ValueError, match="task.num_facts"):
+        tiny(tmp_path, **{"task.num_facts": 2})  # the tiny config's task, memorize, has a fixed story
+
+
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
     """`vary_per = "batch"`: every sample of a global batch (all its micro-batches and processes) has the same
     count, so no row runs the longest row's segments; the counts still cover min_segments .. the stage."""

@@ -75,6 +75,9 @@ Config (TOML; every key optional unless marked):
   facts_apart             bAbI tasks: this fraction of samples (drawn with facts_first, the two add up to at most
                           1) spaces the facts evenly through the noise: about one at a time for the memory, as far
                           apart as the length allows. Default 0
+  num_facts               qa1-qa5: sentences a story has, an int or a [low, high] range (validation too; evaluation
+                          keeps the task's own, e.g. 2-10 for qa1): fewer facts, fewer actors for a memory to bind
+                          before it meets whole stories. Default: the task's own range
   vocab_size, key_size, value_size   algorithmic tasks (copy, reverse, associative): symbols, and the associative
                           task's key and value lengths (default 16, 2, 1); their own tokenizer, head "causal-lm"
 [curriculum]
@@ -205,6 +208,7 @@ class TaskConfig:
     value_size: int = 1  # associative: symbols per value
     facts_first: float = 0.0  # bAbI tasks: fraction of samples with every fact before the noise
     facts_apart: float = 0.0  # bAbI tasks: fraction of samples with the facts evenly spaced through the noise
+    num_facts: int | list[int] | None = None  # qa1-qa5: sentences a story has, or a [low, high] range; None: the task's
 
 
 @dataclass

@@ -64,6 +64,7 @@ _TYPES = {
     "float | None": float,
     "list[int] | str": (list, str),
     "list[int]": (list,),
+    "int | list[int] | None": object,  # checked by its own validator
 }
 _SUBSECTIONS = {"ScratchConfig": ScratchConfig}
 
@@ -114,6 +115,25 @@ def config_from_dict(data: dict) -> TrainConfig:
     config = TrainConfig(**{key: _section(cls, data.get(key, {}), key) for key, cls in sections.items()})
     validate(config)
     return config
+
+
+def _check_num_facts(value, names: list[str]) -> None:
+    """task.num_facts: an int or a [low, high] pair, at least each task's fewest facts, for qa1-qa5 only."""
+    from .tasks.babi import DEFAULT_NUM_FACTS, MIN_FACTS
+
+    others = [name for name in names if name not in DEFAULT_NUM_FACTS]
+    if others:
+        _fail("task.num_facts", value, f"left out for {others} (only {sorted(DEFAULT_NUM_FACTS)} draw their facts)")
+    bounds = [value] * 2 if isinstance(value, int) else value
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in bounds)
+    ):
+        _fail("task.num_facts", value, "an int or a [low, high] list of two ints")
+    fewest = max(MIN_FACTS[name] for name in names)
+    if bounds[0] < fewest or bounds[1] < bounds[0]:
+        _fail("task.num_facts", value, f"at least {fewest} for {names}, and low ≤ high")
 
 
 def validate(config: TrainConfig) -> None:
@@ -167,6 +187,8 @@ def validate(config: TrainConfig) -> None:
             _fail(f"task.{key}", getattr(t, key), "a number in [0, 1]")
     if t.facts_first + t.facts_apart > 1:
         _fail("task.facts_apart", t.facts_apart, f"at most 1 - task.facts_first = {1 - t.facts_first:g}")
+    if t.num_facts is not None:
+        _check_num_facts(t.num_facts, names)
     if t.split not in ("train", "test", "all"):
         _fail("task.split", t.split, "one of ('train', 'test', 'all')")
     parse_segments(c.segments)

@@ -343,8 +343,13 @@ STORY_GENERATORS: dict[str, Callable[[random.Random], Story]] = {
 }
 
 
-def generate_story(task: str, rng: random.Random) -> Story:
-    """One story of a bAbI-style task; all randomness comes from `rng`."""
+def generate_story(task: str, rng: random.Random, num_facts: int | tuple[int, int] | None = None) -> Story:
+    """One story of a bAbI-style task; all randomness comes from `rng`. `num_facts` (qa1-qa5: an int or a (low,
+    high) range) sets how many sentences the story has; None: the task's own range (`DEFAULT_NUM_FACTS`)."""
     if task not in STORY_GENERATORS:
         raise ValueError(f"task must be one of {sorted(STORY_GENERATORS)}, got {task!r}")
-    return STORY_GENERATORS[task](rng)
+    if num_facts is None:
+        return STORY_GENERATORS[task](rng)
+    if task not in DEFAULT_NUM_FACTS:
+        raise ValueError(f"num_facts is for tasks {sorted(DEFAULT_NUM_FACTS)}; {task!r} has a fixed story")
+    return STORY_GENERATORS[task](rng, num_facts)

@@ -121,6 +121,7 @@ def make_sample(
     training: bool = False,
     facts_first: bool = False,
     facts_apart: bool = False,
+    num_facts: int | tuple[int, int] | None = None,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
@@ -128,7 +129,8 @@ def make_sample(
     trainer's own stream: the evaluation samples (any seed) are then stories it never trained on, even at length 0,
     where no noise book tells them apart. `facts_first` puts every fact of the same story before the noise
     (placement "start"), wherever the task puts them otherwise; `facts_apart` spaces them evenly through it
-    (placement "apart"): as far from each other as the length allows.
+    (placement "apart"): as far from each other as the length allows. `num_facts` (qa1-qa5) sets the story's number
+    of sentences, an int or a (low, high) range; None: the task's own.
     """
     spec = task_spec(task)
     if spec.kind != "babi":
@@ -141,7 +143,7 @@ def make_sample(
     if facts_first and facts_apart:
         raise ValueError("facts_first and facts_apart place the facts in two ways; choose one")
     rng = sample_rng(seed, task, length, index, training)
-    story = generate_story(task, rng)
+    story = generate_story(task, rng, num_facts)
     placement = "start" if facts_first else "apart" if facts_apart else spec.placement
     return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, placement)
 
