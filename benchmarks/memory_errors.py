@@ -10,7 +10,10 @@ qa1 asks where an actor is; the answer is the place of their last move. A wrong 
 - (decoders, which generate their answer) no single place: the answer names none of the places, or several.
 Beside the counts stands what a uniform guess among the five wrong places would give for the same stories, so a
 kind that is over-represented stands out. Accuracy is also split by how many facts of the story come after the
-one that answers (later writes the memory had to keep it through) and by the story's number of facts.
+one that answers (later writes the memory had to keep it through) and by the story's number of facts. Two more
+rates show whether the model binds at all: how often the story's last place is the answer (what answering the
+latest place, whoever went there, scores on these stories: a memory above it binds some facts to their actors),
+and how often the model answers the story's last place.
 With `--facts-first` every fact sits before the noise, so past one window only the memory answers; with
 `--facts-apart` the facts are spaced evenly through it. Writes results/NAME.json.
 """
@@ -84,6 +87,9 @@ def main() -> None:
     placement = parser.add_mutually_exclusive_group()
     placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
     placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
+    parser.add_argument(
+        "--num-facts", type=int, nargs=2, metavar=("LOW", "HIGH"), help="Stories of LOW..HIGH facts (qa1's own: 2 10)."
+    )
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
@@ -94,6 +100,8 @@ def main() -> None:
     tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model) or PLACES
     options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart}
+    if args.num_facts:
+        options["num_facts"] = tuple(args.num_facts)
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
     predicted: dict[int, str] = {}
     with autocast(args.precision):
@@ -109,10 +117,13 @@ def main() -> None:
     expected: Counter = Counter()  # a uniform guess among the five wrong places, for the same stories
     after: dict[str, list[int]] = {}
     size: dict[str, list[int]] = {}
+    last_is_answer, answers_last = [], []
     for i, sample in enumerate(samples):
         story = moves(sample.facts)
         actor = next(a for a in ACTORS if a in sample.question)
         right = predicted[i] == sample.target
+        last_is_answer.append(story[-1][1] == sample.target)
+        answers_last.append(predicted[i] == story[-1][1])
         later = len(story) - 1 - sample.supporting[-1]
         after.setdefault(bucket(later, (0, 1, 3, 6)), []).append(right)
         size.setdefault(bucket(len(story), (2, 5, 8)), []).append(right)
@@ -132,11 +143,14 @@ def main() -> None:
         "length": args.length,
         "facts_first": args.facts_first,
         "facts_apart": args.facts_apart,
+        "num_facts": args.num_facts,
         "precision": args.precision,
         "overall": share(sum(predicted[i] == s.target for i, s in enumerate(samples)), len(samples)),
         "errors_by_kind": by_kind,
         "by_facts_after_the_answer": {key: share(sum(v), len(v)) for key, v in sorted(after.items())},
         "by_story_facts": {key: share(sum(v), len(v)) for key, v in sorted(size.items())},
+        "last_place_is_the_answer": share(sum(last_is_answer), len(samples)),
+        "answers_the_last_place": share(sum(answers_last), len(samples)),
     }
     path = write_result(args.name, result)
     placed = " (facts first)" if args.facts_first else " (facts apart)" if args.facts_apart else ""
@@ -146,6 +160,10 @@ def main() -> None:
         print(f"  {kind}: {row['errors']} ({row['share'] or 0:.0%}; a uniform guess {guess:.0%})")
     for title, rows in (("facts after the answer", after), ("facts in the story", size)):
         print(f"  by {title}: " + ", ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in sorted(rows.items())))
+    print(
+        f"  answering the story's last place would score {result['last_place_is_the_answer']['accuracy']:.1%}; "
+        f"the model answers it in {result['answers_the_last_place']['accuracy']:.1%} of the stories"
+    )
     print(path)
 
 
