@@ -493,6 +493,16 @@ def test_the_babilong_armt_config_parses():
     assert config.model.mechanism_config().d_mem == 64
 
 
+COMMITTED_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_CONFIGS, ids=lambda path: path.stem)
+def test_every_committed_config_is_one_the_trainer_accepts(path):
+    """A README command names each config: a key renamed or a value out of range fails here, not in a user's run."""
+    config = load_config(path)
+    config.model.mechanism_config()
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
