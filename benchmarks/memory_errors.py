@@ -99,9 +99,7 @@ def main() -> None:
     model = mf.load(args.checkpoint).eval()
     tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model) or PLACES
-    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart}
-    if args.num_facts:
-        options["num_facts"] = tuple(args.num_facts)
+    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
     predicted: dict[int, str] = {}
     with autocast(args.precision):

@@ -118,22 +118,14 @@ def config_from_dict(data: dict) -> TrainConfig:
 
 
 def _check_num_facts(value, names: list[str]) -> None:
-    """task.num_facts: an int or a [low, high] pair, at least each task's fewest facts, for qa1-qa5 only."""
-    from .tasks.babi import DEFAULT_NUM_FACTS, MIN_FACTS
+    """task.num_facts: what the story generator draws for every task named (`babi.fact_range`, one rule)."""
+    from .tasks.babi import fact_range
 
-    others = [name for name in names if name not in DEFAULT_NUM_FACTS]
-    if others:
-        _fail("task.num_facts", value, f"left out for {others} (only {sorted(DEFAULT_NUM_FACTS)} draw their facts)")
-    bounds = [value] * 2 if isinstance(value, int) else value
-    if (
-        not isinstance(bounds, list)
-        or len(bounds) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in bounds)
-    ):
-        _fail("task.num_facts", value, "an int or a [low, high] list of two ints")
-    fewest = max(MIN_FACTS[name] for name in names)
-    if bounds[0] < fewest or bounds[1] < bounds[0]:
-        _fail("task.num_facts", value, f"at least {fewest} for {names}, and low ≤ high")
+    for name in names:
+        try:
+            fact_range(name, value)
+        except ValueError as error:  # "num_facts must be …" / "num_facts is for tasks …", named as the config does
+            raise ValueError(f"task.{error}") from None
 
 
 def validate(config: TrainConfig) -> None:

@@ -80,8 +80,7 @@ class TaskBatches:
         name = self.config.task_names[index % len(self.config.task_names)]
         placement = self.placement(index)
         options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
-        if t.num_facts is not None:
-            options["num_facts"] = t.num_facts if isinstance(t.num_facts, int) else tuple(t.num_facts)
+        options["num_facts"] = t.num_facts
         for length in self.lengths(index, segments, seed, full):
             try:
                 sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)

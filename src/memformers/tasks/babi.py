@@ -11,7 +11,7 @@ All randomness comes from the `random.Random` passed in, so a seed fixes a story
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
@@ -153,19 +153,26 @@ def _random_move(rng: random.Random, world: World, actor: str) -> None:
 MIN_FACTS = {"qa1": 1, "qa2": 2, "qa3": 3, "qa4": 1, "qa5": 4}  # the fewest sentences a question can need
 
 
-def _num_facts(rng: random.Random, task: str, num_facts: int | tuple[int, int] | None) -> int:
+def fact_range(task: str, num_facts: int | Sequence[int] | None) -> tuple[int, int]:
+    """The (low, high) number of sentences `num_facts` (an int, a (low, high) pair, None: the task's own) asks of
+    `task`'s stories; a ValueError naming num_facts for a task with a fixed story or a range it cannot draw."""
+    if task not in DEFAULT_NUM_FACTS:
+        raise ValueError(f"num_facts is for tasks {sorted(DEFAULT_NUM_FACTS)}; {task!r} has a fixed story")
     if num_facts is None:
-        low, high = DEFAULT_NUM_FACTS[task]
-    elif isinstance(num_facts, int):
-        low = high = num_facts
-    else:
-        low, high = num_facts
-    if low < MIN_FACTS[task] or high < low:
+        return DEFAULT_NUM_FACTS[task]
+    bounds = [num_facts] * 2 if isinstance(num_facts, int) else num_facts
+    ints = isinstance(bounds, list | tuple) and len(bounds) == 2
+    ints = ints and all(isinstance(v, int) and not isinstance(v, bool) for v in bounds)
+    if not ints or bounds[0] < MIN_FACTS[task] or bounds[1] < bounds[0]:
         raise ValueError(
             f"num_facts must be an int >= {MIN_FACTS[task]} for {task}, or an increasing (low, high) pair of such "
             f"ints, got {num_facts!r}"
         )
-    return rng.randint(low, high)
+    return bounds[0], bounds[1]
+
+
+def _num_facts(rng: random.Random, task: str, num_facts: int | Sequence[int] | None) -> int:
+    return rng.randint(*fact_range(task, num_facts))
 
 
 def _simulate(rng: random.Random, world: World, actors: tuple[str, ...], steps: int, gives: bool) -> None:
@@ -343,13 +350,12 @@ STORY_GENERATORS: dict[str, Callable[[random.Random], Story]] = {
 }
 
 
-def generate_story(task: str, rng: random.Random, num_facts: int | tuple[int, int] | None = None) -> Story:
+def generate_story(task: str, rng: random.Random, num_facts: int | Sequence[int] | None = None) -> Story:
     """One story of a bAbI-style task; all randomness comes from `rng`. `num_facts` (qa1-qa5: an int or a (low,
     high) range) sets how many sentences the story has; None: the task's own range (`DEFAULT_NUM_FACTS`)."""
     if task not in STORY_GENERATORS:
         raise ValueError(f"task must be one of {sorted(STORY_GENERATORS)}, got {task!r}")
     if num_facts is None:
         return STORY_GENERATORS[task](rng)
-    if task not in DEFAULT_NUM_FACTS:
-        raise ValueError(f"num_facts is for tasks {sorted(DEFAULT_NUM_FACTS)}; {task!r} has a fixed story")
+    fact_range(task, num_facts)  # a task with a fixed story takes none
     return STORY_GENERATORS[task](rng, num_facts)

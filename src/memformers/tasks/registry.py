@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def make_sample(
     training: bool = False,
     facts_first: bool = False,
     facts_apart: bool = False,
-    num_facts: int | tuple[int, int] | None = None,
+    num_facts: int | Sequence[int] | None = None,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
