@@ -19,6 +19,7 @@ import torch
 from common import share, write_result
 
 import memformers as mf
+from memformers.babilong_metric import babilong_correct, babilong_labels
 from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import generate_answers, generates
 from memformers.precision import autocast
@@ -44,6 +45,7 @@ def main() -> None:
     if not generates(model):
         parser.error("--checkpoint: a decoder with a causal-LM head (it generates its answers)")
     tokenizer = get_tokenizer(checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint)))
+    labels = babilong_labels(args.task)  # generated answers are scored as `memformers eval` scores them
     rows = {}
     for length in (int(n) for n in args.lengths.split(",")):
         made = [
@@ -60,7 +62,9 @@ def main() -> None:
             right = answer_correct(logits, batch["labels"], batch["attention_mask"], True, model.content_size,
                                    model.alignment)  # fmt: skip
             forced += int(right.sum())
-            generated += sum(s.target in a for s, a in zip(part, answers, strict=True))
+            generated += sum(
+                babilong_correct(a, s.target, s.question, labels) for s, a in zip(part, answers, strict=True)
+            )
         rows[str(length)] = {"teacher_forced": share(forced, len(made)), "generated": share(generated, len(made))}
         print(f"{length} tokens: teacher-forced {forced}/{len(made)}, generated {generated}/{len(made)}", flush=True)
     config = {"checkpoint": args.checkpoint, "task": args.task, "facts_first": args.facts_first}
