@@ -197,10 +197,11 @@ def test_value_projection_starts_at_zero_and_memory_has_constant_size():
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_untrained_segments_equal_the_backbone_with_memory_tokens_appended(family):
+@pytest.mark.parametrize("writers", ["memory", "all"])
+def test_untrained_segments_equal_the_backbone_with_memory_tokens_appended(family, writers):
     """W_V = 0: every segment's outputs are the bare backbone's on [segment ; memory tokens] (encoders:
     [CLS] segment [SEP] memory), though the memory has been written (z grows) for several segments."""
-    model = tiny_armt(family).eval()
+    model = tiny_armt(family, writers=writers).eval()
     c = model.content_size
     ids = random_ids(2, 4 * c)
     embed = model.backbone.get_input_embeddings()
@@ -259,20 +260,57 @@ def test_causal_memory_tokens_see_only_the_ones_before_them(memory_attention, la
     assert bool((outputs[-1][:, -1] - outputs[1][:, -1]).abs().max() > 1e-6)  # the changed token itself does
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_with_every_position_writing_each_real_position_of_a_row_writes_and_its_padding_does_not(family):
+    """writers="all": a segment's new state is the delta rule applied to the block outputs of every real position
+    ([CLS], content, [SEP] and memory tokens of an encoder; content and memory tokens of a decoder), per row, and
+    not the memory tokens' outputs alone."""
+    model = writing(tiny_armt(family, writers="all")).double().eval()
+    c, m = model.content_size, model.num_memory_tokens
+    lengths = [c, c - 4]
+    ids = random_ids(2, c)
+    mask = torch.ones_like(ids)
+    mask[1, lengths[1] :] = 0
+    blocks = backbone_layers.layer_stack(model.backbone)
+    outputs = []
+    handles = [
+        b.register_forward_hook(lambda _m, _a, out: outputs.append(backbone_layers.block_output_hidden(out)))
+        for b in blocks
+    ]
+    with torch.no_grad():
+        state = writing(tiny_armt(family, writers="all"), seed=1).double()(random_ids(2, 2 * c)).state
+        try:
+            _, new_state = model.step(mf.Segment(ids, mask), state)
+        finally:
+            for handle in handles:
+                handle.remove()
+        extra = 2 if family in ENCODERS else 0  # [CLS] and [SEP]
+        for layer, (memory, hidden) in enumerate(zip(model.layers, outputs, strict=True)):
+            for row, n in enumerate(lengths):
+                real = hidden[row : row + 1, : n + extra + m]
+                matrix, normalizer = state.matrix[layer, row : row + 1], state.normalizer[layer, row : row + 1]
+                expected = memory.write(real, matrix, normalizer)
+                torch.testing.assert_close(new_state.matrix[layer, row : row + 1], expected[0], rtol=1e-9, atol=1e-10)
+                torch.testing.assert_close(new_state.normalizer[layer, row : row + 1], expected[1])
+                memory_only = memory.write(real[:, -m:], matrix, normalizer)[0]
+                assert not torch.allclose(new_state.matrix[layer, row : row + 1], memory_only)
+
+
 # --- memory carries information -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_token_in_segment_one_changes_segment_eight(family):
+@pytest.mark.parametrize("writers", ["memory", "all"])
+def test_a_token_in_segment_one_changes_segment_eight(family, writers):
     c = tiny_armt(family).content_size
     ids = random_ids(1, 8 * c)
     changed = ids.clone()
     changed[0, 2] += 1
     last = slice(7 * c, 8 * c)
     with torch.no_grad():
-        silent = tiny_armt(family).eval()  # W_V = 0: nothing is read, segment 8 cannot know
+        silent = tiny_armt(family, writers=writers).eval()  # W_V = 0: nothing is read, segment 8 cannot know
         torch.testing.assert_close(silent(ids).logits[0, last], silent(changed).logits[0, last], rtol=0, atol=0)
-        model = writing(tiny_armt(family)).eval()
+        model = writing(tiny_armt(family, writers=writers)).eval()
         difference = (model(ids).logits[0, last] - model(changed).logits[0, last]).abs().max()
     assert difference > 1e-4
 
@@ -280,11 +318,16 @@ def test_a_token_in_segment_one_changes_segment_eight(family):
 # --- rows never mix ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "memory_attention"), ARRANGEMENTS)
+@pytest.mark.parametrize(
+    ("family", "memory_attention", "writers"),
+    [(*arrangement, "memory") for arrangement in ARRANGEMENTS]
+    + [("bert", None, "all"), ("bert", "causal", "all"), ("llama", None, "all"), ("gpt2", None, "all")],
+)
 @pytest.mark.parametrize("alignment", ["left", "right"])
-def test_each_row_equals_running_it_alone(family, memory_attention, alignment):
-    """In fp64, so that any difference is mixing, not rounding amplified by the reads' division."""
-    model = tiny_armt(family, alignment=alignment, memory_attention=memory_attention)
+def test_each_row_equals_running_it_alone(family, memory_attention, writers, alignment):
+    """In fp64, so that any difference is mixing, not rounding amplified by the reads' division. With every
+    position writing, a row's padding writes nothing."""
+    model = tiny_armt(family, alignment=alignment, memory_attention=memory_attention, writers=writers)
     model = writing(model).double().eval()
     c = model.content_size
     lengths = [3 * c + 5, c - 3, 2 * c]
@@ -300,8 +343,9 @@ def test_each_row_equals_running_it_alone(family, memory_attention, alignment):
             torch.testing.assert_close(together.state.matrix[:, row], alone.state.matrix[:, 0], rtol=1e-9, atol=1e-10)
 
 
-def test_gradient_of_one_row_reaches_no_other_row():
-    model = writing(tiny_armt("llama"))
+@pytest.mark.parametrize("writers", ["memory", "all"])
+def test_gradient_of_one_row_reaches_no_other_row(writers):
+    model = writing(tiny_armt("llama", writers=writers))
     ids = random_ids(2, 3 * model.content_size)
     captured = []
     handle = model.backbone.get_input_embeddings().register_forward_hook(_keeper(captured))
@@ -509,6 +553,7 @@ def test_bad_input_names_the_argument():
         ({"normalize_features": "yes"}, "normalize_features"),
         ({"memory_layers": []}, "memory_layers"),
         ({"normalize_gate": 1}, "normalize_gate"),
+        ({"writers": "content"}, "writers"),
         ({"gate_bias": "one"}, "gate_bias"),
         ({"gate_bias": float("nan")}, "gate_bias"),
         ({"memory_init_std": 0.0}, "memory_init_std"),

@@ -36,6 +36,11 @@ another, so m tokens that start alike end alike in a pretrained encoder's upper 
 two of them), and a segment writes one association m times. "causal" (a decoder's only arrangement, which an encoder
 may choose): memory token i sees the segment and memory tokens 1..i, the segment sees none of them, so token i can
 write what tokens before it left out, and the segment's outputs do not depend on this segment's memory tokens.
+
+`writers="all"` (not the paper's) has every real position of the segment write as well, with the same W_K, W_V, W_β:
+a memory token's key is learnt from its position, and in a trained model it barely depends on what the segment says
+(benchmarks/armt_segment_writes.py), so a later write cannot find the association it should replace; a content
+token's key starts as what the token is (an actor's name), and its value can carry what the segment says about it.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class ARMTConfig(MechanismConfig):
         "normalize_features",
         "memory_layers",
         "normalize_gate",
+        "writers",
     )
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
@@ -134,6 +140,10 @@ class ARMTConfig(MechanismConfig):
     normalize_features: bool | None = None  # φ of queries and keys at unit length; None: True (a saved model: as saved)
     memory_layers: tuple[int, ...] | None = None  # blocks with a memory (negative: from the top); None: all
     normalize_gate: bool = False  # β = σ(W_β m / rms(m) + b); the paper's (False) reads m as it is
+    # Who writes: "memory", the paper's (the memory tokens' outputs), or "all" (every real position of the segment
+    # as well: a content token's key can then be what it is, e.g. an actor's name, and its value what the segment
+    # says about it, so a later segment's token of the same name finds and replaces it).
+    writers: str = "memory"
     # Initialisation only (a saved model loads its weights): the authors' later code starts W_β's bias at 1 (β ≈ 0.73
     # for a zero input) and the memory embeddings at std 0.02; None: nn.Linear's own bias draw, and the memory at the
     # backbone embeddings' std, as the paper's code and RMT do.
@@ -154,6 +164,7 @@ class ARMTConfig(MechanismConfig):
             check_choice("memory_attention", self.memory_attention, ("full", "causal"))
         if self.memory_layers is not None:
             self.memory_layers = check_layers("memory_layers", self.memory_layers)
+        check_choice("writers", self.writers, ("memory", "all"))
         if not isinstance(self.normalize_gate, bool):
             raise ValueError(f"normalize_gate must be True or False, got {self.normalize_gate!r}")
         if self.normalize_features not in (None, True, False):
@@ -166,6 +177,14 @@ class ARMTConfig(MechanismConfig):
     @property
     def d_key(self) -> int:
         return 2 * self.nu * self.d_mem
+
+
+@dataclass
+class Writers:
+    """The positions of a segment's layout whose outputs write the memory."""
+
+    positions: torch.Tensor  # [batch, k] positions in the layout
+    mask: torch.Tensor | None = None  # [batch, k] 1 = writes (0: padding); None: every one
 
 
 @dataclass
@@ -238,12 +257,19 @@ class AssociativeMemory(nn.Module):
         return associative_read(features, matrix.to(features.dtype), normalizer.to(features.dtype))
 
     def write(
-        self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor
+        self,
+        memory: torch.Tensor,
+        matrix: torch.Tensor,
+        normalizer: torch.Tensor,
+        mask: torch.Tensor | None = None,  # [batch, m] 1 = writes; None: every one
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new (A, z) after the memory tokens' outputs `memory` [batch, m, hidden] write, computed in the
-        state's precision (`state_dtype`), outside any autocast: nothing carried is rounded."""
+        """The new (A, z) after the outputs `memory` [batch, m, hidden] of the writing tokens write, computed in the
+        state's precision (`state_dtype`), outside any autocast: nothing carried is rounded. A token whose `mask`
+        is 0 has a zero key, and a zero key changes neither A nor z."""
         with torch.autocast(memory.device.type, enabled=False):
             keys, values, betas = self.write_terms(memory.to(matrix.dtype))
+            if mask is not None:
+                keys = keys * mask.to(keys.dtype).unsqueeze(-1)
             return delta_rule_write(keys, values, betas, matrix, normalizer)
 
 
@@ -342,9 +368,10 @@ class AssociativeMemoryTransformer(MemoryModel):
 
     def _layout(
         self, ids: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # embeds [b, L, hidden], mask, write [b, m]
+    ) -> tuple[torch.Tensor, torch.Tensor, Writers]:  # embeds [b, L, hidden], mask, writers
         """Input embeddings with the memory tokens right after each row's content (and [SEP]), padding last; the
-        mask is [b, L], or [b, 1, L, L] (True: may attend) for an encoder with causal memory tokens."""
+        mask is [b, L], or [b, 1, L, L] (True: may attend) for an encoder with causal memory tokens; the positions
+        that write (`writers`)."""
         batch, n = ids.shape
         m = self.num_memory_tokens
         embed = self.backbone.get_input_embeddings()
@@ -360,7 +387,10 @@ class AssociativeMemoryTransformer(MemoryModel):
         index = torch.where(p < start, p, torch.where(p < start + tail, p - start + self.prefix + n, p - tail))
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < start + tail).long().expand(batch, -1)
-        write = start + self.suffix + torch.arange(m, device=ids.device)  # [batch, m] memory positions
+        if self.config.writers == "all":  # every real position; padding writes nothing
+            write = Writers(p.expand(batch, -1), full_mask)  # [batch, L]
+        else:
+            write = Writers(start + self.suffix + torch.arange(m, device=ids.device))  # [batch, m] memory positions
         if self.causal_memory and not self.info.is_decoder:
             full_mask = _causal_memory_mask(full_mask.bool(), start + self.suffix)
         return embeds, full_mask, write
@@ -369,7 +399,7 @@ class AssociativeMemoryTransformer(MemoryModel):
     def _hooked(
         self,
         state: AssociativeState,
-        write: torch.Tensor | None,  # [batch, m] memory positions; None: read only (generation)
+        write: Writers | None,  # the writing positions; None: read only (generation)
         written: list | None,
     ) -> Iterator[None]:
         """Hooks on the backbone's blocks for one pass: each block's input reads its layer's memory, its memory
@@ -450,15 +480,16 @@ def _writer(
     memory: AssociativeMemory,
     matrix: torch.Tensor,
     normalizer: torch.Tensor,
-    write: torch.Tensor,  # [batch, m]
+    write: Writers,
     written: list,
     index: int,
 ):
-    """A forward hook writing the memory tokens' outputs of a block into `written[index]`."""
+    """A forward hook writing the outputs of a block's writing tokens into `written[index]`."""
 
     def hook(module, args, output):
         hidden = backbone_layers.block_output_hidden(output)  # [batch, L, hidden]
-        tokens = hidden.gather(1, write.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [batch, m, hidden]
-        written[index] = memory.write(tokens, matrix, normalizer)
+        positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
+        written[index] = memory.write(tokens, matrix, normalizer, write.mask)
 
     return hook
