@@ -1,0 +1,188 @@
+"""Which segment's write an ARMT model's answer comes from, on qa1 stories spread over several segments.
+
+    python benchmarks/armt_segment_writes.py --checkpoint runs/cpu_babilong_qa1_armt_apart_few_facts/best/model \\
+        --length 248 --facts-apart --num-facts 2 3 --name armt_segment_writes_apart
+
+The question ends the last segment, so every fact reaches it through the associative memory. Each sample is read
+three ways, segment by segment, with the model's own `step`:
+- as trained: every segment writes;
+- without segment s's write (its state passes through unchanged), for each segment s before the question's;
+- with segment s's write alone (every other segment's skipped).
+`--lead-in N` reads N segments of noise alone (segments of the same samples that hold no fact) before each story, so
+that the story's first fact is not in the first segment that writes; segment numbers then count from the story's.
+Accuracy is split by the segment that holds the fact answering the question (the actor's last move): a memory that
+binds answers from that segment's write, and loses the answer when that write is skipped. Beside it, per segment
+and layer: the mean write strength β = σ(W_β m_i); how alike the write's keys φ(W_K m_i) are between the memory tokens
+of one story (`key_cosine_tokens`) and between stories at the same memory token (`key_cosine_rows`: near 1, the keys
+do not depend on what the segment says, so a later write cannot find and replace the one it should); and how much
+the write changed the memory, ‖ΔA‖ / ‖A‖ after it.
+Writes results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from common import share, write_result
+
+import memformers as mf
+from memformers.cli.checkpoints import checkpoint_tokenizer
+from memformers.evaluation import class_answers, sample_segments
+from memformers.precision import autocast
+from memformers.saving import read_config
+from memformers.segments import Segment
+from memformers.tasks import make_sample
+from memformers.tasks.babi import PLACES
+
+WRITE_TERMS = ("beta", "key_cosine_tokens", "key_cosine_rows")
+
+
+def segment_of(position: int, length: int, content_size: int, alignment: str) -> int:
+    """The index of the segment holding token `position` of a `length`-token sample."""
+    first = length % content_size if alignment == "right" else 0
+    if first and position < first:
+        return 0
+    return (1 if first else 0) + (position - first) // content_size
+
+
+def read(model, segments: list, writes: set[int], record: dict | None = None) -> list[int]:
+    """The predicted classes when only the segments in `writes` write (the others pass the state on unchanged).
+    `record`, if given, collects per segment each layer's WRITE_TERMS and relative change of A."""
+    state = model.init_state(segments[0].input_ids.shape[0])
+    terms: list[dict] = []
+    if record is not None:  # this instance only: each layer's write reports its β on the way
+        for layer in model.layers:
+            layer.write = _recording_writes(layer, terms)
+    try:
+        for index, segment in enumerate(segments):
+            terms.clear()
+            output, new_state = model.step(segment, state)
+            if record is not None:
+                change = (new_state.matrix - state.matrix).flatten(2).norm(dim=-1)  # [layers, batch]
+                size = new_state.matrix.flatten(2).norm(dim=-1).clamp_min(1e-12)
+                for key in WRITE_TERMS:
+                    record[index][key].append([layer_terms[key] for layer_terms in terms])
+                record[index]["change"].append((change / size).mean(-1).tolist())
+            if index in writes:
+                state = new_state
+    finally:
+        for layer in model.layers:
+            layer.__dict__.pop("write", None)
+    return output.logits.argmax(dim=-1).tolist()
+
+
+def _recording_writes(layer, terms: list[dict]):
+    """`layer.write`, appending to `terms` the mean β of the write and how alike its keys are: between the memory
+    tokens of one row, and between the rows (other stories) at the same memory token."""
+    method = type(layer).write
+
+    def write(memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor):
+        with torch.autocast(memory.device.type, enabled=False):
+            keys, _, betas = layer.write_terms(memory.to(matrix.dtype))  # [batch, m, d_key], [batch, m]
+            terms.append(
+                {
+                    "beta": float(betas.mean()),
+                    "key_cosine_tokens": mean_pairwise_cosine(keys),
+                    "key_cosine_rows": mean_pairwise_cosine(keys.transpose(0, 1)),
+                }
+            )
+        return method(layer, memory, matrix, normalizer)
+
+    return write
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> float:  # x [groups, n, d] → mean cosine over pairs i ≠ j of a group
+    unit = F.normalize(x, dim=-1)
+    cosine = unit @ unit.transpose(1, 2)  # [groups, n, n]
+    n = x.shape[1]
+    return float((cosine.sum((1, 2)) - cosine.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (n * (n - 1)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="A saved ARMT classification model.")
+    parser.add_argument("--length", type=int, default=248, help="Tokens a sample (several segments).")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
+    placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
+    parser.add_argument("--num-facts", type=int, nargs=2, metavar=("LOW", "HIGH"), help="Stories of LOW..HIGH facts.")
+    parser.add_argument("--lead-in", type=int, default=0, help="Noise-only segments read before each story.")
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="armt_segment_writes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = mf.load(args.checkpoint).eval()
+    if not isinstance(model, mf.AssociativeMemoryTransformer) or model.token_level:
+        parser.error("--checkpoint: an ARMT classification model is needed")
+    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
+    classes = class_answers(model) or PLACES
+    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
+    samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
+    length = samples[0].num_tokens
+    where = lambda p: segment_of(p, length, model.content_size, model.alignment)  # noqa: E731
+    count = where(length - 1) + 1
+    if where(min(s.question_position for s in samples)) != count - 1 or any(
+        where(p) == count - 1 for s in samples for p in s.fact_positions
+    ):
+        parser.error("--length: every fact must lie before the question's segment, and the question in the last")
+    answer_segment = [where(s.fact_positions[s.supporting[-1]]) for s in samples]
+    noise_only = [  # (sample, segment) pairs holding neither a fact nor the question
+        (i, s)
+        for i, sample in enumerate(samples)
+        for s in range(count - 1)
+        if s not in {where(p) for p in sample.fact_positions}
+    ]
+    if args.lead_in and not noise_only:
+        parser.error("--lead-in: no segment of these samples holds noise alone")
+    lead = args.lead_in  # the story's segment s is read as segment lead + s
+    ways = {"all": set(range(lead + count))}
+    ways |= {f"without {s}": set(range(lead + count)) - {lead + s} for s in range(count - 1)}
+    ways |= {f"only {s}": set(range(lead)) | {lead + s} for s in range(count - 1)}
+    predicted: dict[str, list[str]] = defaultdict(list)
+    record: dict[int, dict[str, list]] = {s: {key: [] for key in (*WRITE_TERMS, "change")} for s in range(lead + count)}
+    split = lambda rows: list(sample_segments(rows, model.content_size, model.alignment))  # noqa: E731
+    with torch.no_grad(), autocast(args.precision):
+        for start in range(0, len(samples), args.batch):
+            segments = split(samples[start : start + args.batch])
+            rows = len(segments[0].input_ids)
+            for n in range(lead):  # row r reads noise-only segment number (start + r + n · rows) of the list
+                picks = [noise_only[(start + r + n * rows) % len(noise_only)] for r in range(rows)]
+                ids = torch.stack([split([samples[i]])[s].input_ids[0] for i, s in picks])
+                segments.insert(n, Segment(ids, torch.ones_like(ids), index=n))
+            for way, writes in ways.items():
+                labels = read(model, segments, writes, record if way == "all" else None)
+                predicted[way] += [classes[label] for label in labels]
+    result = {"checkpoint": args.checkpoint, "task": "qa1", "length": length, "segments": count} | options
+    result["precision"], result["samples"], result["lead_in"] = args.precision, len(samples), lead
+    result["answer_segment_counts"] = {str(s): answer_segment.count(s) for s in range(count)}
+    reads = {}
+    for way, answers in predicted.items():
+        by_segment = {}
+        for s in sorted(set(answer_segment)):
+            rows = [i for i, a in enumerate(answer_segment) if a == s]
+            by_segment[str(s)] = share(sum(answers[i] == samples[i].target for i in rows), len(rows))
+        changed = sum(a != b for a, b in zip(answers, predicted["all"], strict=True))
+        overall = share(sum(a == s.target for a, s in zip(answers, samples, strict=True)), len(samples))
+        reads[way] = {"overall": overall, "by_answer_segment": by_segment, "changed_from_all": changed}
+        cells = ", ".join(f"fact in {s}: {v['correct']}/{v['samples']}" for s, v in by_segment.items())
+        print(f"{way:>10}: {overall['accuracy']:.1%} ({cells}); {changed} answers differ from all writes")
+    result["reads"] = reads
+    writes = {}
+    for s, rows in record.items():
+        name = f"lead-in {s}" if s < lead else str(s - lead)
+        writes[name] = {  # per layer, averaged over batches
+            key: [round(float(v), 4) for v in torch.tensor(values).mean(0)] for key, values in rows.items()
+        }
+        print(f"segment {name}: " + "  ".join(f"{key} {values}" for key, values in writes[name].items()))
+    result["writes"] = writes
+    print(write_result(args.name, result))
+
+
+if __name__ == "__main__":
+    main()
