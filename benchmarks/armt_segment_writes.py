@@ -1,7 +1,7 @@
 """Which segment's write an ARMT model's answer comes from, on qa1 stories spread over several segments.
 
-    python benchmarks/armt_segment_writes.py --checkpoint runs/cpu_babilong_qa1_armt_apart_few_facts/best/model \\
-        --length 248 --facts-apart --num-facts 2 3 --name armt_segment_writes_apart
+    python benchmarks/armt_segment_writes.py --checkpoint runs/cpu_babilong_qa1_armt_apart_few_facts/final \\
+        --length 248 --facts-apart --num-facts 2 3 --name armt_segment_writes_apart_few_facts_step1000
 
 The question ends the last segment, so every fact reaches it through the associative memory. Each sample is read
 three ways, segment by segment, with the model's own `step`:
@@ -12,10 +12,10 @@ three ways, segment by segment, with the model's own `step`:
 that the story's first fact is not in the first segment that writes; segment numbers then count from the story's.
 Accuracy is split by the segment that holds the fact answering the question (the actor's last move): a memory that
 binds answers from that segment's write, and loses the answer when that write is skipped. Beside it, per segment
-and layer: the mean write strength β = σ(W_β m_i); how alike the write's keys φ(W_K m_i) are between the memory tokens
-of one story (`key_cosine_tokens`) and between stories at the same memory token (`key_cosine_rows`: near 1, the keys
-do not depend on what the segment says, so a later write cannot find and replace the one it should); and how much
-the write changed the memory, ‖ΔA‖ / ‖A‖ after it.
+and layer: the mean write strength β = σ(W_β m_i); how alike the write's keys φ(W_K m_i) are between the writing
+tokens of one story (`key_cosine_tokens`) and between stories at the same writing position (`key_cosine_rows`: near 1,
+the keys do not depend on what the segment says, so a later write cannot find and replace the one it should); and
+how much the write changed the memory, ‖ΔA‖ / ‖A‖ after it.
 Writes results/NAME.json.
 """
 
@@ -25,7 +25,7 @@ import argparse
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
+from armt_memory_probe import pairwise_cosine
 from common import share, write_result
 
 import memformers as mf
@@ -75,30 +75,24 @@ def read(model, segments: list, writes: set[int], record: dict | None = None) ->
 
 
 def _recording_writes(layer, terms: list[dict]):
-    """`layer.write`, appending to `terms` the mean β of the write and how alike its keys are: between the memory
-    tokens of one row, and between the rows (other stories) at the same memory token."""
+    """`layer.write`, appending to `terms` the mean β of the write and how alike its keys are: between the writing
+    tokens of one row, and between the rows (other stories) at the same writing position (rows without padding)."""
     method = type(layer).write
 
-    def write(memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor):
+    def write(memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, mask=None):
         with torch.autocast(memory.device.type, enabled=False):
-            keys, _, betas = layer.write_terms(memory.to(matrix.dtype))  # [batch, m, d_key], [batch, m]
+            keys, _, betas = layer.write_terms(memory.to(matrix.dtype))  # [batch, k, d_key], [batch, k]
+            weights = torch.ones_like(betas) if mask is None else mask.to(betas.dtype)
             terms.append(
                 {
-                    "beta": float(betas.mean()),
-                    "key_cosine_tokens": mean_pairwise_cosine(keys),
-                    "key_cosine_rows": mean_pairwise_cosine(keys.transpose(0, 1)),
+                    "beta": float((betas * weights).sum() / weights.sum()),
+                    "key_cosine_tokens": pairwise_cosine(keys),
+                    "key_cosine_rows": pairwise_cosine(keys.transpose(0, 1)),
                 }
             )
-        return method(layer, memory, matrix, normalizer)
+        return method(layer, memory, matrix, normalizer, mask)
 
     return write
-
-
-def mean_pairwise_cosine(x: torch.Tensor) -> float:  # x [groups, n, d] → mean cosine over pairs i ≠ j of a group
-    unit = F.normalize(x, dim=-1)
-    cosine = unit @ unit.transpose(1, 2)  # [groups, n, n]
-    n = x.shape[1]
-    return float((cosine.sum((1, 2)) - cosine.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (n * (n - 1)))
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The two probes of what a memory keeps: qa1 errors sorted by kind, and memory tokens that write the same thing."""
+"""The probes of what a memory keeps: qa1 errors sorted by kind, memory tokens that write the same thing, and which
+segment's write an ARMT answer comes from."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import random_ids, tiny_backbone
 
+import memformers as mf
+from memformers.segments import split_into_segments
 from memformers.tasks.babi import qa1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import armt_memory_probe  # noqa: E402
+import armt_segment_writes  # noqa: E402
 import memory_errors  # noqa: E402
 
 STORY = [("Mary", "kitchen"), ("John", "garden"), ("Mary", "office")]  # where is Mary? the office
@@ -54,3 +60,53 @@ def test_pairwise_cosine_is_one_for_copies_and_ignores_each_token_with_itself():
     assert abs(armt_memory_probe.pairwise_cosine(one.expand(2, 4, 8)) - 1) < 1e-6
     orthogonal = torch.eye(4).unsqueeze(0)  # [1, 4 tokens, 4]
     assert abs(armt_memory_probe.pairwise_cosine(orthogonal)) < 1e-6
+
+
+def test_segments_are_counted_from_the_first_as_the_model_reads_them():
+    where = armt_segment_writes.segment_of
+    assert [where(p, 248, 62, "right") for p in (0, 61, 62, 247)] == [0, 0, 1, 3]
+    assert [where(p, 250, 62, "right") for p in (0, 1, 2, 63, 64, 249)] == [0, 0, 1, 1, 2, 4]  # a short first one
+    assert [where(p, 250, 62, "left") for p in (0, 61, 62, 249)] == [0, 0, 1, 4]
+
+
+def _classifier() -> mf.AssociativeMemoryTransformer:
+    """A tiny ARMT classifier whose memory is read (random W_V, as after training)."""
+    torch.manual_seed(0)
+    model = mf.AssociativeMemoryTransformer(
+        tiny_backbone("bert", "classification"),
+        num_memory_tokens=3,
+        segment_size=16,
+        d_mem=4,
+        cls_token_id=3,
+        sep_token_id=4,
+    )
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.value.weight.normal_(0, layer.value.weight.shape[1] ** -0.5)
+    return model.eval()
+
+
+def test_reading_with_every_write_is_the_model_and_skipped_writes_are_never_written():
+    model = _classifier()
+    ids = random_ids(4, 4 * model.content_size)
+    segments = split_into_segments(ids, content_size=model.content_size)
+    record = {s: {key: [] for key in (*armt_segment_writes.WRITE_TERMS, "change")} for s in range(4)}
+    with torch.no_grad():
+        assert armt_segment_writes.read(model, segments, {0, 1, 2, 3}, record) == model(ids).logits.argmax(-1).tolist()
+        alone = armt_segment_writes.read(model, segments[-1:], set())  # the last segment, from an empty memory
+        assert armt_segment_writes.read(model, segments, set()) == alone
+        logits = {}
+        for skipped in range(3):
+            state = model.init_state(4)
+            for index, segment in enumerate(segments):
+                output, new_state = model.step(segment, state)
+                state = state if index == skipped else new_state
+            logits[skipped] = output.logits
+            assert (
+                armt_segment_writes.read(model, segments, {0, 1, 2, 3} - {skipped}) == output.logits.argmax(-1).tolist()
+            )
+    assert not torch.equal(logits[0], logits[1])  # the probe's reads differ, so the comparison above can fail
+    assert "write" not in vars(model.layers[0])  # the recording is removed
+    betas = [b for s in range(4) for row in record[s]["beta"] for b in row]
+    assert len(record[0]["beta"]) == 1 and len(betas) == 4 * len(model.layers) and all(0 < b < 1 for b in betas)
+    assert record[0]["change"] == [pytest.approx([1.0] * len(model.layers))]  # the first write fills an empty memory
