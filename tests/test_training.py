@@ -215,6 +215,28 @@ def test_resuming_with_changed_settings_says_which(tmp_path):
         train(changed, stop_after_steps=4, progress=False)
 
 
+def test_a_finished_run_goes_on_when_its_budget_is_raised_and_says_so_when_not(tmp_path):
+    """Resuming a run that ended on its step budget with a larger curriculum.max_steps_per_stage trains the steps
+    the larger budget adds to its last stage; with the same budget it trains nothing and says how to go on."""
+    from memformers.errors import InputWarning
+
+    changes = {"curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 2}
+    config = tiny(tmp_path, **changes)
+    train(config, progress=False)
+    assert [r["step"] for r in records(config.output_dir, "train")] == [1, 2, 3, 4]
+    with pytest.warns(InputWarning, match="nothing to train; raise curriculum.max_steps_per_stage"):
+        train(config, progress=False)
+    assert len(records(config.output_dir, "train")) == 4
+    longer = tiny(tmp_path, **changes | {"curriculum.max_steps_per_stage": 3})
+    with pytest.warns(InputWarning, match="continuing from step 4 to at most 5"):
+        train(longer, progress=False)
+    assert [(r["step"], r["segments"]) for r in records(config.output_dir, "train")][-2:] == [(4, 2), (5, 2)]
+    assert records(config.output_dir, "stage")[-1] | {"accuracy": None} == {
+        "type": "stage", "step": 5, "reason": "budget", "accuracy": None, "segments": 2, "done": True
+    }  # fmt: skip
+    assert training.latest_checkpoint(config.output_dir).name == "checkpoint-0000005"
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     config = tiny(tmp_path)
     real_save = torch.save

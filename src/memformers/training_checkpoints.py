@@ -161,6 +161,27 @@ class CheckpointMixin:
             message = f"resuming {path.name} with settings it was not trained with: " + "; ".join(changed)
             warnings.warn(message, InputWarning, stacklevel=2)
 
+    def _reopen_if_budget_left(self, path: Path) -> None:
+        """A finished run goes on when today's config gives it steps it did not have (a larger
+        curriculum.max_steps_per_stage or optim.total_steps), and says either way what it does: raising the budget
+        is how a user extends a run whose curve was still moving."""
+        c, s = self.config.curriculum, self.state
+        in_stage = s.step - s.stage_start
+        reached = c.stop_at_threshold and s.best[0] == s.stage and s.best[1] >= c.threshold
+        if in_stage < c.max_steps_per_stage and s.step < self.config.total_steps and not reached:
+            s.done = False
+            message = (
+                f"{path.name} is the end of a finished run; today's settings give it more steps: continuing from step "
+                f"{s.step} to at most {min(self.config.total_steps, s.stage_start + c.max_steps_per_stage)}"
+            )
+        else:
+            message = (
+                f"{path.name} is the end of a finished run (step {s.step}): nothing to train; raise "
+                "curriculum.max_steps_per_stage or optim.total_steps to go on"
+            )
+        if self.accelerator.is_main_process:
+            warnings.warn(message, InputWarning, stacklevel=2)
+
     def _load_trainer_state(self, path: Path) -> None:
         if self.accelerator.is_main_process:
             self._warn_changed_config(path)
@@ -169,6 +190,8 @@ class CheckpointMixin:
         self.scheduler.load_state_dict(trainer["scheduler"])
         state = trainer["state"]
         self.state = TrainState(**(state | {"best": tuple(state["best"])}))
+        if self.state.done:
+            self._reopen_if_budget_left(path)
         rng = path / f"rng-{self.accelerator.process_index}.pt"
         if trainer["num_processes"] == self.accelerator.num_processes and rng.exists():
             set_rng_state(torch.load(rng, weights_only=False))
