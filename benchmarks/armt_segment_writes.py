@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 from armt_memory_probe import pairwise_cosine
-from common import share, write_result
+from common import add_story_placement, share, story_placement, write_result
 
 import memformers as mf
 from memformers.cli.checkpoints import checkpoint_tokenizer
@@ -99,10 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="A saved ARMT classification model.")
     parser.add_argument("--length", type=int, default=248, help="Tokens a sample (several segments).")
-    placement = parser.add_mutually_exclusive_group()
-    placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
-    placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
-    parser.add_argument("--num-facts", type=int, nargs=2, metavar=("LOW", "HIGH"), help="Stories of LOW..HIGH facts.")
+    add_story_placement(parser)
     parser.add_argument("--lead-in", type=int, default=0, help="Noise-only segments read before each story.")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--batch", type=int, default=50)
@@ -116,7 +113,7 @@ def main() -> None:
         parser.error("--checkpoint: an ARMT classification model is needed")
     tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model) or PLACES
-    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
+    options = story_placement(args)
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
     length = samples[0].num_tokens
     where = lambda p: segment_of(p, length, model.content_size, model.alignment)  # noqa: E731

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -65,3 +66,18 @@ def share(correct: int, total: int) -> dict:
     """A count of right answers as its accuracy with a 95% interval (None where nothing was counted)."""
     low, high = wilson_interval(correct, total) if total else (0.0, 1.0)
     return {"samples": total, "correct": correct, "accuracy": correct / total if total else None, "ci95": [low, high]}
+
+
+def add_story_placement(parser: argparse.ArgumentParser) -> None:
+    """--facts-first / --facts-apart and --num-facts, as `make_sample` takes them (`story_placement` reads them)."""
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
+    placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
+    parser.add_argument(
+        "--num-facts", type=int, nargs=2, metavar=("LOW", "HIGH"), help="Stories of LOW..HIGH facts (qa1's own: 2 10)."
+    )
+
+
+def story_placement(args: argparse.Namespace) -> dict:
+    """`make_sample`'s facts_first, facts_apart and num_facts from the arguments of `add_story_placement`."""
+    return {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}

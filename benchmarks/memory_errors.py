@@ -24,7 +24,7 @@ import argparse
 from collections import Counter
 
 import torch
-from common import share, write_result
+from common import add_story_placement, share, story_placement, write_result
 
 import memformers as mf
 from memformers.babilong_metric import answer_part
@@ -84,12 +84,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoints/babilong-armt")
     parser.add_argument("--length", type=int, default=1024, help="Tokens a sample (0: the story alone).")
     parser.add_argument("--samples", type=int, default=300)
-    placement = parser.add_mutually_exclusive_group()
-    placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
-    placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
-    parser.add_argument(
-        "--num-facts", type=int, nargs=2, metavar=("LOW", "HIGH"), help="Stories of LOW..HIGH facts (qa1's own: 2 10)."
-    )
+    add_story_placement(parser)
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
@@ -99,7 +94,7 @@ def main() -> None:
     model = mf.load(args.checkpoint).eval()
     tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     classes = class_answers(model) or PLACES
-    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
+    options = story_placement(args)
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
     predicted: dict[int, str] = {}
     with autocast(args.precision):
