@@ -20,8 +20,8 @@ so σ(W_β m) starts at 0 or 1 for many tokens, and a gate at 0 gets no gradient
 
 The state is kept, and written, in at least float32 whatever the backbone computes in: under bf16 autocast a
 write rounded A to bf16 (8 bits of mantissa) at every segment, so over hundreds of segments the small corrections
-the delta rule makes were lost. A write is m tokens' worth of work, so it costs nothing to do exactly; reads, a
-matrix product per token, follow the backbone's precision and round nothing that is carried.
+the delta rule makes were lost. A write is m tokens' (or a segment's) worth of work, so it costs little to do
+exactly; reads, a matrix product per token, follow the backbone's precision and round nothing that is carried.
 
 The backbone is never edited: the read and the write are forward hooks on its blocks that exist only while a step
 (or a generation) runs, and are removed before it returns. A step returns a new state and never changes its input.
@@ -402,8 +402,8 @@ class AssociativeMemoryTransformer(MemoryModel):
         write: Writers | None,  # the writing positions; None: read only (generation)
         written: list | None,
     ) -> Iterator[None]:
-        """Hooks on the backbone's blocks for one pass: each block's input reads its layer's memory, its memory
-        tokens' outputs write the new one into `written[l]`. Removed on exit, whatever happens."""
+        """Hooks on the backbone's blocks for one pass: each block's input reads its layer's memory, the outputs of
+        its writing positions write the new one into `written[l]`. Removed on exit, whatever happens."""
         handles = []
         try:
             blocks = backbone_layers.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
