@@ -53,7 +53,7 @@ def read(model, segments: list, writes: set[int], record: dict | None = None) ->
     `record`, if given, collects per segment each layer's WRITE_TERMS and relative change of A."""
     state = model.init_state(segments[0].input_ids.shape[0])
     terms: list[dict] = []
-    if record is not None:  # this instance only: each layer's write reports its β on the way
+    if record is not None:  # this instance only: each layer's write reports its WRITE_TERMS on the way
         for layer in model.layers:
             layer.write = _recording_writes(layer, terms)
     try:
@@ -123,11 +123,12 @@ def main() -> None:
     ):
         parser.error("--length: every fact must lie before the question's segment, and the question in the last")
     answer_segment = [where(s.fact_positions[s.supporting[-1]]) for s in samples]
-    noise_only = [  # (sample, segment) pairs holding neither a fact nor the question
+    partial = 0 if model.alignment == "right" and length % model.content_size else None  # a shorter first segment
+    noise_only = [  # (sample, segment) pairs of whole segments holding neither a fact nor the question
         (i, s)
         for i, sample in enumerate(samples)
         for s in range(count - 1)
-        if s not in {where(p) for p in sample.fact_positions}
+        if s != partial and s not in {where(p) for p in sample.fact_positions}
     ]
     if args.lead_in and not noise_only:
         parser.error("--lead-in: no segment of these samples holds noise alone")
