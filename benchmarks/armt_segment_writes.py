@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
+import numpy as np
 import torch
 from armt_memory_probe import pairwise_cosine
 from common import add_story_placement, share, story_placement, write_result
@@ -38,6 +39,7 @@ from memformers.tasks import make_sample
 from memformers.tasks.babi import PLACES
 
 WRITE_TERMS = ("beta", "key_cosine_tokens", "key_cosine_rows")
+KINDS = ("fact", "other content", "memory")  # what a writing position is (memory: also [CLS] and [SEP])
 
 
 def segment_of(position: int, length: int, content_size: int, alignment: str) -> int:
@@ -46,6 +48,12 @@ def segment_of(position: int, length: int, content_size: int, alignment: str) ->
     if first and position < first:
         return 0
     return (1 if first else 0) + (position - first) // content_size
+
+
+def segment_start(index: int, length: int, content_size: int, alignment: str) -> int:
+    """The first token of segment `index` of a `length`-token sample (`segment_of`'s inverse)."""
+    first = length % content_size if alignment == "right" else 0
+    return 0 if index == 0 else (first + (index - 1) * content_size if first else index * content_size)
 
 
 def read(model, segments: list, writes: set[int], record: dict | None = None) -> list[int]:
@@ -66,12 +74,32 @@ def read(model, segments: list, writes: set[int], record: dict | None = None) ->
                 for key in WRITE_TERMS:
                     record[index][key].append([layer_terms[key] for layer_terms in terms])
                 record[index]["change"].append((change / size).mean(-1).tolist())
+                record[index]["gates"] = [layer_terms["gates"] for layer_terms in terms]  # this batch's, per layer
             if index in writes:
                 state = new_state
     finally:
         for layer in model.layers:
             layer.__dict__.pop("write", None)
     return output.logits.argmax(dim=-1).tolist()
+
+
+def position_kinds(model, samples: list, first_token: int, tokens: int) -> torch.Tensor:  # [batch, k] kind index
+    """What each writing position of one segment is (an index into KINDS), for the samples' segment that holds their
+    tokens first_token .. first_token + tokens − 1: a token of a fact, another content token, or a memory token (or
+    [CLS]/[SEP]); with the paper's writers every position is a memory token."""
+    m = model.num_memory_tokens
+    if model.config.writers == "memory":
+        return torch.full((len(samples), m), KINDS.index("memory"), dtype=torch.long)
+    width = model.prefix + tokens + model.suffix + m
+    kinds = torch.full((len(samples), width), KINDS.index("memory"), dtype=torch.long)
+    kinds[:, model.prefix : model.prefix + tokens] = KINDS.index("other content")
+    for row, sample in enumerate(samples):
+        facts = [piece for piece in sample.pieces if isinstance(piece, np.ndarray)][: len(sample.facts)]
+        for start, fact in zip(sample.fact_positions, facts, strict=True):
+            low, high = max(start, first_token), min(start + len(fact), first_token + tokens)
+            if low < high:
+                kinds[row, model.prefix + low - first_token : model.prefix + high - first_token] = KINDS.index("fact")
+    return kinds
 
 
 def _recording_writes(layer, terms: list[dict]):
@@ -88,6 +116,7 @@ def _recording_writes(layer, terms: list[dict]):
                     "beta": float((betas * weights).sum() / weights.sum()),
                     "key_cosine_tokens": pairwise_cosine(keys),
                     "key_cosine_rows": pairwise_cosine(keys.transpose(0, 1)),
+                    "gates": betas * weights,  # [batch, k] each writing position's β (0: padding)
                 }
             )
         return method(layer, memory, matrix, normalizer, mask)
@@ -138,6 +167,9 @@ def main() -> None:
     ways |= {f"only {s}": set(range(lead)) | {lead + s} for s in range(count - 1)}
     predicted: dict[str, list[str]] = defaultdict(list)
     record: dict[int, dict[str, list]] = {s: {key: [] for key in (*WRITE_TERMS, "change")} for s in range(lead + count)}
+    layers = len(model.layers)
+    gate_sums = [[[0.0] * len(KINDS) for _ in range(layers)] for _ in range(count)]  # [segment][layer][kind]
+    gate_counts = [[[0] * len(KINDS) for _ in range(layers)] for _ in range(count)]
     split = lambda rows: list(sample_segments(rows, model.content_size, model.alignment))  # noqa: E731
     with torch.no_grad(), autocast(args.precision):
         for start in range(0, len(samples), args.batch):
@@ -150,6 +182,16 @@ def main() -> None:
             for way, writes in ways.items():
                 labels = read(model, segments, writes, record if way == "all" else None)
                 predicted[way] += [classes[label] for label in labels]
+            batch_samples = samples[start : start + args.batch]
+            for s in range(count):  # the story's segments: each layer's β summed by kind of writing position
+                tokens = int(segments[lead + s].attention_mask[0].sum())
+                first_token = segment_start(s, length, model.content_size, model.alignment)
+                kinds = position_kinds(model, batch_samples, first_token, tokens)
+                for layer, gates in enumerate(record[lead + s]["gates"]):
+                    for kind in range(len(KINDS)):
+                        chosen = kinds == kind
+                        gate_sums[s][layer][kind] += float(gates[chosen].sum())
+                        gate_counts[s][layer][kind] += int(chosen.sum())
     result = {"checkpoint": args.checkpoint, "task": "qa1", "length": length, "segments": count} | options
     result["precision"], result["samples"], result["lead_in"] = args.precision, len(samples), lead
     result["answer_segment_counts"] = {str(s): answer_segment.count(s) for s in range(count)}
@@ -169,8 +211,16 @@ def main() -> None:
     for s, rows in record.items():
         name = f"lead-in {s}" if s < lead else str(s - lead)
         writes[name] = {  # per layer, averaged over batches
-            key: [round(float(v), 4) for v in torch.tensor(values).mean(0)] for key, values in rows.items()
+            key: [round(float(v), 4) for v in torch.tensor(values).mean(0)]
+            for key, values in rows.items()
+            if key != "gates"
         }
+        if s >= lead:  # β by kind of writing position, per layer (None: no such position)
+            sums, counts = gate_sums[s - lead], gate_counts[s - lead]
+            writes[name]["beta_by_kind"] = {
+                kind: [round(sums[i][k] / counts[i][k], 4) if counts[i][k] else None for i in range(layers)]
+                for k, kind in enumerate(KINDS)
+            }
         print(f"segment {name}: " + "  ".join(f"{key} {values}" for key, values in writes[name].items()))
     result["writes"] = writes
     print(write_result(args.name, result))

@@ -7,6 +7,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_ids, tiny_backbone
@@ -67,6 +68,33 @@ def test_segments_are_counted_from_the_first_as_the_model_reads_them():
     assert [where(p, 248, 62, "right") for p in (0, 61, 62, 247)] == [0, 0, 1, 3]
     assert [where(p, 250, 62, "right") for p in (0, 1, 2, 63, 64, 249)] == [0, 0, 1, 1, 2, 4]  # a short first one
     assert [where(p, 250, 62, "left") for p in (0, 61, 62, 249)] == [0, 0, 1, 4]
+
+
+def test_segment_starts_invert_segment_of():
+    for length, alignment in ((248, "right"), (250, "right"), (250, "left")):
+        for position in range(length):
+            index = armt_segment_writes.segment_of(position, length, 62, alignment)
+            start = armt_segment_writes.segment_start(index, length, 62, alignment)
+            assert start <= position and armt_segment_writes.segment_of(start, length, 62, alignment) == index
+            assert start == 0 or armt_segment_writes.segment_of(start - 1, length, 62, alignment) == index - 1
+
+
+def test_writing_positions_are_sorted_into_fact_tokens_other_content_and_memory():
+    from types import SimpleNamespace
+
+    from memformers.tasks import make_sample
+
+    sample = make_sample("qa1", 248, "minilm", 0, 0, "test", facts_apart=True, num_facts=(2, 3))
+    fact = [len(p) for p in sample.pieces if isinstance(p, np.ndarray)][0]  # the first fact's tokens
+    assert sample.fact_positions[0] == 0
+    encoder = SimpleNamespace(num_memory_tokens=3, prefix=1, suffix=1, config=SimpleNamespace(writers="all"))
+    kinds = armt_segment_writes.position_kinds(encoder, [sample], 0, 62)[0].tolist()
+    names = [armt_segment_writes.KINDS[k] for k in kinds]
+    assert names == ["memory"] + ["fact"] * fact + ["other content"] * (62 - fact) + ["memory"] * 4  # [CLS] … [SEP] m×3
+    last = armt_segment_writes.position_kinds(encoder, [sample], 186, 62)[0].tolist()  # holds no fact
+    assert armt_segment_writes.KINDS.index("fact") not in last
+    encoder.config.writers = "memory"
+    assert armt_segment_writes.position_kinds(encoder, [sample], 0, 62).tolist() == [[2, 2, 2]]
 
 
 def _classifier() -> mf.AssociativeMemoryTransformer:
