@@ -183,7 +183,7 @@ class ARMTConfig(MechanismConfig):
 class Writers:
     """The positions of a segment's layout whose outputs write the memory."""
 
-    positions: torch.Tensor  # [batch, k] positions in the layout
+    positions: torch.Tensor | None  # [batch, k] positions in the layout; None: every position (k = L)
     mask: torch.Tensor | None = None  # [batch, k] 1 = writes (0: padding); None: every one
 
 
@@ -388,7 +388,7 @@ class AssociativeMemoryTransformer(MemoryModel):
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < start + tail).long().expand(batch, -1)
         if self.config.writers == "all":  # every real position; padding writes nothing
-            write = Writers(p.expand(batch, -1), full_mask)  # [batch, L]
+            write = Writers(None, full_mask)  # the whole layout, [batch, L]
         else:
             write = Writers(start + self.suffix + torch.arange(m, device=ids.device))  # [batch, m] memory positions
         if self.causal_memory and not self.info.is_decoder:
@@ -488,8 +488,10 @@ def _writer(
 
     def hook(module, args, output):
         hidden = backbone_layers.block_output_hidden(output)  # [batch, L, hidden]
-        positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
+        tokens = hidden  # every position writes: no copy
+        if write.positions is not None:
+            positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
         written[index] = memory.write(tokens, matrix, normalizer, write.mask)
 
     return hook
