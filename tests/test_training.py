@@ -737,6 +737,40 @@ def test_num_facts_trains_on_stories_of_that_many_sentences(tmp_path):
         tiny(tmp_path, **{"task.num_facts": 2})  # the tiny config's task, memorize, has a fixed story
 
 
+def test_distinct_actors_fraction_draws_such_stories_per_sample(tmp_path):
+    """`task.distinct_actors`: that fraction of the samples (training and validation) are make_sample's stories with
+    every sentence about another actor; the key is refused for other tasks, for stories longer than the cast, and
+    outside [0, 1]."""
+    from memformers.tasks import make_sample
+
+    changes = {"task.name": "qa1", "curriculum.segments": [2], "model.segment_size": 64, "task.num_facts": [2, 3]}
+    trainer = Trainer(tiny(tmp_path, **changes, **{"task.distinct_actors": 0.5}), progress=False)
+    full = 2 * trainer.unwrapped.content_size - trainer.batches.reserve
+    indices = list(range(40))
+    batch = trainer.batches.batch(indices, 2, seed=0, vary=False)
+    kinds = []
+    for index, row in zip(indices, batch["input_ids"], strict=True):
+        samples = {
+            distinct: make_sample("qa1", full, trainer.tokenizer, 0, index, "train", num_facts=(2, 3),
+                                  distinct_actors=distinct)
+            for distinct in (False, True)
+        }  # fmt: skip
+        matches = [d for d, sample in samples.items() if row.tolist() == sample.ids.tolist()]
+        assert len(matches) == 1
+        kinds.append(matches[0])
+        if matches[0]:
+            actors = [fact.split()[0] for fact in samples[True].facts]
+            assert len(set(actors)) == len(actors)
+    assert 10 <= sum(kinds) <= 30
+    for value in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="task.distinct_actors"):
+            tiny(tmp_path, **changes, **{"task.distinct_actors": value})
+    with pytest.raises(ValueError, match="task.distinct_actors.*num_facts"):
+        tiny(tmp_path, **(changes | {"task.distinct_actors": 1.0, "task.num_facts": [2, 6]}))
+    with pytest.raises(ValueError, match="task.distinct_actors"):
+        tiny(tmp_path, **(changes | {"task.distinct_actors": 1.0, "task.name": "qa2", "task.num_facts": None}))
+
+
 def test_lengths_drawn_per_batch_are_one_count_a_global_batch(tmp_path):
     """`vary_per = "batch"`: every sample of a global batch (all its micro-batches and processes) has the same
     count, so no row runs the longest row's segments; the counts still cover min_segments .. the stage."""

@@ -79,6 +79,10 @@ Config (TOML; every key optional unless marked):
   num_facts               qa1-qa5: sentences a story has, an int or a [low, high] range (validation too; evaluation
                           keeps the task's own, e.g. 2-10 for qa1): fewer facts, fewer actors for a memory to bind
                           before it meets whole stories. Default: the task's own range
+  distinct_actors         qa1: this fraction of samples (drawn per sample, validation too) has every sentence move
+                          another actor to another place (num_facts at most 4, qa1's actors), so the answer is
+                          any sentence's place alike: answering the last place, a shortcut worth about 64% of
+                          2-3 fact stories, scores 1/n, and only an actor bound to a place answers. Default 0
   vocab_size, key_size, value_size   algorithmic tasks (copy, reverse, associative): symbols, and the associative
                           task's key and value lengths (default 16, 2, 1); their own tokenizer, head "causal-lm"
 [curriculum]
@@ -210,6 +214,7 @@ class TaskConfig:
     facts_first: float = 0.0  # bAbI tasks: fraction of samples with every fact before the noise
     facts_apart: float = 0.0  # bAbI tasks: fraction of samples with the facts evenly spaced through the noise
     num_facts: int | list[int] | None = None  # qa1-qa5: sentences a story has, or a [low, high] range; None: the task's
+    distinct_actors: float = 0.0  # qa1: fraction of samples whose sentences each move another actor
 
 
 @dataclass

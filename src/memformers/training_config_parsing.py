@@ -128,6 +128,20 @@ def _check_num_facts(value, names: list[str]) -> None:
             raise ValueError(f"task.{error}") from None
 
 
+def _check_distinct_actors(num_facts, names: list[str]) -> None:
+    """task.distinct_actors: qa1 alone, and no story longer than its cast (each sentence moves another actor)."""
+    from .tasks.babi import ACTORS, fact_range
+
+    if names != ["qa1"] * len(names):
+        raise ValueError(f"task.distinct_actors is for qa1 alone, got task {','.join(names)!r}")
+    most = fact_range("qa1", num_facts)[1]
+    if most > len(ACTORS):
+        raise ValueError(
+            f"task.distinct_actors: stories of up to {most} facts need as many actors; set task.num_facts to at most "
+            f"{len(ACTORS)} (qa1's actors), e.g. [2, 3]"
+        )
+
+
 def validate(config: TrainConfig) -> None:
     """Fail early, naming the key, on values the trainer cannot use."""
     from .tasks import TASKS
@@ -181,6 +195,10 @@ def validate(config: TrainConfig) -> None:
         _fail("task.facts_apart", t.facts_apart, f"at most 1 - task.facts_first = {1 - t.facts_first:g}")
     if t.num_facts is not None:
         _check_num_facts(t.num_facts, names)
+    if not 0 <= t.distinct_actors <= 1:
+        _fail("task.distinct_actors", t.distinct_actors, "a number in [0, 1]")
+    if t.distinct_actors:
+        _check_distinct_actors(t.num_facts, names)
     if t.split not in ("train", "test", "all"):
         _fail("task.split", t.split, "one of ('train', 'test', 'all')")
     parse_segments(c.segments)

@@ -81,6 +81,8 @@ class TaskBatches:
         placement = self.placement(index)
         options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
         options["num_facts"] = t.num_facts
+        if t.distinct_actors:
+            options["distinct_actors"] = self._draw("distinct-actors", index).random() < t.distinct_actors
         for length in self.lengths(index, segments, seed, full):
             try:
                 sample = make_sample(name, length, self.tokenizer, seed, index, t.split, t.noise_dir, **options)

@@ -200,11 +200,22 @@ def _simulate(rng: random.Random, world: World, actors: tuple[str, ...], steps: 
             _random_move(rng, world, actor)
 
 
-def qa1(rng: random.Random, num_facts: int | tuple[int, int] | None = None) -> Story:
-    """Single supporting fact: actors move around; "Where is Mary?" is answered by her last move."""
+def qa1(rng: random.Random, num_facts: int | tuple[int, int] | None = None, distinct_actors: bool = False) -> Story:
+    """Single supporting fact: actors move around; "Where is Mary?" is answered by her last move.
+
+    `distinct_actors`: every sentence moves another actor to another place (at most len(ACTORS) sentences), so
+    the answering sentence is any of the story's alike: answering the story's last place scores 1/n, and only an
+    actor bound to their place answers."""
     world = World()
-    for _ in range(_num_facts(rng, "qa1", num_facts)):
-        _random_move(rng, world, rng.choice(ACTORS))
+    count = _num_facts(rng, "qa1", num_facts)
+    if not distinct_actors:
+        for _ in range(count):
+            _random_move(rng, world, rng.choice(ACTORS))
+    elif count > len(ACTORS):
+        raise ValueError(f"distinct_actors: a story of {count} facts needs {count} actors; qa1 has {len(ACTORS)}")
+    else:
+        for actor, place in zip(rng.sample(ACTORS, count), rng.sample(PLACES, count), strict=True):
+            world.move(actor, place, rng.choice(MOVE_VERBS))
     actor = rng.choice(sorted(world.place))
     return _story("qa1", world, f"Where is {actor}?", world.place[actor], (world.place_fact[actor],))
 
@@ -350,11 +361,18 @@ STORY_GENERATORS: dict[str, Callable[[random.Random], Story]] = {
 }
 
 
-def generate_story(task: str, rng: random.Random, num_facts: int | Sequence[int] | None = None) -> Story:
+def generate_story(
+    task: str, rng: random.Random, num_facts: int | Sequence[int] | None = None, distinct_actors: bool = False
+) -> Story:
     """One story of a bAbI-style task; all randomness comes from `rng`. `num_facts` (qa1-qa5: an int or a (low,
-    high) range) sets how many sentences the story has; None: the task's own range (`DEFAULT_NUM_FACTS`)."""
+    high) range) sets how many sentences the story has; None: the task's own range (`DEFAULT_NUM_FACTS`).
+    `distinct_actors` (qa1): each sentence about another actor (see `qa1`)."""
     if task not in STORY_GENERATORS:
         raise ValueError(f"task must be one of {sorted(STORY_GENERATORS)}, got {task!r}")
+    if distinct_actors:
+        if task != "qa1":
+            raise ValueError(f"distinct_actors is for qa1, where each sentence moves one actor; got task {task!r}")
+        return qa1(rng, num_facts, distinct_actors=True)
     if num_facts is None:
         return STORY_GENERATORS[task](rng)
     fact_range(task, num_facts)  # a task with a fixed story takes none

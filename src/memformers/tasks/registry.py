@@ -123,6 +123,7 @@ def make_sample(
     facts_first: bool = False,
     facts_apart: bool = False,
     num_facts: int | Sequence[int] | None = None,
+    distinct_actors: bool = False,
 ) -> Sample:
     """Sample `index` of a bAbI-style task at `length` tokens (0 = no noise), deterministic in its arguments.
 
@@ -131,7 +132,8 @@ def make_sample(
     where no noise book tells them apart. `facts_first` puts every fact of the same story before the noise
     (placement "start"), wherever the task puts them otherwise; `facts_apart` spaces them evenly through it
     (placement "apart"): as far from each other as the length allows. `num_facts` (qa1-qa5) sets the story's number
-    of sentences, an int or a (low, high) range; None: the task's own.
+    of sentences, an int or a (low, high) range; None: the task's own. `distinct_actors` (qa1): every sentence
+    moves another actor to another place, so no place in the story is the answer more often than another.
     """
     spec = task_spec(task)
     if spec.kind != "babi":
@@ -144,7 +146,7 @@ def make_sample(
     if facts_first and facts_apart:
         raise ValueError("facts_first and facts_apart place the facts in two ways; choose one")
     rng = sample_rng(seed, task, length, index, training)
-    story = generate_story(task, rng, num_facts)
+    story = generate_story(task, rng, num_facts, distinct_actors)
     placement = "start" if facts_first else "apart" if facts_apart else spec.placement
     return build_haystack(story, length, get_tokenizer(tokenizer), rng, spec.answers, split, noise_dir, placement)
 
