@@ -16,6 +16,12 @@ and layer: the mean write strength β = σ(W_β m_i); how alike the write's keys
 tokens of one story (`key_cosine_tokens`) and between stories at the same writing position (`key_cosine_rows`: near 1,
 the keys do not depend on what the segment says, so a later write cannot find and replace the one it should); and
 how much the write changed the memory, ‖ΔA‖ / ‖A‖ after it.
+Which write the question reads (`query_matches`, per layer): for the question's actor token ("mary" in "where is mary
+?") and for [CLS], the share of each writing position i of the story's segments in the token's read, taken as linear
+attention does, β_i φ(q)ᵀk_i / Σ_j β_j φ(q)ᵀk_j (the delta rule's corrections left out), summed over the answering
+fact's tokens, the other facts' tokens, other content and memory tokens; and how often the fact with the largest
+share is the answering one, and how often it is the story's last fact (a fact drawn at random: `top by chance`). A
+memory that binds actors to places matches the asked actor's fact, one that reads the latest write the last fact.
 Writes results/NAME.json.
 """
 
@@ -26,7 +32,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from armt_memory_probe import pairwise_cosine
+from armt_memory_probe import pairwise_cosine, recording
 from common import add_story_placement, share, story_placement, write_result
 
 import memformers as mf
@@ -40,6 +46,8 @@ from memformers.tasks.babi import PLACES
 
 WRITE_TERMS = ("beta", "key_cosine_tokens", "key_cosine_rows")
 KINDS = ("fact", "other content", "memory")  # what a writing position is (memory: also [CLS] and [SEP])
+MATCH_SHARES = ("answering fact", "other facts", "other content", "memory")
+OTHER_CONTENT, MEMORY = -1, -2  # `fact_indices` of a writing position that is no fact's
 
 
 def segment_of(position: int, length: int, content_size: int, alignment: str) -> int:
@@ -56,14 +64,19 @@ def segment_start(index: int, length: int, content_size: int, alignment: str) ->
     return 0 if index == 0 else (first + (index - 1) * content_size if first else index * content_size)
 
 
-def read(model, segments: list, writes: set[int], record: dict | None = None) -> list[int]:
+def read(
+    model, segments: list, writes: set[int], record: dict | None = None, entering: dict | None = None
+) -> list[int]:
     """The predicted classes when only the segments in `writes` write (the others pass the state on unchanged).
-    `record`, if given, collects per segment each layer's WRITE_TERMS and relative change of A."""
+    `record`, if given, collects per segment each layer's WRITE_TERMS and relative change of A, and `entering`
+    the hidden states entering each layer in the last segment."""
     state = model.init_state(segments[0].input_ids.shape[0])
     terms: list[dict] = []
     if record is not None:  # this instance only: each layer's write reports its WRITE_TERMS on the way
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             layer.write = _recording_writes(layer, terms)
+            if entering is not None:
+                layer.read = recording(type(layer).read.__get__(layer), entering, index, first_call=False)
     try:
         for index, segment in enumerate(segments):
             terms.clear()
@@ -74,32 +87,82 @@ def read(model, segments: list, writes: set[int], record: dict | None = None) ->
                 for key in WRITE_TERMS:
                     record[index][key].append([layer_terms[key] for layer_terms in terms])
                 record[index]["change"].append((change / size).mean(-1).tolist())
-                record[index]["gates"] = [layer_terms["gates"] for layer_terms in terms]  # this batch's, per layer
+                for key in ("gates", "keys"):  # this batch's, per layer
+                    record[index][key] = [layer_terms[key] for layer_terms in terms]
             if index in writes:
                 state = new_state
     finally:
         for layer in model.layers:
             layer.__dict__.pop("write", None)
+            layer.__dict__.pop("read", None)
     return output.logits.argmax(dim=-1).tolist()
 
 
-def position_kinds(model, samples: list, first_token: int, tokens: int) -> torch.Tensor:  # [batch, k] kind index
-    """What each writing position of one segment is (an index into KINDS), for the samples' segment that holds their
-    tokens first_token .. first_token + tokens − 1: a token of a fact, another content token, or a memory token (or
-    [CLS]/[SEP]); with the paper's writers every position is a memory token."""
+def fact_indices(model, samples: list, first_token: int, tokens: int) -> torch.Tensor:  # [batch, k]
+    """Which fact each writing position of one segment belongs to (its index in the story), for the samples'
+    segment that holds their tokens first_token .. first_token + tokens − 1; OTHER_CONTENT for another content
+    token, MEMORY for a memory token (or [CLS]/[SEP]); with the paper's writers every position is a memory token."""
     m = model.num_memory_tokens
     if model.config.writers == "memory":
-        return torch.full((len(samples), m), KINDS.index("memory"), dtype=torch.long)
+        return torch.full((len(samples), m), MEMORY, dtype=torch.long)
     width = model.prefix + tokens + model.suffix + m
-    kinds = torch.full((len(samples), width), KINDS.index("memory"), dtype=torch.long)
-    kinds[:, model.prefix : model.prefix + tokens] = KINDS.index("other content")
+    owners = torch.full((len(samples), width), MEMORY, dtype=torch.long)
+    owners[:, model.prefix : model.prefix + tokens] = OTHER_CONTENT
     for row, sample in enumerate(samples):
         facts = [piece for piece in sample.pieces if isinstance(piece, np.ndarray)][: len(sample.facts)]
-        for start, fact in zip(sample.fact_positions, facts, strict=True):
+        for index, (start, fact) in enumerate(zip(sample.fact_positions, facts, strict=True)):
             low, high = max(start, first_token), min(start + len(fact), first_token + tokens)
             if low < high:
-                kinds[row, model.prefix + low - first_token : model.prefix + high - first_token] = KINDS.index("fact")
+                owners[row, model.prefix + low - first_token : model.prefix + high - first_token] = index
+    return owners
+
+
+def position_kinds(model, samples: list, first_token: int, tokens: int) -> torch.Tensor:  # [batch, k] kind index
+    """What each writing position of one segment is, an index into KINDS (`fact_indices`, facts not told apart)."""
+    owners = fact_indices(model, samples, first_token, tokens)
+    kinds = torch.full_like(owners, KINDS.index("fact"))
+    kinds[owners == OTHER_CONTENT] = KINDS.index("other content")
+    kinds[owners == MEMORY] = KINDS.index("memory")
     return kinds
+
+
+def query_positions(model, samples: list, first_token: int) -> dict[str, list[int]]:
+    """Where, in the question's segment (starting at token `first_token`), each sample's [CLS] and the actor's
+    token of its question are, as positions of the segment the model reads."""
+    actor_tokens = []
+    for sample in samples:
+        actor = sample.question.rstrip("?").split()[-1]
+        (token,) = sample.tokenizer(actor, add_special_tokens=False)["input_ids"]  # one token a name
+        position = sample.question_position + sample.ids[sample.question_position :].tolist().index(token)
+        actor_tokens.append(model.prefix + position - first_token)
+    return {"actor": actor_tokens, "[CLS]": [0] * len(samples)}
+
+
+def match_shares(
+    queries: torch.Tensor,  # [batch, d_key] φ(W_Q x) of one token a row, in one layer
+    keys: list[torch.Tensor],  # per segment [batch, k, d_key] the writing positions' keys (0: padding)
+    gates: list[torch.Tensor],  # per segment [batch, k] their β
+    owners: list[torch.Tensor],  # per segment [batch, k] `fact_indices`
+    answering: torch.Tensor,  # [batch] the answering fact's index
+    last: torch.Tensor,  # [batch] the story's last fact's index
+) -> dict[str, torch.Tensor]:  # MATCH_SHARES → [batch] share; "top is answering", "top is last" → [batch] bool
+    """Each writing position's share β_i φ(q)ᵀk_i / Σ_j β_j φ(q)ᵀk_j of the query's read, summed by kind, and
+    whether the fact with the largest summed share is the answering fact, or the last."""
+    weights = torch.cat([(k @ queries.unsqueeze(-1)).squeeze(-1) * g for k, g in zip(keys, gates, strict=True)], 1)
+    weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)  # [batch, positions]
+    owner = torch.cat(owners, 1)  # [batch, positions]
+    is_answer = owner == answering.unsqueeze(1)
+    facts = int(owner.max()) + 1
+    per_fact = torch.stack([(weights * (owner == f)).sum(1) for f in range(facts)], 1)  # [batch, facts]
+    top = per_fact.argmax(1)
+    return {
+        "answering fact": (weights * is_answer).sum(1),
+        "other facts": (weights * ((owner >= 0) & ~is_answer)).sum(1),
+        "other content": (weights * (owner == OTHER_CONTENT)).sum(1),
+        "memory": (weights * (owner == MEMORY)).sum(1),
+        "top is answering": top == answering,
+        "top is last": top == last,
+    }
 
 
 def _recording_writes(layer, terms: list[dict]):
@@ -117,6 +180,7 @@ def _recording_writes(layer, terms: list[dict]):
                     "key_cosine_tokens": pairwise_cosine(keys),
                     "key_cosine_rows": pairwise_cosine(keys.transpose(0, 1)),
                     "gates": betas * weights,  # [batch, k] each writing position's β (0: padding)
+                    "keys": keys * weights.unsqueeze(-1),  # [batch, k, d_key] (0: padding)
                 }
             )
         return method(layer, memory, matrix, normalizer, mask)
@@ -170,6 +234,8 @@ def main() -> None:
     layers = len(model.layers)
     gate_sums = [[[0.0] * len(KINDS) for _ in range(layers)] for _ in range(count)]  # [segment][layer][kind]
     gate_counts = [[[0] * len(KINDS) for _ in range(layers)] for _ in range(count)]
+    matches = {q: [defaultdict(float) for _ in range(layers)] for q in ("actor", "[CLS]")}  # sums over samples
+    entering: dict[int, torch.Tensor] = {}  # layer → [batch, width, hidden] in the question's segment
     split = lambda rows: list(sample_segments(rows, model.content_size, model.alignment))  # noqa: E731
     with torch.no_grad(), autocast(args.precision):
         for start in range(0, len(samples), args.batch):
@@ -180,18 +246,37 @@ def main() -> None:
                 ids = torch.stack([split([samples[i]])[s].input_ids[0] for i, s in picks])
                 segments.insert(n, Segment(ids, torch.ones_like(ids), index=n))
             for way, writes in ways.items():
-                labels = read(model, segments, writes, record if way == "all" else None)
+                labels = read(model, segments, writes, *((record, entering) if way == "all" else ()))
                 predicted[way] += [classes[label] for label in labels]
             batch_samples = samples[start : start + args.batch]
+            owners = []
             for s in range(count):  # the story's segments: each layer's β summed by kind of writing position
                 tokens = int(segments[lead + s].attention_mask[0].sum())
                 first_token = segment_start(s, length, model.content_size, model.alignment)
+                owners.append(fact_indices(model, batch_samples, first_token, tokens))
                 kinds = position_kinds(model, batch_samples, first_token, tokens)
                 for layer, gates in enumerate(record[lead + s]["gates"]):
                     for kind in range(len(KINDS)):
                         chosen = kinds == kind
                         gate_sums[s][layer][kind] += float(gates[chosen].sum())
                         gate_counts[s][layer][kind] += int(chosen.sum())
+            question_start = segment_start(count - 1, length, model.content_size, model.alignment)
+            answering = torch.tensor([sample.supporting[-1] for sample in batch_samples])
+            last = torch.tensor([len(sample.facts) - 1 for sample in batch_samples])
+            rows = torch.arange(len(batch_samples))
+            for who, positions in query_positions(model, batch_samples, question_start).items():
+                for layer_index, layer in enumerate(model.layers):  # the story's writes, before the question's
+                    hidden = entering[layer_index][rows, positions].float()  # [batch, hidden]
+                    found = match_shares(
+                        layer.queries(hidden),
+                        [record[lead + s]["keys"][layer_index].float() for s in range(count - 1)],
+                        [record[lead + s]["gates"][layer_index].float() for s in range(count - 1)],
+                        owners[: count - 1],
+                        answering,
+                        last,
+                    )
+                    for name, values in found.items():
+                        matches[who][layer_index][name] += float(values.float().sum())
     result = {"checkpoint": args.checkpoint, "task": "qa1", "length": length, "segments": count} | options
     result["precision"], result["samples"], result["lead_in"] = args.precision, len(samples), lead
     result["answer_segment_counts"] = {str(s): answer_segment.count(s) for s in range(count)}
@@ -213,7 +298,7 @@ def main() -> None:
         writes[name] = {  # per layer, averaged over batches
             key: [round(float(v), 4) for v in torch.tensor(values).mean(0)]
             for key, values in rows.items()
-            if key != "gates"
+            if key not in ("gates", "keys")
         }
         if s >= lead:  # β by kind of writing position, per layer (None: no such position)
             sums, counts = gate_sums[s - lead], gate_counts[s - lead]
@@ -223,6 +308,13 @@ def main() -> None:
             }
         print(f"segment {name}: " + "  ".join(f"{key} {values}" for key, values in writes[name].items()))
     result["writes"] = writes
+    result["query_matches"] = {  # per layer, means over the samples
+        who: {name: [round(per_layer[i][name] / len(samples), 4) for i in range(layers)] for name in per_layer[0]}
+        for who, per_layer in matches.items()
+    }
+    result["query_matches"]["top by chance"] = round(sum(1 / len(s.facts) for s in samples) / len(samples), 4)
+    for who, shares in result["query_matches"].items():
+        print(f"query {who}: " + "  ".join(f"{name} {values}" for name, values in shares.items()))
     print(write_result(args.name, result))
 
 

@@ -93,8 +93,42 @@ def test_writing_positions_are_sorted_into_fact_tokens_other_content_and_memory(
     assert names == ["memory"] + ["fact"] * fact + ["other content"] * (62 - fact) + ["memory"] * 4  # [CLS] … [SEP] m×3
     last = armt_segment_writes.position_kinds(encoder, [sample], 186, 62)[0].tolist()  # holds no fact
     assert armt_segment_writes.KINDS.index("fact") not in last
+    owners = armt_segment_writes.fact_indices(encoder, [sample], 0, 62)[0].tolist()
+    assert owners[1 : 1 + fact] == [0] * fact and set(owners[1 + fact : 63]) == {armt_segment_writes.OTHER_CONTENT}
+    second = sample.fact_positions[1]  # the second fact, found in its own segment as fact 1
+    assert armt_segment_writes.fact_indices(encoder, [sample], 62 * (second // 62), 62)[0, 1 + second % 62] == 1
     encoder.config.writers = "memory"
     assert armt_segment_writes.position_kinds(encoder, [sample], 0, 62).tolist() == [[2, 2, 2]]
+
+
+def test_the_question_tokens_read_are_its_actor_and_cls():
+    from types import SimpleNamespace
+
+    from memformers.tasks import make_sample
+
+    samples = [make_sample("qa1", 248, "minilm", 0, i, "test", facts_apart=True, num_facts=(2, 3)) for i in range(6)]
+    encoder = SimpleNamespace(prefix=1)
+    first = armt_segment_writes.segment_start(3, 248, 62, "right")
+    found = armt_segment_writes.query_positions(encoder, samples, first)
+    assert found["[CLS]"] == [0] * 6
+    for sample, position in zip(samples, found["actor"], strict=True):
+        actor = sample.question.rstrip("?").split()[-1].lower()
+        assert sample.tokenizer.convert_ids_to_tokens(int(sample.ids[first + position - 1])) == actor
+
+
+def test_a_query_matching_one_facts_keys_gives_that_fact_its_read_share():
+    keys = [torch.eye(4)[None, :2], torch.eye(4)[None, 2:]]  # segment 0 writes keys e0, e1; segment 1 e2, e3
+    gates = [torch.ones(1, 2), torch.ones(1, 2)]
+    owners = [torch.tensor([[0, armt_segment_writes.MEMORY]]), torch.tensor([[1, armt_segment_writes.OTHER_CONTENT]])]
+    query = torch.tensor([[0.9, 0.0, 0.1, 0.0]])  # mostly fact 0's key
+    found = armt_segment_writes.match_shares(query, keys, gates, owners, torch.tensor([0]), torch.tensor([1]))
+    assert float(found["answering fact"][0]) == pytest.approx(0.9)
+    assert float(found["other facts"][0]) == pytest.approx(0.1)
+    assert found["top is answering"].tolist() == [True] and found["top is last"].tolist() == [False]
+    gates[0] = torch.tensor([[0.05, 1.0]])  # fact 0 written weakly: fact 1 has the larger share
+    found = armt_segment_writes.match_shares(query, keys, gates, owners, torch.tensor([0]), torch.tensor([1]))
+    assert found["top is answering"].tolist() == [False] and found["top is last"].tolist() == [True]
+    assert sum(float(found[name][0]) for name in armt_segment_writes.MATCH_SHARES) == pytest.approx(1.0)
 
 
 def _classifier() -> mf.AssociativeMemoryTransformer:
@@ -120,7 +154,14 @@ def test_reading_with_every_write_is_the_model_and_skipped_writes_are_never_writ
     segments = split_into_segments(ids, content_size=model.content_size)
     record = {s: {key: [] for key in (*armt_segment_writes.WRITE_TERMS, "change")} for s in range(4)}
     with torch.no_grad():
-        assert armt_segment_writes.read(model, segments, {0, 1, 2, 3}, record) == model(ids).logits.argmax(-1).tolist()
+        entering = {}
+        assert (
+            armt_segment_writes.read(model, segments, {0, 1, 2, 3}, record, entering)
+            == model(ids).logits.argmax(-1).tolist()
+        )
+        width = segments[-1].input_ids.shape[1] + 2 + model.num_memory_tokens  # [CLS] content [SEP] memory
+        assert sorted(entering) == list(range(len(model.layers)))
+        assert all(hidden.shape == (4, width, model.info.hidden_size) for hidden in entering.values())
         alone = armt_segment_writes.read(model, segments[-1:], set())  # the last segment, from an empty memory
         assert armt_segment_writes.read(model, segments, set()) == alone
         logits = {}
@@ -134,7 +175,7 @@ def test_reading_with_every_write_is_the_model_and_skipped_writes_are_never_writ
                 armt_segment_writes.read(model, segments, {0, 1, 2, 3} - {skipped}) == output.logits.argmax(-1).tolist()
             )
     assert not torch.equal(logits[0], logits[1])  # the probe's reads differ, so the comparison above can fail
-    assert "write" not in vars(model.layers[0])  # the recording is removed
+    assert not {"write", "read"} & set(vars(model.layers[0]))  # the recording is removed
     betas = [b for s in range(4) for row in record[s]["beta"] for b in row]
     assert len(record[0]["beta"]) == 1 and len(betas) == 4 * len(model.layers) and all(0 < b < 1 for b in betas)
     assert record[0]["change"] == [pytest.approx([1.0] * len(model.layers))]  # the first write fills an empty memory
