@@ -20,7 +20,7 @@ Which write the question reads (`query_matches`, per layer): for the question's 
 ?") and for [CLS], the share of each writing position i of the story's segments in the token's read, taken as linear
 attention does, β_i φ(q)ᵀk_i / Σ_j β_j φ(q)ᵀk_j (the delta rule's corrections left out), summed over the answering
 fact's tokens, the other facts' tokens, other content and memory tokens; and how often the fact with the largest
-share is the answering one, and how often it is the story's last fact (a fact drawn at random: `top by chance`). A
+share is the answering one, and how often it is the story's last fact (a fact drawn at random: `top_by_chance`). A
 memory that binds actors to places matches the asked actor's fact, one that reads the latest write the last fact.
 Writes results/NAME.json.
 """
@@ -312,9 +312,10 @@ def main() -> None:
         who: {name: [round(per_layer[i][name] / len(samples), 4) for i in range(layers)] for name in per_layer[0]}
         for who, per_layer in matches.items()
     }
-    result["query_matches"]["top by chance"] = round(sum(1 / len(s.facts) for s in samples) / len(samples), 4)
     for who, shares in result["query_matches"].items():
         print(f"query {who}: " + "  ".join(f"{name} {values}" for name, values in shares.items()))
+    result["top_by_chance"] = round(sum(1 / len(s.facts) for s in samples) / len(samples), 4)  # a fact at random
+    print(f"a fact drawn at random is the answering (or the last) one in {result['top_by_chance']:.1%}")
     print(write_result(args.name, result))
 
 

@@ -69,15 +69,23 @@ def share(correct: int, total: int) -> dict:
 
 
 def add_story_placement(parser: argparse.ArgumentParser) -> None:
-    """--facts-first / --facts-apart and --num-facts, as `make_sample` takes them (`story_placement` reads them)."""
+    """--facts-first / --facts-apart, --num-facts and --distinct-actors, as `make_sample` takes them
+    (`story_placement` reads them)."""
     placement = parser.add_mutually_exclusive_group()
     placement.add_argument("--facts-first", action="store_true", help="Every fact before the noise.")
     placement.add_argument("--facts-apart", action="store_true", help="The facts evenly spaced through the noise.")
     parser.add_argument(
         "--num-facts", type=int, nargs=2, metavar=("LOW", "HIGH"), help="Stories of LOW..HIGH facts (qa1's own: 2 10)."
     )
+    parser.add_argument(
+        "--distinct-actors",
+        action="store_true",
+        help="Every sentence moves another actor to another place (at most 4 facts): the last place answers 1/n.",
+    )
 
 
 def story_placement(args: argparse.Namespace) -> dict:
-    """`make_sample`'s facts_first, facts_apart and num_facts from the arguments of `add_story_placement`."""
-    return {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
+    """`make_sample`'s facts_first, facts_apart, num_facts and distinct_actors from `add_story_placement`'s
+    arguments."""
+    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
+    return options | {"distinct_actors": args.distinct_actors}
