@@ -21,7 +21,8 @@ Which write the question reads (`query_matches`, per layer): for the question's 
 attention does, β_i φ(q)ᵀk_i / Σ_j β_j φ(q)ᵀk_j (the delta rule's corrections left out), summed over the answering
 fact's tokens, the other facts' tokens, other content and memory tokens; and how often the fact with the largest
 share is the answering one, and how often it is the story's last fact (a fact drawn at random: `top_by_chance`). A
-memory that binds actors to places matches the asked actor's fact, one that reads the latest write the last fact.
+memory that binds actors to places matches the asked actor's fact, one that reads the latest write the last fact
+(with `writers = "all"` only: the paper's memory tokens are no fact's).
 Writes results/NAME.json.
 """
 
@@ -264,7 +265,8 @@ def main() -> None:
             answering = torch.tensor([sample.supporting[-1] for sample in batch_samples])
             last = torch.tensor([len(sample.facts) - 1 for sample in batch_samples])
             rows = torch.arange(len(batch_samples))
-            for who, positions in query_positions(model, batch_samples, question_start).items():
+            asking = query_positions(model, batch_samples, question_start) if model.config.writers == "all" else {}
+            for who, positions in asking.items():
                 for layer_index, layer in enumerate(model.layers):  # the story's writes, before the question's
                     hidden = entering[layer_index][rows, positions].float()  # [batch, hidden]
                     found = match_shares(
@@ -308,9 +310,10 @@ def main() -> None:
             }
         print(f"segment {name}: " + "  ".join(f"{key} {values}" for key, values in writes[name].items()))
     result["writes"] = writes
-    result["query_matches"] = {  # per layer, means over the samples
+    result["query_matches"] = {  # per layer, means over the samples; none where only memory tokens write
         who: {name: [round(per_layer[i][name] / len(samples), 4) for i in range(layers)] for name in per_layer[0]}
         for who, per_layer in matches.items()
+        if per_layer[0]
     }
     for who, shares in result["query_matches"].items():
         print(f"query {who}: " + "  ".join(f"{name} {values}" for name, values in shares.items()))
