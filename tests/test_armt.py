@@ -140,6 +140,23 @@ def test_queries_and_keys_are_dpfp_at_unit_length_unless_told_otherwise(normaliz
     torch.testing.assert_close(layer.queries(10 * hidden), scale * layer.queries(hidden))
 
 
+def test_a_shared_query_key_asks_with_the_key_a_hidden_state_writes_with():
+    """share_query_key: no W_Q; a hidden state's query is its key, so of two writes each token's own has the larger
+    read share (unit keys: kᵢᵀkᵢ = 1 > kᵢᵀkⱼ), where separate projections start with no such preference."""
+    shared = tiny_armt("llama", share_query_key=True).layers[0]
+    assert shared.query is None and not any("query" in name for name, _ in shared.named_parameters())
+    separate = tiny_armt("llama").layers[0]
+    hidden = torch.randn(64, 2, 32)  # 64 pairs of tokens that write one association each
+    own_larger = {}
+    for name, layer in (("shared", shared), ("separate", separate)):
+        keys, _, _ = layer.write_terms(hidden)  # [64, 2, d_key]
+        shares = layer.queries(hidden) @ keys.transpose(1, 2)  # [64, 2 queries, 2 keys]
+        own_larger[name] = (shares.diagonal(dim1=1, dim2=2) > shares.flip(-1).diagonal(dim1=1, dim2=2)).float().mean()
+        if name == "shared":
+            torch.testing.assert_close(layer.queries(hidden), keys)
+    assert own_larger["shared"] == 1.0 and own_larger["separate"] < 0.9
+
+
 @pytest.mark.parametrize("normalize_gate", [True, False])
 def test_a_normalised_gate_reads_the_direction_of_a_memory_output_not_its_size(normalize_gate):
     """normalize_gate: β of m and of 10·m are the same, so a large residual stream cannot start a gate saturated."""
@@ -300,17 +317,19 @@ def test_with_every_position_writing_each_real_position_of_a_row_writes_and_its_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("writers", ["memory", "all"])
-def test_a_token_in_segment_one_changes_segment_eight(family, writers):
+@pytest.mark.parametrize(
+    "knobs", [{"writers": "memory"}, {"writers": "all"}, {"writers": "all", "share_query_key": True}], ids=str
+)
+def test_a_token_in_segment_one_changes_segment_eight(family, knobs):
     c = tiny_armt(family).content_size
     ids = random_ids(1, 8 * c)
     changed = ids.clone()
     changed[0, 2] += 1
     last = slice(7 * c, 8 * c)
     with torch.no_grad():
-        silent = tiny_armt(family, writers=writers).eval()  # W_V = 0: nothing is read, segment 8 cannot know
+        silent = tiny_armt(family, **knobs).eval()  # W_V = 0: nothing is read, segment 8 cannot know
         torch.testing.assert_close(silent(ids).logits[0, last], silent(changed).logits[0, last], rtol=0, atol=0)
-        model = writing(tiny_armt(family, writers=writers)).eval()
+        model = writing(tiny_armt(family, **knobs)).eval()
         difference = (model(ids).logits[0, last] - model(changed).logits[0, last]).abs().max()
     assert difference > 1e-4
 
@@ -321,13 +340,15 @@ def test_a_token_in_segment_one_changes_segment_eight(family, writers):
 @pytest.mark.parametrize(
     ("family", "memory_attention", "writers"),
     [(*arrangement, "memory") for arrangement in ARRANGEMENTS]
-    + [("bert", None, "all"), ("bert", "causal", "all"), ("llama", None, "all"), ("gpt2", None, "all")],
+    + [("bert", None, "all"), ("bert", "causal", "all"), ("llama", None, "all"), ("gpt2", None, "all")]
+    + [("bert", None, "shared"), ("llama", None, "shared")],  # every position writing, W_Q = W_K
 )
 @pytest.mark.parametrize("alignment", ["left", "right"])
 def test_each_row_equals_running_it_alone(family, memory_attention, writers, alignment):
     """In fp64, so that any difference is mixing, not rounding amplified by the reads' division. With every
     position writing, a row's padding writes nothing."""
-    model = tiny_armt(family, alignment=alignment, memory_attention=memory_attention, writers=writers)
+    knobs = {"writers": "all", "share_query_key": True} if writers == "shared" else {"writers": writers}
+    model = tiny_armt(family, alignment=alignment, memory_attention=memory_attention, **knobs)
     model = writing(model).double().eval()
     c = model.content_size
     lengths = [3 * c + 5, c - 3, 2 * c]
@@ -469,8 +490,9 @@ def test_generate_reads_the_memory_and_batches_like_single_rows():
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_save_and_load_round_trip_exact(family, tmp_path):
-    model = writing(tiny_armt(family, bptt_depth=2, d_mem=5)).eval()
+@pytest.mark.parametrize("share_query_key", [False, True])
+def test_save_and_load_round_trip_exact(family, share_query_key, tmp_path):
+    model = writing(tiny_armt(family, bptt_depth=2, d_mem=5, share_query_key=share_query_key)).eval()
     model.save_pretrained(tmp_path / "armt")
     loaded = mf.load(tmp_path / "armt")
     assert type(loaded) is mf.AssociativeMemoryTransformer
@@ -554,6 +576,7 @@ def test_bad_input_names_the_argument():
         ({"memory_layers": []}, "memory_layers"),
         ({"normalize_gate": 1}, "normalize_gate"),
         ({"writers": "content"}, "writers"),
+        ({"share_query_key": 1}, "share_query_key"),
         ({"gate_bias": "one"}, "gate_bias"),
         ({"gate_bias": float("nan")}, "gate_bias"),
         ({"memory_init_std": 0.0}, "memory_init_std"),

@@ -41,6 +41,8 @@ write what tokens before it left out, and the segment's outputs do not depend on
 a memory token's key is learnt from its position, and in a trained model it barely depends on what the segment says
 (benchmarks/armt_segment_writes.py), so a later write cannot find the association it should replace; a content
 token's key starts as what the token is (an actor's name), and its value can carry what the segment says about it.
+`share_query_key=True` (not the paper's either; Reformer's shared-QK attention) reads with W_K too, so a token asks
+with the very key its hidden state would write with.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class ARMTConfig(MechanismConfig):
         "memory_layers",
         "normalize_gate",
         "writers",
+        "share_query_key",
     )
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
@@ -144,6 +147,10 @@ class ARMTConfig(MechanismConfig):
     # as well: a content token's key can then be what it is, e.g. an actor's name, and its value what the segment
     # says about it, so a later segment's token of the same name finds and replaces it).
     writers: str = "memory"
+    # One projection for reads and writes (W_Q = W_K, as Reformer's shared-QK attention; not the paper's): a token
+    # then asks the memory with the key the same hidden state writes with, so the question's "mary" finds what a
+    # fact's "mary" wrote from the start, where separate projections must first learn to agree.
+    share_query_key: bool = False
     # Initialisation only (a saved model loads its weights): the authors' later code starts W_β's bias at 1 (β ≈ 0.73
     # for a zero input) and the memory embeddings at std 0.02; None: nn.Linear's own bias draw, and the memory at the
     # backbone embeddings' std, as the paper's code and RMT do.
@@ -165,8 +172,9 @@ class ARMTConfig(MechanismConfig):
         if self.memory_layers is not None:
             self.memory_layers = check_layers("memory_layers", self.memory_layers)
         check_choice("writers", self.writers, ("memory", "all"))
-        if not isinstance(self.normalize_gate, bool):
-            raise ValueError(f"normalize_gate must be True or False, got {self.normalize_gate!r}")
+        for name in ("normalize_gate", "share_query_key"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.normalize_features not in (None, True, False):
             raise ValueError(f"normalize_features must be True, False or None, got {self.normalize_features!r}")
         if self.gate_bias is not None:
@@ -211,7 +219,7 @@ class AssociativeState:
 
 
 class AssociativeMemory(nn.Module):
-    """One layer's projections: W_Q (read), W_K, W_V (zero at init) and W_β (write)."""
+    """One layer's projections: W_Q (read; None where it is W_K), W_K, W_V (zero at init) and W_β (write)."""
 
     def __init__(
         self,
@@ -221,10 +229,11 @@ class AssociativeMemory(nn.Module):
         normalize: bool = True,
         normalize_gate: bool = False,
         gate_bias: float | None = None,
+        share_query_key: bool = False,
     ) -> None:
         super().__init__()
         self.nu, self.normalize, self.normalize_gate = nu, normalize, normalize_gate
-        self.query = nn.Linear(hidden, d_mem, bias=False)
+        self.query = None if share_query_key else nn.Linear(hidden, d_mem, bias=False)
         self.key = nn.Linear(hidden, d_mem, bias=False)
         self.value = nn.Linear(hidden, hidden, bias=False)
         self.beta = nn.Linear(hidden, 1)
@@ -239,7 +248,8 @@ class AssociativeMemory(nn.Module):
 
     def queries(self, hidden: torch.Tensor) -> torch.Tensor:  # [batch, length, hidden] → [batch, length, d_key]
         """φ(W_Q x): what each token entering the layer asks the memory."""
-        return self.features(self.query(hidden.to(self.query.weight.dtype)))
+        projection = self.key if self.query is None else self.query
+        return self.features(projection(hidden.to(projection.weight.dtype)))
 
     def write_terms(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys k_i = φ(W_K m_i) [batch, m, d_key], values v_i = W_V m_i [batch, m, hidden] and strengths
@@ -306,7 +316,15 @@ class AssociativeMemoryTransformer(MemoryModel):
             config = self.config = dataclasses.replace(config, normalize_features=True)
         normalize = config.normalize_features
         self.layers = nn.ModuleList(
-            AssociativeMemory(hidden, config.d_mem, config.nu, normalize, config.normalize_gate, config.gate_bias)
+            AssociativeMemory(
+                hidden,
+                config.d_mem,
+                config.nu,
+                normalize,
+                config.normalize_gate,
+                config.gate_bias,
+                share_query_key=config.share_query_key,
+            )
             for _ in self.memory_blocks
         )  # one per block of `memory_blocks`
         if self.info.is_decoder:

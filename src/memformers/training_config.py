@@ -50,6 +50,8 @@ Config (TOML; every key optional unless marked):
                           memory_init_std (at creation only: W_β's bias, the memory embeddings' std; default
                           nn.Linear's draw and the backbone embeddings' std; the authors' later code: 1.0, 0.02);
                           writers ("memory", the paper's: the memory tokens write; "all": every real position too)
+                          share_query_key (false: the paper's W_Q; true: reads use W_K, so a token asks with
+                          the key its own hidden state writes with)
 [model.knn]               KNNConfig; defaults from MemorizingTransformer
   memory_layers           decoder layers with kNN memory, negative = from the end (default [-4])
   memory_size, top_k      stored (key, value) pairs per row, head and layer (65536); neighbours per query (32)
