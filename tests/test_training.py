@@ -739,7 +739,7 @@ def test_num_facts_trains_on_stories_of_that_many_sentences(tmp_path):
 
 def test_distinct_actors_fraction_draws_such_stories_per_sample(tmp_path):
     """`task.distinct_actors`: that fraction of the samples (training and validation) are make_sample's stories with
-    every sentence about another actor; the key is refused for other tasks, for stories longer than the cast, and
+    every sentence moving another actor; the key is refused for other tasks, for stories longer than the cast, and
     outside [0, 1]."""
     from memformers.tasks import make_sample
 
@@ -762,6 +762,11 @@ def test_distinct_actors_fraction_draws_such_stories_per_sample(tmp_path):
             actors = [fact.split()[0] for fact in samples[True].facts]
             assert len(set(actors)) == len(actors)
     assert 10 <= sum(kinds) <= 30
+    trained = trainer.batches.batch(indices[:8], 2, seed=0)  # the training stream: the same draw per sample
+    for index, row in zip(indices, trained["input_ids"], strict=False):
+        sample = make_sample("qa1", full, trainer.tokenizer, 0, index, "train", training=True, num_facts=(2, 3),
+                             distinct_actors=kinds[index])  # fmt: skip
+        assert row.tolist() == sample.ids.tolist()
     for value in (-0.1, 1.5):
         with pytest.raises(ValueError, match="task.distinct_actors"):
             tiny(tmp_path, **changes, **{"task.distinct_actors": value})
