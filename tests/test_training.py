@@ -228,8 +228,11 @@ def test_a_finished_run_goes_on_when_its_budget_is_raised_and_says_so_when_not(t
         train(config, progress=False)
     assert len(records(config.output_dir, "train")) == 4
     longer = tiny(tmp_path, **changes | {"curriculum.max_steps_per_stage": 3})
-    with pytest.warns(InputWarning, match="continuing from step 4 to at most 5"):
+    with pytest.warns(InputWarning) as said:  # the changed budget is named, and what it does
         train(longer, progress=False)
+    messages = [str(warning.message) for warning in said]
+    assert any("continuing from step 4 to at most 5" in message for message in messages)
+    assert any("curriculum.max_steps_per_stage: 2 → 3" in message for message in messages)
     assert [(r["step"], r["segments"]) for r in records(config.output_dir, "train")][-2:] == [(4, 2), (5, 2)]
     assert records(config.output_dir, "stage")[-1] | {"accuracy": None} == {
         "type": "stage", "step": 5, "reason": "budget", "accuracy": None, "segments": 2, "done": True
