@@ -120,7 +120,10 @@ def fact_indices(model, samples: list, first_token: int, tokens: int) -> torch.T
 
 def position_kinds(model, samples: list, first_token: int, tokens: int) -> torch.Tensor:  # [batch, k] kind index
     """What each writing position of one segment is, an index into KINDS (`fact_indices`, facts not told apart)."""
-    owners = fact_indices(model, samples, first_token, tokens)
+    return kinds_of(fact_indices(model, samples, first_token, tokens))
+
+
+def kinds_of(owners: torch.Tensor) -> torch.Tensor:  # [batch, k] `fact_indices` → [batch, k] index into KINDS
     kinds = torch.full_like(owners, KINDS.index("fact"))
     kinds[owners == OTHER_CONTENT] = KINDS.index("other content")
     kinds[owners == MEMORY] = KINDS.index("memory")
@@ -255,7 +258,7 @@ def main() -> None:
                 tokens = int(segments[lead + s].attention_mask[0].sum())
                 first_token = segment_start(s, length, model.content_size, model.alignment)
                 owners.append(fact_indices(model, batch_samples, first_token, tokens))
-                kinds = position_kinds(model, batch_samples, first_token, tokens)
+                kinds = kinds_of(owners[-1])
                 for layer, gates in enumerate(record[lead + s]["gates"]):
                     for kind in range(len(KINDS)):
                         chosen = kinds == kind
@@ -266,17 +269,13 @@ def main() -> None:
             last = torch.tensor([len(sample.facts) - 1 for sample in batch_samples])
             rows = torch.arange(len(batch_samples))
             asking = query_positions(model, batch_samples, question_start) if model.config.writers == "all" else {}
-            for who, positions in asking.items():
-                for layer_index, layer in enumerate(model.layers):  # the story's writes, before the question's
+            layers_asked = enumerate(model.layers) if asking else ()
+            for layer_index, layer in layers_asked:  # against the story's writes, not the question segment's
+                keys = [record[lead + s]["keys"][layer_index].float() for s in range(count - 1)]
+                gates = [record[lead + s]["gates"][layer_index].float() for s in range(count - 1)]
+                for who, positions in asking.items():
                     hidden = entering[layer_index][rows, positions].float()  # [batch, hidden]
-                    found = match_shares(
-                        layer.queries(hidden),
-                        [record[lead + s]["keys"][layer_index].float() for s in range(count - 1)],
-                        [record[lead + s]["gates"][layer_index].float() for s in range(count - 1)],
-                        owners[: count - 1],
-                        answering,
-                        last,
-                    )
+                    found = match_shares(layer.queries(hidden), keys, gates, owners[: count - 1], answering, last)
                     for name, values in found.items():
                         matches[who][layer_index][name] += float(values.float().sum())
     result = {"checkpoint": args.checkpoint, "task": "qa1", "length": length, "segments": count} | options

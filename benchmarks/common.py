@@ -87,5 +87,5 @@ def add_story_placement(parser: argparse.ArgumentParser) -> None:
 def story_placement(args: argparse.Namespace) -> dict:
     """`make_sample`'s facts_first, facts_apart, num_facts and distinct_actors from `add_story_placement`'s
     arguments."""
-    options = {"facts_first": args.facts_first, "facts_apart": args.facts_apart, "num_facts": args.num_facts}
-    return options | {"distinct_actors": args.distinct_actors}
+    keys = ("facts_first", "facts_apart", "num_facts", "distinct_actors")
+    return {key: getattr(args, key) for key in keys}
