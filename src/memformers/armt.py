@@ -196,6 +196,16 @@ class Writers:
 
 
 @dataclass
+class ReadTerms:
+    """What one memory layer's read and write did in one step (`recording_reads`), with their gradients."""
+
+    queries: torch.Tensor | None = None  # [batch, L, d_key] φ(W_Q x) of every position of the layout
+    keys: torch.Tensor | None = None  # [batch, k, d_key] φ(W_K h) of the writing positions
+    gates: torch.Tensor | None = None  # [batch, k] their β (0 where the position wrote nothing)
+    positions: torch.Tensor | None = None  # [batch, k] their layout positions; None: every position (k = L)
+
+
+@dataclass
 class AssociativeState:
     """Every layer's associative memory; its size does not depend on how many segments were read."""
 
@@ -338,6 +348,7 @@ class AssociativeMemoryTransformer(MemoryModel):
         self.causal_memory = self.info.is_decoder or config.memory_attention == "causal"
         m = config.num_memory_tokens
         self._place_memory_tokens(decoder_overhead=m, encoder_overhead=2 + m, init_std=config.memory_init_std)
+        self._reads_recorded: list[list[ReadTerms]] | None = None  # `recording_reads`: per step, per layer
 
     def no_weight_decay(self) -> set[str]:
         return {"memory"}  # the memory tokens are embeddings, not weights to shrink
@@ -372,7 +383,11 @@ class AssociativeMemoryTransformer(MemoryModel):
         embeds, full_mask, write = self._layout(ids, mask)
         keep = None if logit_positions is None else logit_positions + self.prefix
         written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
-        with self._hooked(state, write, written):
+        record = None
+        if self._reads_recorded is not None:
+            record = [ReadTerms() for _ in self.layers]
+            self._reads_recorded.append(record)
+        with self._hooked(state, write, written, record):
             logits, hidden = backbones.run_backbone(self.backbone, embeds, full_mask, logits_to_keep=keep)
         new_state = AssociativeState(
             torch.stack([w[0] for w in written]), torch.stack([w[1] for w in written])
@@ -381,6 +396,19 @@ class AssociativeMemoryTransformer(MemoryModel):
         if logits is not None and logits.dim() == 3 and logit_positions is None:
             logits = logits[:, self.prefix : self.prefix + n]
         return StepOutput(logits=logits, hidden=content_hidden, logit_positions=logit_positions), new_state
+
+    @contextlib.contextmanager
+    def recording_reads(self) -> Iterator[list[list[ReadTerms]]]:
+        """Within the block, every `step` appends, per memory layer, what its tokens asked the memory and what its
+        writing positions wrote (`ReadTerms`, with their gradients): what a loss on which write a token reads
+        (`memformers.read_supervision`) needs. Costs one more projection of queries and keys a layer."""
+        if self._reads_recorded is not None:
+            raise RuntimeError("recording_reads is already active on this model")
+        self._reads_recorded = recorded = []
+        try:
+            yield recorded
+        finally:
+            self._reads_recorded = None
 
     # --- layout and hooks -------------------------------------------------------------------------------------
 
@@ -419,9 +447,11 @@ class AssociativeMemoryTransformer(MemoryModel):
         state: AssociativeState,
         write: Writers | None,  # the writing positions; None: read only (generation)
         written: list | None,
+        record: list[ReadTerms] | None = None,
     ) -> Iterator[None]:
         """Hooks on the backbone's blocks for one pass: each block's input reads its layer's memory, the outputs of
-        its writing positions write the new one into `written[l]`. Removed on exit, whatever happens."""
+        its writing positions write the new one into `written[l]` (and `record[l]`, if given, gets the queries,
+        keys and gates). Removed on exit, whatever happens."""
         handles = []
         try:
             blocks = backbone_layers.layer_stack(self.backbone)  # the backbone's own blocks, hooked only for this pass
@@ -430,9 +460,11 @@ class AssociativeMemoryTransformer(MemoryModel):
             for index, (block_index, memory) in enumerate(zip(self.memory_blocks, self.layers, strict=True)):
                 block = blocks[block_index]
                 matrix, normalizer = matrices[index], normalizers[index]
-                handles.append(block.register_forward_pre_hook(_reader(memory, matrix, normalizer), with_kwargs=True))
+                terms = None if record is None else record[index]
+                reader = _reader(memory, matrix, normalizer, terms)
+                handles.append(block.register_forward_pre_hook(reader, with_kwargs=True))
                 if write is not None:
-                    writer = _writer(memory, matrix, normalizer, write, written, index)
+                    writer = _writer(memory, matrix, normalizer, write, written, index, terms)
                     handles.append(block.register_forward_hook(writer))
             yield
         finally:
@@ -481,11 +513,13 @@ def _causal_memory_mask(
     return allowed.unsqueeze(1)
 
 
-def _reader(memory: AssociativeMemory, matrix: torch.Tensor, normalizer: torch.Tensor):
-    """A forward pre-hook adding the read y to the hidden states entering a block."""
+def _reader(memory: AssociativeMemory, matrix: torch.Tensor, normalizer: torch.Tensor, record: ReadTerms | None = None):
+    """A forward pre-hook adding the read y to the hidden states entering a block (and recording the queries)."""
 
     def hook(module, args, kwargs):
         hidden, rest, rest_kwargs = backbone_layers.split_block_call(args, kwargs)
+        if record is not None:
+            record.queries = memory.queries(hidden)
         hidden = hidden + memory.read(hidden, matrix, normalizer).to(hidden.dtype)
         if args:
             return (hidden, *rest), rest_kwargs
@@ -501,8 +535,10 @@ def _writer(
     write: Writers,
     written: list,
     index: int,
+    record: ReadTerms | None = None,
 ):
-    """A forward hook writing the outputs of a block's writing tokens into `written[index]`."""
+    """A forward hook writing the outputs of a block's writing tokens into `written[index]` (and recording the
+    writes' keys and gates)."""
 
     def hook(module, args, output):
         hidden = backbone_layers.block_output_hidden(output)  # [batch, L, hidden]
@@ -511,5 +547,10 @@ def _writer(
             positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
         written[index] = memory.write(tokens, matrix, normalizer, write.mask)
+        if record is not None:
+            keys, _, gates = memory.write_terms(tokens)
+            if write.mask is not None:
+                gates = gates * write.mask.to(gates.dtype)  # padding wrote nothing
+            record.keys, record.gates, record.positions = keys, gates, write.positions
 
     return hook

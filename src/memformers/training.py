@@ -213,23 +213,34 @@ class Trainer(CheckpointMixin, ValidationMixin):
         current = self.stages[self.state.stage]
         start = time.perf_counter()
         self.model.train()
-        totals = torch.zeros(4, device=acc.device)  # loss sum, correct, samples, tokens
+        totals = torch.zeros(6, device=acc.device)  # loss sum, correct, samples, tokens, read-loss sum, count
         longest = 0  # segments of this step's longest row: below the stage's count when lengths vary
         for chunk in range(o.grad_accum):
             batch = self._training_batch(self.state.position, current, chunk)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
+            codes = batch.pop("read_codes", None)
             longest = max(longest, count_segments(batch["input_ids"].shape[1], self.unwrapped.content_size))
             sync = chunk == o.grad_accum - 1
+            recording = contextlib.nullcontext() if codes is None else self.unwrapped.recording_reads()
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
-                out = self.model(**batch, logits=self._logits_mode)
-                acc.backward(out.loss / o.grad_accum)
+                with recording as record:
+                    out = self.model(**batch, logits=self._logits_mode)
+                loss, read_loss, counted = out.loss, torch.zeros(()), 0
+                if codes is not None:
+                    read_loss, counted = self._read_loss(record, codes, batch)
+                    loss = loss + o.read_loss_weight * read_loss
+                acc.backward(loss / o.grad_accum)
             rows = batch["input_ids"].shape[0]
             with torch.no_grad():
                 correct = self._correct(out.logits, batch)
-            totals += torch.tensor(
-                [float(out.loss.detach()) * rows, float(correct.sum()), rows, float(batch["attention_mask"].sum())],
-                device=acc.device,
-            )
+            step_totals = [
+                float(out.loss.detach()) * rows,
+                float(correct.sum()),
+                rows,
+                float(batch["attention_mask"].sum()),
+            ]
+            step_totals += [float(read_loss.detach()) * counted, counted]
+            totals += torch.tensor(step_totals, device=acc.device)
         if o.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm))
         else:
@@ -241,7 +252,8 @@ class Trainer(CheckpointMixin, ValidationMixin):
         self.state.step += 1
         self.state.position += o.batch_size
         seconds = time.perf_counter() - start
-        loss, correct, samples, tokens = totals.tolist()
+        loss, correct, samples, tokens, read_loss, counted = totals.tolist()
+        read = {"read_loss": read_loss / counted} if counted else {}
         return {
             "type": "train",
             "step": self.state.step,
@@ -252,10 +264,20 @@ class Trainer(CheckpointMixin, ValidationMixin):
             "accuracy": correct / samples,
             "lr": self.scheduler.get_last_lr()[0],
             **({"memory_lr": self.scheduler.get_last_lr()[-1]} if self.config.optim.memory_lr is not None else {}),
+            **read,
             "grad_norm": norm,
             "tokens_per_s": tokens / seconds,
             "steps_per_s": 1 / seconds,
         }
+
+    def _read_loss(self, record: list, codes: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
+        """The read-share loss of the pass just recorded (`memformers.read_supervision`) and how many reads it
+        counted."""
+        from .read_supervision import read_share_loss
+
+        m = self.unwrapped
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return read_share_loss(record, codes, ids, mask, m.content_size, m.alignment, m.prefix)
 
     def _make_batch(self, position: int, current: int, chunk: int) -> dict[str, torch.Tensor]:
         return self.batches.batch(self._shard(position, self.config.optim.batch_size, chunk), current, self.seed)

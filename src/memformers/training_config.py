@@ -117,6 +117,9 @@ Config (TOML; every key optional unless marked):
   batch_size              samples per optimizer step, over all processes and accumulation steps (default 32)
   grad_accum              accumulation steps (default 1); batch_size must divide by grad_accum × processes
   max_grad_norm           gradient clipping, 0 = off (default 1.0)
+  read_loss_weight        ARMT with writers "all", bAbI tasks: weight of a loss naming the write the question's
+                          actor or object should read, the supporting facts' share of its read in every memory
+                          layer (memformers.read_supervision; default 0 = the answer's loss alone)
   seed                    model init and dropout seed (default 0)
   mixed_precision         "no" (default) or "bf16" (autocast, on a GPU or a CPU; on a CPU with AVX512-BF16 a
                           MiniLM step is ~1.4× faster; a CPU without bf16 instructions, AVX2 only, trains in fp32
@@ -246,6 +249,7 @@ class OptimConfig:
     batch_size: int = 32
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    read_loss_weight: float = 0.0  # ARMT, writers "all", bAbI: weight of the read-share loss (read_supervision)
     seed: int = 0
     mixed_precision: str = "no"
     prefetch: bool = True

@@ -248,12 +248,29 @@ def validate(config: TrainConfig) -> None:
         _fail("optim.weight_decay", o.weight_decay, "≥ 0")
     if o.max_grad_norm < 0:
         _fail("optim.max_grad_norm", o.max_grad_norm, "≥ 0 (0 = no clipping)")
+    if not (o.read_loss_weight >= 0 and math.isfinite(o.read_loss_weight)):
+        _fail("optim.read_loss_weight", o.read_loss_weight, "a number ≥ 0")
+    if o.read_loss_weight:
+        _check_read_loss(config)
     if o.schedule not in SCHEDULES:
         _fail("optim.schedule", o.schedule, f"one of {SCHEDULES}")
     if o.mixed_precision not in PRECISIONS:
         _fail("optim.mixed_precision", o.mixed_precision, f"one of {PRECISIONS}")
     if o.batch_size % o.grad_accum:
         _fail("optim.batch_size", o.batch_size, f"a multiple of optim.grad_accum={o.grad_accum}")
+
+
+def _check_read_loss(config: TrainConfig) -> None:
+    """optim.read_loss_weight names writes by the story's tokens: an ARMT whose every position writes, bAbI stories,
+    and one forward pass a segment (gradient checkpointing would record each segment twice)."""
+    m, weight = config.model, config.optim.read_loss_weight
+    allowed = (
+        "0 here: it needs mechanism 'armt' with [model.armt] writers = 'all', bAbI tasks, no gradient_checkpointing"
+    )
+    if m.mechanism != "armt" or m.mechanism_config().writers != "all" or m.gradient_checkpointing:
+        _fail("optim.read_loss_weight", weight, allowed)
+    if config.algorithmic or config.task_names == ["lm"]:
+        _fail("optim.read_loss_weight", weight, allowed)
 
 
 def _validate_mechanism(m: ModelConfig) -> None:

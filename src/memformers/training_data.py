@@ -94,11 +94,18 @@ class TaskBatches:
         else:
             raise ValueError(f"model.segment_size: {segments} segment(s) too short for task {t.name}: {failure}")
         if self.head == "classification":
-            return sample_item(sample, "class", answers=self.answers)
-        item = sample_item(sample, "text", self.eos_id)
+            item = sample_item(sample, "class", answers=self.answers)
+        else:
+            item = sample_item(sample, "text", self.eos_id)
         if self.head == "masked-lm":  # the answer's positions are masked out of the input
             answer = item["labels"] != IGNORE_INDEX
             item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
+        if training and self.config.optim.read_loss_weight:  # what the read-share loss names (read_supervision)
+            from .read_supervision import read_codes
+
+            codes = torch.zeros_like(item["input_ids"])  # [tokens]; a text target's answer is OTHER
+            codes[: sample.num_tokens] = torch.from_numpy(read_codes(sample))
+            item["read_codes"] = codes
         return item
 
     def placement(self, index: int) -> str:
@@ -143,7 +150,12 @@ class TaskBatches:
         else:
             draw = self.segments_of  # training: lengths and noise drawn per sample, from the trainer's own stream
             items = [self.item(i, draw(i, current), seed, self.without_noise(i), training=True) for i in indices]
-        return collate(items, pad_id=self.tokenizer.pad_token_id or 0)
+        batch = collate(items, pad_id=self.tokenizer.pad_token_id or 0)
+        if "read_codes" in items[0]:
+            batch["read_codes"] = torch.zeros_like(batch["input_ids"])  # [batch, max_len]
+            for row, item in enumerate(items):
+                batch["read_codes"][row, : len(item["read_codes"])] = item["read_codes"]
+        return batch
 
 
 def answer_correct(

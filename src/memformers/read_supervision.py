@@ -1,0 +1,94 @@
+"""A loss on which write a token reads: tell an associative memory where the answer was written.
+
+The answer's loss reaches the memory's keys only through the read it scored; on bAbI stories spread over segments
+an ARMT then learns to read the latest write, not the one about the asked actor (README, "Which write the question
+reads"). `optim.read_loss_weight` adds, for the question's entity tokens (the actor or object it names), the
+negative log of the share the supporting facts' writes take of the token's read, per memory layer:
+
+    share = Σ_{i ∈ supporting} β_i φ(q)ᵀk_i / Σ_i β_i φ(q)ᵀk_i      over every position written in earlier segments
+
+the weights linear attention gives them (the delta rule's corrections left out, as in
+benchmarks/armt_segment_writes.py). Its gradient reaches W_Q, W_K and W_β of every memory layer and, through the
+hidden states that made the queries and keys, the backbone; never the classifier. A row counts only where a
+supporting fact lies in a segment before the question's (elsewhere the segment's attention reads it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .segments import split_into_segments
+from .tasks.babi import ACTORS, OBJECTS
+from .tasks.haystack import Sample, encode_sentence
+
+OTHER, SUPPORTING, QUERY = 0, 1, 2  # what `read_codes` says a token is
+ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS))
+
+
+def read_codes(sample: Sample) -> np.ndarray:  # [num_tokens] int64
+    """Per token of `sample`: SUPPORTING in a supporting fact, QUERY where the question names an actor or object
+    ("mary" in "where is mary ?"), OTHER elsewhere."""
+    codes = np.zeros(sample.num_tokens, dtype=np.int64)
+    facts = [piece for piece in sample.pieces if isinstance(piece, np.ndarray)][: len(sample.facts)]
+    for index in sample.supporting:
+        start = sample.fact_positions[index]
+        codes[start : start + len(facts[index])] = SUPPORTING
+    text = " " + sample.question  # as `encode_sentence` tokenizes it inside the sample
+    encoded = sample.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if not np.array_equal(np.asarray(encoded["input_ids"]), encode_sentence(sample.tokenizer, sample.question)):
+        raise ValueError("read_codes: the question's tokens differ from the sample's")  # a tokenizer we do not know
+    spans = []
+    position = 0
+    for word in text.split():
+        start = text.index(word, position)
+        position = start + len(word)
+        name = word.rstrip("?.,")  # "Mary?": the name without its punctuation
+        if name.lower() in ENTITIES:
+            spans.append((start, start + len(name)))
+    for offset, (low, high) in enumerate(encoded["offset_mapping"]):
+        if any(low < end and start < high for start, end in spans):
+            codes[sample.question_position + offset] = QUERY
+    return codes
+
+
+def read_share_loss(
+    record: list[list],  # per step, per memory layer: `armt.ReadTerms` (`recording_reads`)
+    codes: torch.Tensor,  # [batch, length] `read_codes` of each row, aligned with input_ids (padding: any)
+    input_ids: torch.Tensor,  # [batch, length]
+    attention_mask: torch.Tensor,  # [batch, length]
+    content_size: int,
+    alignment: str,
+    prefix: int,  # layout positions before the content ([CLS]: 1)
+) -> tuple[torch.Tensor, int]:  # the mean −log share over counted (row, query token, layer), and how many
+    """The read-share loss of one pass of the driver, recorded step by step (see the module's docstring)."""
+    segments = split_into_segments(input_ids, content_size, attention_mask, codes, alignment)
+    if len(segments) != len(record):
+        raise ValueError(f"read_share_loss: {len(record)} recorded steps for {len(segments)} segments")
+    batch = input_ids.shape[0]
+    losses = []
+    for layer in range(len(record[0])):
+        earlier_keys, earlier_weights, earlier_supporting = [], [], []
+        for segment, steps in zip(segments, record, strict=True):
+            terms = steps[layer]
+            layout = torch.zeros(batch, terms.queries.shape[1], dtype=torch.long, device=codes.device)  # [b, L]
+            width = segment.labels.shape[1]
+            layout[:, prefix : prefix + width] = segment.labels.clamp_min(OTHER)  # padding (−100) → OTHER
+            if earlier_keys:
+                keys = torch.cat(earlier_keys, 1).float()  # [b, P, d_key]
+                gates = torch.cat(earlier_weights, 1).float()  # [b, P]
+                supporting = torch.cat(earlier_supporting, 1)  # [b, P]
+                asking = (layout == QUERY) & supporting.any(1, keepdim=True)  # [b, L]
+                if bool(asking.any()):
+                    weights = (terms.queries.float() @ keys.transpose(1, 2)) * gates.unsqueeze(1)  # [b, L, P]
+                    found = (weights * supporting.unsqueeze(1)).sum(-1)  # [b, L]
+                    share = found / weights.sum(-1).clamp_min(1e-12)
+                    losses.append(-torch.log(share[asking].clamp_min(1e-6)))
+            written = layout if terms.positions is None else layout.gather(1, terms.positions)  # [b, k]
+            earlier_keys.append(terms.keys)
+            earlier_weights.append(terms.gates * segment.active.unsqueeze(1))  # a row not begun kept no write
+            earlier_supporting.append(written == SUPPORTING)
+    if not losses:
+        return input_ids.new_zeros((), dtype=torch.float32), 0
+    every = torch.cat(losses)
+    return every.mean(), every.numel()

@@ -1,0 +1,215 @@
+"""The read-share loss: which tokens it names, what it computes, where its gradient goes, and the trainer's use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_ids
+from test_armt import _keeper, tiny_armt, writing
+from test_training import tiny
+
+from memformers import backbone_layers
+from memformers.armt import ReadTerms
+from memformers.read_supervision import OTHER, QUERY, SUPPORTING, read_codes, read_share_loss
+from memformers.tasks import get_tokenizer, make_sample
+from memformers.training import Trainer
+
+
+@pytest.mark.parametrize("tokenizer", ["minilm", "smollm2"])
+def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
+    tok = get_tokenizer(tokenizer)
+    for task, index in (("qa1", 0), ("qa1", 5), ("qa2", 1)):
+        sample = make_sample(task, 300, tok, 0, index, num_facts=(3, 4) if task == "qa1" else None)
+        codes = read_codes(sample)
+        assert codes.shape == (sample.num_tokens,)
+        facts = [piece for piece in sample.pieces if not hasattr(piece, "blocks")][: len(sample.facts)]
+        expected = set()
+        for fact in sample.supporting:
+            start = sample.fact_positions[fact]
+            expected |= set(range(start, start + len(facts[fact])))
+        assert set(map(int, (codes == SUPPORTING).nonzero()[0])) == expected
+        named = tok.decode(sample.ids[codes == QUERY]).strip().lower()
+        entity = sample.question.rstrip("?").split()[-1].lower()  # qa1 "Where is Mary?", qa2 "Where is the milk?"
+        assert named == entity
+        assert ((codes == QUERY).nonzero()[0] >= sample.question_position).all()
+        assert int((codes == OTHER).sum()) == sample.num_tokens - len(expected) - int((codes == QUERY).sum())
+
+
+def _terms(queries, keys, gates) -> ReadTerms:
+    return ReadTerms(queries=queries, keys=keys, gates=gates, positions=None)
+
+
+def test_the_loss_is_minus_log_the_supporting_writes_share_by_hand():
+    """Two segments of 2 content tokens ([CLS] a b [SEP]): the first's second token is supporting, the second's
+    first token asks. Shares are β_i φ(q)ᵀk_i over the first segment's writes; rows that ask nothing are left out."""
+    ids = torch.ones(2, 4, dtype=torch.long)
+    codes = torch.tensor([[OTHER, SUPPORTING, QUERY, OTHER], [OTHER, OTHER, OTHER, OTHER]])
+    keys0 = torch.tensor([[[1.0, 0], [0.6, 0.8], [0, 1], [1, 0]]]).repeat(2, 1, 1)  # [CLS] a b [SEP]
+    gates0 = torch.tensor([[0.5, 0.5, 1.0, 0.25]]).repeat(2, 1)
+    query = torch.zeros(2, 4, 2)
+    query[:, 1] = torch.tensor([0.0, 1.0])  # layout position 1 = content token 0 of segment 2
+    record = [[_terms(torch.zeros(2, 4, 2), keys0, gates0)], [_terms(query, keys0, gates0)]]
+    loss, counted = read_share_loss(record, codes, ids, torch.ones_like(ids), 2, "left", prefix=1)
+    weights = torch.tensor([0.5 * 0, 0.5 * 0.8, 1.0 * 1, 0.25 * 0])
+    assert counted == 1
+    assert float(loss) == pytest.approx(-math.log(float(weights[2] / weights.sum())))
+
+
+def test_a_row_counts_only_where_its_supporting_fact_was_written_before_the_question():
+    ids = torch.ones(1, 4, dtype=torch.long)
+    terms = _terms(torch.rand(1, 4, 3), torch.rand(1, 4, 3), torch.rand(1, 4))
+    same_segment = torch.tensor([[OTHER, OTHER, SUPPORTING, QUERY]])
+    loss, counted = read_share_loss([[terms], [terms]], same_segment, ids, torch.ones_like(ids), 2, "left", 1)
+    assert counted == 0 and float(loss) == 0
+
+
+def test_a_row_not_yet_begun_wrote_nothing_that_counts():
+    """Right alignment: a one-segment row beside a two-segment one; the short row's first segment is inactive, so
+    its [CLS]/[SEP]/memory writes there (which the driver throws away) take no share of its read."""
+    model = writing(tiny_armt("bert", head="classification", writers="all", alignment="right"), seed=3)
+    content = model.content_size
+    ids = random_ids(2, 2 * content)
+    mask = torch.ones_like(ids)
+    mask[1, content:] = 0  # row 1: one segment, right-aligned into the last
+    codes = torch.zeros_like(ids)
+    codes[0, 2] = codes[1, 2] = SUPPORTING
+    codes[0, content + 1] = QUERY
+    codes[1, 1] = QUERY  # row 1 asks in its only segment: nothing was written before it
+    with model.recording_reads() as record:
+        model(ids, attention_mask=mask)
+    _, counted = read_share_loss(record, codes, ids, mask, content, "right", model.prefix)
+    assert counted == len(model.layers)  # row 0 only, every layer
+
+
+def _recorded_loss(model, ids, codes):
+    with model.recording_reads() as record:
+        out = model(ids)
+    loss, counted = read_share_loss(record, codes, ids, torch.ones_like(ids), model.content_size, "left", 1)
+    return out, loss, counted
+
+
+def _codes(ids: torch.Tensor, content: int) -> torch.Tensor:
+    codes = torch.zeros_like(ids)
+    codes[:, 3:6] = SUPPORTING  # first segment
+    codes[:, 2 * content + 1] = QUERY  # third segment
+    return codes
+
+
+def test_the_recording_is_the_steps_own_queries_keys_and_gates_and_leaves_the_outputs_alone():
+    model = writing(tiny_armt("bert", writers="all"))
+    ids = random_ids(2, 3 * model.content_size)
+    plain = model(ids).logits
+    out, _, counted = _recorded_loss(model, ids, _codes(ids, model.content_size))
+    assert torch.equal(out.logits, plain)
+    assert counted == 2 * len(model.layers)
+    assert model._reads_recorded is None  # recording ends with the block
+    block = backbone_layers.layer_stack(model.backbone)[1]
+    seen = {}
+    handles = [
+        block.register_forward_pre_hook(lambda _m, args: seen.setdefault("in", []).append(args[0])),
+        block.register_forward_hook(
+            lambda _m, _a, output: seen.setdefault("out", []).append(backbone_layers.block_output_hidden(output))
+        ),
+    ]  # registered first, so they see the block's input before its read is added
+    try:
+        with model.recording_reads() as record:
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(record) == 3 and all(len(step) == len(model.layers) for step in record)
+    layer = model.layers[1]
+    for step, terms in enumerate(record):
+        assert torch.allclose(terms[1].queries, layer.queries(seen["in"][step]))
+        keys, _, gates = layer.write_terms(seen["out"][step])
+        assert torch.allclose(terms[1].keys, keys) and torch.allclose(terms[1].gates, gates)
+    with model.recording_reads(), pytest.raises(RuntimeError, match="already"):
+        with model.recording_reads():
+            pass
+
+
+def test_gradient_reaches_the_reading_and_writing_projections_not_the_head():
+    """The loss reads queries, keys and gates (and, through the hidden states that made them, what earlier reads
+    added: W_V too); the classifier never takes part."""
+    model = writing(tiny_armt("bert", head="classification", writers="all"))
+    ids = random_ids(2, 3 * model.content_size)
+    _, loss, _ = _recorded_loss(model, ids, _codes(ids, model.content_size))
+    loss.backward()
+    for layer in model.layers:
+        for weights in (layer.query.weight, layer.key.weight, layer.beta.weight):
+            assert float(weights.grad.abs().sum()) > 0
+    head = model.backbone.classifier.weight
+    assert head.grad is None or float(head.grad.abs().sum()) == 0
+
+
+def test_rows_are_scored_apart():
+    """The batch's loss is the mean of each row's alone, and a row that asks nothing gets no gradient from the
+    others' reads."""
+    model = writing(tiny_armt("bert", writers="all"))
+    ids = random_ids(2, 3 * model.content_size)
+    codes = _codes(ids, model.content_size)
+    alone = [_recorded_loss(model, ids[r : r + 1], codes[r : r + 1])[1].item() for r in range(2)]
+    assert _recorded_loss(model, ids, codes)[1].item() == pytest.approx(sum(alone) / 2, rel=1e-5)
+    codes[1] = OTHER
+    captured = []
+    handle = model.backbone.get_input_embeddings().register_forward_hook(_keeper(captured))
+    try:
+        _recorded_loss(model, ids, codes)[1].backward()
+    finally:
+        handle.remove()
+    assert all(float(t.grad[1].abs().sum()) == 0 for t in captured)
+    assert float(captured[0].grad[0].abs().sum()) > 0
+
+
+def test_training_on_the_loss_alone_raises_the_supporting_share():
+    model = writing(tiny_armt("bert", writers="all"))
+    ids = random_ids(4, 3 * model.content_size)
+    codes = _codes(ids, model.content_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = _recorded_loss(model, ids, codes)[1].item()
+    for _ in range(20):
+        _, loss, _ = _recorded_loss(model, ids, codes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert _recorded_loss(model, ids, codes)[1].item() < 0.5 * first
+
+
+CHANGES = {
+    "task.name": "qa1",
+    "model.mechanism": "armt",
+    "model.armt.writers": "all",
+    "model.head": "classification",
+    "model.alignment": "right",
+    "curriculum.segments": [3],
+    "task.facts_first": 1.0,
+}
+
+
+def test_the_trainer_adds_the_weighted_loss_and_logs_it(tmp_path):
+    weighted = Trainer(tiny(tmp_path, "w", **CHANGES, **{"optim.read_loss_weight": 0.5}), progress=False)
+    plain = Trainer(tiny(tmp_path, "p", **CHANGES), progress=False)
+    record = weighted.train_step()
+    assert record["read_loss"] > 0 and "read_loss" not in plain.train_step()
+    batch = weighted.batches.batch(list(range(4)), 3, seed=0)
+    assert "read_codes" in batch and "read_codes" not in weighted.batches.batch(list(range(4)), 3, 0, vary=False)
+    for row, index in enumerate(range(4)):
+        sample_codes = batch["read_codes"][row][batch["attention_mask"][row].bool()]
+        assert int((sample_codes == QUERY).sum()) == 1  # qa1: the asked actor
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"optim.read_loss_weight": -1.0},
+        {"optim.read_loss_weight": float("nan")},
+        {"optim.read_loss_weight": 1.0, "model.armt.writers": "memory"},
+        {"optim.read_loss_weight": 1.0, "model.mechanism": "rmt"},
+        {"optim.read_loss_weight": 1.0, "model.gradient_checkpointing": True},
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, changes):
+    with pytest.raises(ValueError, match="optim.read_loss_weight"):
+        tiny(tmp_path, **(CHANGES | changes))
