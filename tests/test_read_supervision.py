@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_ids
@@ -22,7 +23,7 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
     tok = get_tokenizer(tokenizer)
     for task, index in (("qa1", 0), ("qa1", 5), ("qa2", 1)):
         sample = make_sample(task, 300, tok, 0, index, num_facts=(3, 4) if task == "qa1" else None)
-        codes = read_codes(sample)
+        codes = read_codes(sample, "fact")
         assert codes.shape == (sample.num_tokens,)
         facts = [piece for piece in sample.pieces if not hasattr(piece, "blocks")][: len(sample.facts)]
         expected = set()
@@ -35,6 +36,12 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
         assert named == entity
         assert ((codes == QUERY).nonzero()[0] >= sample.question_position).all()
         assert int((codes == OTHER).sum()) == sample.num_tokens - len(expected) - int((codes == QUERY).sum())
+        answer = read_codes(sample)  # the default: the answer's word in the supporting facts
+        assert tok.decode(sample.ids[answer == SUPPORTING]).strip().lower() == sample.target.lower()
+        assert set(map(int, (answer == SUPPORTING).nonzero()[0])) < expected
+        assert np.array_equal(answer == QUERY, codes == QUERY)
+    with pytest.raises(ValueError, match="target"):
+        read_codes(sample, "place")
 
 
 def _terms(queries, keys, gates) -> ReadTerms:
@@ -208,8 +215,11 @@ def test_the_trainer_adds_the_weighted_loss_and_logs_it(tmp_path):
         {"optim.read_loss_weight": 1.0, "model.armt.writers": "memory"},
         {"optim.read_loss_weight": 1.0, "model.mechanism": "rmt"},
         {"optim.read_loss_weight": 1.0, "model.gradient_checkpointing": True},
+        {"optim.read_target": "place"},
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, changes):
-    with pytest.raises(ValueError, match="optim.read_loss_weight"):
+    with pytest.raises(
+        ValueError, match="optim.read_loss_weight" if "optim.read_target" not in changes else "optim.read_target"
+    ):
         tiny(tmp_path, **(CHANGES | changes))

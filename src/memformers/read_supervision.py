@@ -26,30 +26,48 @@ OTHER, SUPPORTING, QUERY = 0, 1, 2  # what `read_codes` says a token is
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS))
 
 
-def read_codes(sample: Sample) -> np.ndarray:  # [num_tokens] int64
-    """Per token of `sample`: SUPPORTING in a supporting fact, QUERY where the question names an actor or object
-    ("mary" in "where is mary ?"), OTHER elsewhere."""
+READ_TARGETS = ("answer", "fact")
+
+
+def read_codes(sample: Sample, target: str = "answer") -> np.ndarray:  # [num_tokens] int64
+    """Per token of `sample`: SUPPORTING where the memory should find what the question asks (`target` "answer":
+    the answer's word in the supporting facts, "garden" in "mary went to the garden ."; "fact": every token of the
+    supporting facts), QUERY where the question names an actor or object ("mary" in "where is mary ?"), OTHER
+    elsewhere."""
+    if target not in READ_TARGETS:
+        raise ValueError(f"target must be one of {READ_TARGETS}, got {target!r}")
     codes = np.zeros(sample.num_tokens, dtype=np.int64)
     facts = [piece for piece in sample.pieces if isinstance(piece, np.ndarray)][: len(sample.facts)]
+    answer = {sample.target.lower()}
     for index in sample.supporting:
         start = sample.fact_positions[index]
-        codes[start : start + len(facts[index])] = SUPPORTING
-    text = " " + sample.question  # as `encode_sentence` tokenizes it inside the sample
+        if target == "fact":
+            codes[start : start + len(facts[index])] = SUPPORTING
+        else:
+            codes[start + _word_tokens(sample, sample.facts[index], answer)] = SUPPORTING
+    codes[sample.question_position + _word_tokens(sample, sample.question, ENTITIES)] = QUERY
+    return codes
+
+
+def _word_tokens(sample: Sample, sentence: str, words: frozenset[str] | set[str]) -> np.ndarray:  # [k] int64
+    """The offsets, within `sentence`'s tokens as the sample holds them, of the tokens spelling any of `words`
+    (compared in lower case, without trailing punctuation: "Mary?" is "mary")."""
+    text = " " + sentence  # as `encode_sentence` tokenizes it inside the sample
     encoded = sample.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if not np.array_equal(np.asarray(encoded["input_ids"]), encode_sentence(sample.tokenizer, sample.question)):
-        raise ValueError("read_codes: the question's tokens differ from the sample's")  # a tokenizer we do not know
+    if not np.array_equal(np.asarray(encoded["input_ids"]), encode_sentence(sample.tokenizer, sentence)):
+        raise ValueError(f"read_codes: {sentence!r} is tokenized otherwise inside the sample")
     spans = []
     position = 0
     for word in text.split():
         start = text.index(word, position)
         position = start + len(word)
-        name = word.rstrip("?.,")  # "Mary?": the name without its punctuation
-        if name.lower() in ENTITIES:
+        name = word.rstrip("?.,")
+        if name.lower() in words:
             spans.append((start, start + len(name)))
-    for offset, (low, high) in enumerate(encoded["offset_mapping"]):
-        if any(low < end and start < high for start, end in spans):
-            codes[sample.question_position + offset] = QUERY
-    return codes
+    offsets = [
+        i for i, (low, high) in enumerate(encoded["offset_mapping"]) if any(low < e and s < high for s, e in spans)
+    ]
+    return np.asarray(offsets, dtype=np.int64)
 
 
 def read_share_loss(

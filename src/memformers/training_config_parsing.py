@@ -19,6 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .read_supervision import READ_TARGETS
 from .training_config import (
     CurriculumConfig,
     ModelConfig,
@@ -250,6 +251,8 @@ def validate(config: TrainConfig) -> None:
         _fail("optim.max_grad_norm", o.max_grad_norm, "≥ 0 (0 = no clipping)")
     if not (o.read_loss_weight >= 0 and math.isfinite(o.read_loss_weight)):
         _fail("optim.read_loss_weight", o.read_loss_weight, "a number ≥ 0")
+    if o.read_target not in READ_TARGETS:
+        _fail("optim.read_target", o.read_target, f"one of {READ_TARGETS}")
     if o.read_loss_weight:
         _check_read_loss(config)
     if o.schedule not in SCHEDULES:

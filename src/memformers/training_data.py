@@ -104,7 +104,7 @@ class TaskBatches:
             from .read_supervision import read_codes
 
             codes = torch.zeros_like(item["input_ids"])  # [tokens]; a text target's answer is OTHER
-            codes[: sample.num_tokens] = torch.from_numpy(read_codes(sample))
+            codes[: sample.num_tokens] = torch.from_numpy(read_codes(sample, self.config.optim.read_target))
             item["read_codes"] = codes
         return item
 
