@@ -200,7 +200,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, how):
 
 def test_resuming_with_changed_settings_says_which(tmp_path):
     """A resumed run goes on with today's config; where it differs from the checkpoint's, a warning names each
-    setting with both values. The same config resumes silently."""
+    setting with both values. The same config resumes silently, also from a checkpoint saved before a setting
+    existed (it trained with the setting's default)."""
     import warnings
 
     from memformers.errors import InputWarning
@@ -213,6 +214,23 @@ def test_resuming_with_changed_settings_says_which(tmp_path):
     changed = tiny(tmp_path, **{"optim.lr": 3e-4, "curriculum.vary_fill": True})
     with pytest.warns(InputWarning, match=r"curriculum\.vary_fill: False → True; optim\.lr: 0\.003 → 0\.0003$"):
         train(changed, stop_after_steps=4, progress=False)
+
+    # a checkpoint older than a setting (saved without it) trained with its default: silent at the default, and
+    # the setting named, from its default, when today's config changes it
+    def drop_max_grad_norm() -> None:
+        latest = sorted((tmp_path / "run").glob("checkpoint-*"))[-1]
+        record = json.loads((latest / "trainer.json").read_text())
+        del record["train_config"]["optim"]["max_grad_norm"]
+        (latest / "trainer.json").write_text(json.dumps(record))
+
+    drop_max_grad_norm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        train(changed, stop_after_steps=5, progress=False)
+    drop_max_grad_norm()
+    clipped = tiny(tmp_path, **{"optim.lr": 3e-4, "curriculum.vary_fill": True, "optim.max_grad_norm": 0.5})
+    with pytest.warns(InputWarning, match=r"with settings it was not trained with: optim\.max_grad_norm: 1\.0 → 0\.5$"):
+        train(clipped, stop_after_steps=6, progress=False)
 
 
 def test_a_finished_run_goes_on_when_its_budget_is_raised_and_says_so_when_not(tmp_path):

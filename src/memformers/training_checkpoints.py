@@ -154,7 +154,8 @@ class CheckpointMixin:
         saved = json.loads((path / "trainer.json").read_text()).get("train_config")
         if saved is None:
             return
-        before, now = _flatten(saved), _flatten(self.config.to_dict())
+        defaults = _flatten(type(self.config)().to_dict())  # a key newer than the checkpoint: it trained as default
+        before, now = defaults | _flatten(saved), _flatten(self.config.to_dict())
         changed = [f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
                    if k != "output.dir" and before.get(k) != now.get(k)]  # fmt: skip
         if changed:
