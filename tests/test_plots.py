@@ -48,6 +48,19 @@ def test_each_tasks_validation_is_drawn_where_several_are_learned_together(tmp_p
     assert not any(label and label.startswith("validation q") for label in labels)
 
 
+def test_the_read_share_loss_is_drawn_where_the_run_had_one(tmp_path, monkeypatch):
+    labels = spy_on_labels(monkeypatch)
+    records = run_records()
+    for record in records:
+        if record["type"] == "train" and record["step"] > 5:
+            record["read_loss"] = 1.0 / record["step"]
+    training_curves(records, tmp_path / "curves.png")
+    assert sum(1 for label in labels if label and label.startswith("read-share loss")) == 1
+    labels.clear()
+    training_curves(run_records(), tmp_path / "curves.png")
+    assert not any(label and label.startswith("read-share") for label in labels)
+
+
 def test_the_trailing_mean_starts_at_the_first_point():
     assert trailing_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [1.0, 1.5, 2.5, 3.5]
     assert trailing_mean(np.array([2.0, 4.0]), 20).tolist() == [2.0, 3.0]
