@@ -154,6 +154,17 @@ def test_keep_layers_trains_a_pretrained_backbone_cut_to_its_first_blocks(tmp_pa
         Trainer(tiny(tmp_path, "deep", **changes | {"model.keep_layers": 7}), progress=False, resume=False)
 
 
+def test_a_last_stage_going_on_past_its_threshold_logs_no_stage_change(tmp_path):
+    """With stop_at_threshold off the last stage trains to its budget: validations above the threshold are no
+    stage change, and the one stage record is the run's end."""
+    changes = {"curriculum.threshold": 0.0, "curriculum.eval_every": 1, "curriculum.stop_at_threshold": False}
+    config = tiny(tmp_path, **changes, **{"curriculum.segments": [1]})
+    train(config, progress=False)
+    assert len(records(config.output_dir, "eval")) == 3
+    stages = records(config.output_dir, "stage")
+    assert [(r["step"], r["reason"], r["done"]) for r in stages] == [(3, "threshold", True)]
+
+
 def test_curriculum_advances_on_step_budget(tmp_path):
     config = tiny(tmp_path, **{"curriculum.max_steps_per_stage": 2, "output.checkpoint_every": 0})
     train(config, progress=False)

@@ -344,16 +344,17 @@ class Trainer(CheckpointMixin, ValidationMixin):
             elif not last:
                 s.stage, s.stage_start = s.stage + 1, s.step
                 self._apply_lr()  # a per-stage schedule restarts now, not one step late
-            self.log(
-                {
-                    "type": "stage",
-                    "step": s.step,
-                    "reason": reason,
-                    "accuracy": record["accuracy"],
-                    "segments": self.stages[s.stage],
-                    "done": s.done,
-                }
-            )
+            if s.done or not last:  # the last stage going on past its threshold changes nothing
+                self.log(
+                    {
+                        "type": "stage",
+                        "step": s.step,
+                        "reason": reason,
+                        "accuracy": record["accuracy"],
+                        "segments": self.stages[s.stage],
+                        "done": s.done,
+                    }
+                )
         if s.step >= self.config.total_steps:
             s.done = True
 
