@@ -13,7 +13,7 @@ from test_training import tiny
 
 from memformers import backbone_layers
 from memformers.armt import ReadTerms
-from memformers.read_supervision import OTHER, QUERY, SUPPORTING, read_codes, read_share_loss
+from memformers.read_supervision import ENTITIES, OTHER, QUERY, SUPPORTING, read_codes, read_share_loss
 from memformers.tasks import get_tokenizer, make_sample
 from memformers.training import Trainer
 
@@ -21,7 +21,7 @@ from memformers.training import Trainer
 @pytest.mark.parametrize("tokenizer", ["minilm", "smollm2"])
 def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
     tok = get_tokenizer(tokenizer)
-    for task, index in (("qa1", 0), ("qa1", 5), ("qa2", 1)):
+    for task, index in (("qa1", 0), ("qa1", 5), ("qa2", 1), ("qa3", 2), ("qa4", 3), ("qa5", 4)):
         sample = make_sample(task, 300, tok, 0, index, num_facts=(3, 4) if task == "qa1" else None)
         codes = read_codes(sample, "fact")
         assert codes.shape == (sample.num_tokens,)
@@ -31,9 +31,9 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
             start = sample.fact_positions[fact]
             expected |= set(range(start, start + len(facts[fact])))
         assert set(map(int, (codes == SUPPORTING).nonzero()[0])) == expected
-        named = tok.decode(sample.ids[codes == QUERY]).strip().lower()
-        entity = sample.question.rstrip("?").split()[-1].lower()  # qa1 "Where is Mary?", qa2 "Where is the milk?"
-        assert named == entity
+        named = tok.decode(sample.ids[codes == QUERY]).lower().split()
+        assert named == [w.lower() for w in sample.question.rstrip("?").split() if w.lower() in ENTITIES]
+        assert named  # qa1 "Where is Mary?": mary; qa2 "Where is the milk?": milk; qa4: the place it names
         assert ((codes == QUERY).nonzero()[0] >= sample.question_position).all()
         assert int((codes == OTHER).sum()) == sample.num_tokens - len(expected) - int((codes == QUERY).sum())
         answer = read_codes(sample)  # the default: the answer's word in the supporting facts

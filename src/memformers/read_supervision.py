@@ -2,7 +2,7 @@
 
 The answer's loss reaches the memory's keys only through the read it scored; on bAbI stories spread over segments
 an ARMT then learns to read the latest write, not the one about the asked actor (README, "Which write the question
-reads"). `optim.read_loss_weight` adds, for the question's entity tokens (the actor or object it names), the
+reads"). `optim.read_loss_weight` adds, for the question's entity tokens (the actor, object or place it names), the
 negative log of the share the supporting facts' writes take of the token's read, per memory layer:
 
     share = Σ_{i ∈ supporting} β_i φ(q)ᵀk_i / Σ_i β_i φ(q)ᵀk_i      over every position written in earlier segments
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from .segments import split_into_segments
-from .tasks.babi import ACTORS, OBJECTS
+from .tasks.babi import ACTORS, OBJECTS, PLACES
 from .tasks.haystack import Sample, encode_sentence
 
 OTHER, SUPPORTING, QUERY = 0, 1, 2  # what `read_codes` says a token is
-ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS))
+ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
 
 
 READ_TARGETS = ("answer", "fact")
@@ -32,7 +32,7 @@ READ_TARGETS = ("answer", "fact")
 def read_codes(sample: Sample, target: str = "answer") -> np.ndarray:  # [num_tokens] int64
     """Per token of `sample`: SUPPORTING where the memory should find what the question asks (`target` "answer":
     the answer's word in the supporting facts, "garden" in "mary went to the garden ."; "fact": every token of the
-    supporting facts), QUERY where the question names an actor or object ("mary" in "where is mary ?"), OTHER
+    supporting facts), QUERY where the question names an actor, object or place ("mary" in "where is mary ?"), OTHER
     elsewhere."""
     if target not in READ_TARGETS:
         raise ValueError(f"target must be one of {READ_TARGETS}, got {target!r}")

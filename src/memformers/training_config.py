@@ -118,7 +118,7 @@ Config (TOML; every key optional unless marked):
   grad_accum              accumulation steps (default 1); batch_size must divide by grad_accum × processes
   max_grad_norm           gradient clipping, 0 = off (default 1.0)
   read_loss_weight        ARMT with writers "all", bAbI tasks: weight of a loss naming the write the question's
-                          actor or object should read, the supporting facts' share of its read in every memory
+                          actor, object or place should read, the supporting facts' share of its read in every memory
                           layer (memformers.read_supervision; default 0 = the answer's loss alone)
   read_target             what of the supporting facts that loss names: "answer" (default: the answer's word,
                           "garden" in "mary went to the garden .") or "fact" (every token of the facts)
