@@ -24,9 +24,7 @@ from .tasks.haystack import Sample, encode_sentence
 
 OTHER, SUPPORTING, QUERY = 0, 1, 2  # what `read_codes` says a token is
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
-
-
-READ_TARGETS = ("answer", "fact")
+READ_TARGETS = ("answer", "fact")  # what of the supporting facts the loss names (`read_codes`)
 
 
 def read_codes(sample: Sample, target: str = "answer") -> np.ndarray:  # [num_tokens] int64
