@@ -23,7 +23,7 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
     tok = get_tokenizer(tokenizer)
     for task, index in (("qa1", 0), ("qa1", 5), ("qa2", 1), ("qa3", 2), ("qa4", 3), ("qa5", 4)):
         sample = make_sample(task, 300, tok, 0, index, num_facts=(3, 4) if task == "qa1" else None)
-        codes = read_codes(sample, "fact")
+        codes = read_codes(sample)  # the default: every token of the supporting facts
         assert codes.shape == (sample.num_tokens,)
         facts = [piece for piece in sample.pieces if not hasattr(piece, "blocks")][: len(sample.facts)]
         expected = set()
@@ -36,7 +36,7 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
         assert named  # qa1 "Where is Mary?": mary; qa2 "Where is the milk?": milk; qa4: the place it names
         assert ((codes == QUERY).nonzero()[0] >= sample.question_position).all()
         assert int((codes == OTHER).sum()) == sample.num_tokens - len(expected) - int((codes == QUERY).sum())
-        answer = read_codes(sample)  # the default: the answer's word in the supporting facts
+        answer = read_codes(sample, "answer")  # the answer's word in the supporting facts
         assert tok.decode(sample.ids[answer == SUPPORTING]).strip().lower() == sample.target.lower()
         assert set(map(int, (answer == SUPPORTING).nonzero()[0])) < expected
         assert np.array_equal(answer == QUERY, codes == QUERY)

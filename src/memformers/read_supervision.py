@@ -24,13 +24,13 @@ from .tasks.haystack import Sample, encode_sentence
 
 OTHER, SUPPORTING, QUERY = 0, 1, 2  # what `read_codes` says a token is
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
-READ_TARGETS = ("answer", "fact")  # what of the supporting facts the loss names (`read_codes`)
+READ_TARGETS = ("fact", "answer")  # what of the supporting facts the loss names (`read_codes`)
 
 
-def read_codes(sample: Sample, target: str = "answer") -> np.ndarray:  # [num_tokens] int64
-    """Per token of `sample`: SUPPORTING where the memory should find what the question asks (`target` "answer":
-    the answer's word in the supporting facts, "garden" in "mary went to the garden ."; "fact": every token of the
-    supporting facts), QUERY where the question names an actor, object or place ("mary" in "where is mary ?"), OTHER
+def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_tokens] int64
+    """Per token of `sample`: SUPPORTING where the memory should find what the question asks (`target` "fact":
+    every token of the supporting facts; "answer": the answer's word in them, "garden" in "mary went to the
+    garden ."), QUERY where the question names an actor, object or place ("mary" in "where is mary ?"), OTHER
     elsewhere."""
     if target not in READ_TARGETS:
         raise ValueError(f"target must be one of {READ_TARGETS}, got {target!r}")

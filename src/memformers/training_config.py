@@ -120,8 +120,8 @@ Config (TOML; every key optional unless marked):
   read_loss_weight        ARMT with writers "all", bAbI tasks: weight of a loss naming the write the question's
                           actor, object or place should read, the supporting facts' share of its read in every memory
                           layer (memformers.read_supervision; default 0 = the answer's loss alone)
-  read_target             what of the supporting facts that loss names: "answer" (default: the answer's word,
-                          "garden" in "mary went to the garden .") or "fact" (every token of the facts)
+  read_target             what of the supporting facts that loss names: "fact" (default: every token of them) or
+                          "answer" (the answer's word alone, "garden" in "mary went to the garden .")
   seed                    model init and dropout seed (default 0)
   mixed_precision         "no" (default) or "bf16" (autocast, on a GPU or a CPU; on a CPU with AVX512-BF16 a
                           MiniLM step is ~1.4× faster; a CPU without bf16 instructions, AVX2 only, trains in fp32
@@ -252,7 +252,7 @@ class OptimConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     read_loss_weight: float = 0.0  # ARMT, writers "all", bAbI: weight of the read-share loss (read_supervision)
-    read_target: str = "answer"  # which supporting tokens that loss names: "answer" (its word) or "fact" (all)
+    read_target: str = "fact"  # which supporting tokens that loss names: "fact" (all) or "answer" (its word)
     seed: int = 0
     mixed_precision: str = "no"
     prefetch: bool = True
