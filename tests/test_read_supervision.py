@@ -73,21 +73,26 @@ def test_a_row_counts_only_where_its_supporting_fact_was_written_before_the_ques
 
 
 def test_a_row_not_yet_begun_wrote_nothing_that_counts():
-    """Right alignment: a one-segment row beside a two-segment one; the short row's first segment is inactive, so
-    its [CLS]/[SEP]/memory writes there (which the driver throws away) take no share of its read."""
+    """Right alignment: a two-segment row beside a three-segment one is inactive in the first segment, where its
+    [CLS]/[SEP]/memory tokens still run (the driver keeps its state as it was); those writes take no share of its
+    read, so its loss in the batch is its loss alone."""
     model = writing(tiny_armt("bert", head="classification", writers="all", alignment="right"), seed=3)
     content = model.content_size
-    ids = random_ids(2, 2 * content)
+    ids = random_ids(2, 3 * content)
     mask = torch.ones_like(ids)
-    mask[1, content:] = 0  # row 1: one segment, right-aligned into the last
+    mask[1, :content] = 0  # row 1: two segments, right-aligned into the last two
     codes = torch.zeros_like(ids)
-    codes[0, 2] = codes[1, 2] = SUPPORTING
-    codes[0, content + 1] = QUERY
-    codes[1, 1] = QUERY  # row 1 asks in its only segment: nothing was written before it
+    codes[1, content + 2 : content + 5] = SUPPORTING  # row 1's first segment
+    codes[1, 2 * content + 1] = QUERY  # its second; row 0 asks nothing
     with model.recording_reads() as record:
         model(ids, attention_mask=mask)
-    _, counted = read_share_loss(record, codes, ids, mask, content, "right", model.prefix)
-    assert counted == len(model.layers)  # row 0 only, every layer
+    in_batch, counted = read_share_loss(record, codes, ids, mask, content, "right", model.prefix)
+    alone_ids = ids[1:, content:]
+    with model.recording_reads() as record:
+        model(alone_ids)
+    alone, _ = read_share_loss(record, codes[1:, content:], alone_ids, torch.ones_like(alone_ids), content, "right", 1)
+    assert counted == len(model.layers)
+    assert in_batch.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
 def _recorded_loss(model, ids, codes):
