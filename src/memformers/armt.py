@@ -271,9 +271,14 @@ class AssociativeMemory(nn.Module):
         betas = torch.sigmoid(F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
         return keys, values, betas
 
-    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
-        """y [batch, length, hidden] for the hidden states [batch, length, hidden] entering the layer."""
+    def read(
+        self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, record: ReadTerms | None = None
+    ) -> torch.Tensor:
+        """y [batch, length, hidden] for the hidden states [batch, length, hidden] entering the layer (and the
+        queries, into `record` if given)."""
         features = self.queries(hidden)  # [batch, length, d_key]
+        if record is not None:
+            record.queries = features
         return associative_read(features, matrix.to(features.dtype), normalizer.to(features.dtype))
 
     def write(
@@ -282,14 +287,19 @@ class AssociativeMemory(nn.Module):
         matrix: torch.Tensor,
         normalizer: torch.Tensor,
         mask: torch.Tensor | None = None,  # [batch, m] 1 = writes; None: every one
+        record: ReadTerms | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new (A, z) after the outputs `memory` [batch, m, hidden] of the writing tokens write, computed in the
         state's precision (`state_dtype`), outside any autocast: nothing carried is rounded. A token whose `mask`
-        is 0 has a zero key, and a zero key changes neither A nor z."""
+        is 0 has a zero key, and a zero key changes neither A nor z. `record`, if given, gets the keys and gates
+        (0 where the mask is 0)."""
         with torch.autocast(memory.device.type, enabled=False):
             keys, values, betas = self.write_terms(memory.to(matrix.dtype))
             if mask is not None:
                 keys = keys * mask.to(keys.dtype).unsqueeze(-1)
+            if record is not None:
+                record.keys = keys
+                record.gates = betas if mask is None else betas * mask.to(betas.dtype)
             return delta_rule_write(keys, values, betas, matrix, normalizer)
 
 
@@ -518,9 +528,7 @@ def _reader(memory: AssociativeMemory, matrix: torch.Tensor, normalizer: torch.T
 
     def hook(module, args, kwargs):
         hidden, rest, rest_kwargs = backbone_layers.split_block_call(args, kwargs)
-        if record is not None:
-            record.queries = memory.queries(hidden)
-        hidden = hidden + memory.read(hidden, matrix, normalizer).to(hidden.dtype)
+        hidden = hidden + memory.read(hidden, matrix, normalizer, record).to(hidden.dtype)
         if args:
             return (hidden, *rest), rest_kwargs
         return args, rest_kwargs | {"hidden_states": hidden}
@@ -546,11 +554,8 @@ def _writer(
         if write.positions is not None:
             positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
-        written[index] = memory.write(tokens, matrix, normalizer, write.mask)
+        written[index] = memory.write(tokens, matrix, normalizer, write.mask, record)
         if record is not None:
-            keys, _, gates = memory.write_terms(tokens)
-            if write.mask is not None:
-                gates = gates * write.mask.to(gates.dtype)  # padding wrote nothing
-            record.keys, record.gates, record.positions = keys, gates, write.positions
+            record.positions = write.positions
 
     return hook
