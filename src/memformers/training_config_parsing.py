@@ -270,9 +270,9 @@ def _check_read_loss(config: TrainConfig) -> None:
     allowed = (
         "0 here: it needs mechanism 'armt' with [model.armt] writers = 'all', bAbI tasks, no gradient_checkpointing"
     )
-    if m.mechanism != "armt" or m.mechanism_config().writers != "all" or m.gradient_checkpointing:
-        _fail("optim.read_loss_weight", weight, allowed)
-    if config.algorithmic or config.task_names == ["lm"]:
+    every_position_writes = m.mechanism == "armt" and m.mechanism_config().writers == "all"
+    stories = not (config.algorithmic or config.task_names == ["lm"])
+    if not every_position_writes or not stories or m.gradient_checkpointing:
         _fail("optim.read_loss_weight", weight, allowed)
 
 
