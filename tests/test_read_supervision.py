@@ -11,9 +11,19 @@ from conftest import random_ids
 from test_armt import _keeper, tiny_armt, writing
 from test_training import tiny
 
+import memformers as mf
 from memformers import backbone_layers
-from memformers.armt import ReadTerms
-from memformers.read_supervision import ENTITIES, OTHER, QUERY, SUPPORTING, read_codes, read_share_loss
+from memformers.armt import ReadTerms, delta_rule_write
+from memformers.read_supervision import (
+    ENTITIES,
+    OTHER,
+    QUERY,
+    STORY,
+    SUPPORTING,
+    noise_write_loss,
+    read_codes,
+    read_share_loss,
+)
 from memformers.tasks import get_tokenizer, make_sample
 from memformers.training import Trainer
 
@@ -35,7 +45,9 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
         assert named == [w.lower() for w in sample.question.rstrip("?").split() if w.lower() in ENTITIES]
         assert named  # qa1 "Where is Mary?": mary; qa2 "Where is the milk?": milk; qa4: the place it names
         assert ((codes == QUERY).nonzero()[0] >= sample.question_position).all()
-        assert int((codes == OTHER).sum()) == sample.num_tokens - len(expected) - int((codes == QUERY).sum())
+        assert int((codes == OTHER).sum()) == sample.num_tokens - sample.story_tokens  # the noise
+        assert int((codes == STORY).sum()) == sample.story_tokens - len(expected) - int((codes == QUERY).sum())
+        assert (codes[sample.question_position :] != OTHER).all()
         answer = read_codes(sample, "answer")  # the answer's word in the supporting facts
         assert tok.decode(sample.ids[answer == SUPPORTING]).strip().lower() == sample.target.lower()
         assert set(map(int, (answer == SUPPORTING).nonzero()[0])) < expected
@@ -212,6 +224,95 @@ def test_the_trainer_adds_the_weighted_loss_and_logs_it(tmp_path):
         assert int((sample_codes == QUERY).sum()) == 1  # qa1: the asked actor
 
 
+def _noise_loss(model, ids, codes, threshold):
+    with model.recording_reads() as record:
+        model(ids)
+    layout = (ids, torch.ones_like(ids), model.content_size, "left", 1)
+    return record, noise_write_loss(record, codes, *layout, threshold)
+
+
+def test_the_noise_write_loss_is_the_noise_gates_hinge_by_hand():
+    """Per noise token and layer, max(0, logit β − logit(τ/4)); story tokens, [CLS], [SEP] and memory tokens are
+    left out, and gates already under τ/4 add 0 and no gradient."""
+    model = writing(tiny_armt("bert", writers="all"))
+    ids = random_ids(2, 2 * model.content_size)
+    codes = torch.full_like(ids, STORY)
+    codes[0, 1:4] = OTHER  # three noise tokens in row 0's first segment, two in row 1's second
+    codes[1, model.content_size + 2 : model.content_size + 4] = OTHER
+    for layer in model.layers:
+        torch.nn.init.constant_(layer.beta.bias, 0.0)  # β around 1/2: every gate above τ/4
+    record, (loss, counted) = _noise_loss(model, ids, codes, 0.01)
+    margin = math.log(0.0025 / 0.9975)
+    expected = []
+    for step, (row, columns) in enumerate(((0, [1, 2, 3]), (1, [2, 3]))):
+        for terms in record[step]:
+            logits = terms.gate_logits[row, [1 + c for c in columns]]  # [CLS] first
+            assert torch.allclose(torch.sigmoid(logits), terms.gates[row, [1 + c for c in columns]])  # τ = 0
+            expected.append(logits - margin)
+    assert counted == 5 * len(model.layers)
+    assert loss.item() == pytest.approx(torch.cat(expected).mean().item(), rel=1e-5)
+    logits = [terms.gate_logits for step in record for terms in step]
+    touched = [(grad != 0).nonzero().tolist() for grad in torch.autograd.grad(loss, logits)]
+    layers = len(model.layers)
+    assert touched == [[[0, 2], [0, 3], [0, 4]]] * layers + [[[1, 3], [1, 4]]] * layers  # the noise alone ([CLS] first)
+    for layer in model.layers:
+        torch.nn.init.constant_(layer.beta.bias, -30.0)  # every gate far under τ/4
+    _, (quiet, counted) = _noise_loss(model, ids, codes, 0.01)
+    assert counted == 5 * len(model.layers) and quiet.item() == 0
+
+
+def test_training_on_the_noise_write_loss_closes_the_noise_gates():
+    model = writing(tiny_armt("bert", writers="all"))
+    for layer in model.layers:
+        torch.nn.init.constant_(layer.beta.bias, 0.0)
+    ids = random_ids(4, 2 * model.content_size)
+    ids[:, :4] = 7  # a story token (the same id everywhere) against noise that differs
+    codes = torch.full_like(ids, OTHER)
+    codes[:, :4] = STORY
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = _noise_loss(model, ids, codes, 0.01)[1][0].item()
+    for _ in range(30):
+        _, (loss, _) = _noise_loss(model, ids, codes, 0.01)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    record, (last, _) = _noise_loss(model, ids, codes, 0.01)
+    assert last.item() < 0.2 * first
+    noise_gates = torch.cat([t.gates[:, 5:-1].flatten() for step in record for t in step]).detach()
+    assert float(noise_gates.max()) < 0.01  # under τ: they would write nothing
+
+
+def test_a_write_under_the_threshold_leaves_A_as_it_was():
+    """β ≤ τ writes nothing into A (z as before); above, (β − τ)/(1 − τ): the delta rule with that strength."""
+    layer = tiny_armt("bert", writers="all").layers[0]
+    torch.nn.init.normal_(layer.value.weight)
+    memory = torch.randn(2, 3, layer.key.in_features)
+    keys, values, betas = layer.write_terms(memory)
+    matrix = torch.zeros(2, keys.shape[-1], memory.shape[-1])
+    normalizer = torch.zeros(2, keys.shape[-1])
+    threshold = float(betas.median())
+    new_matrix, new_normalizer = layer.write(memory, matrix, normalizer, threshold=threshold)
+    written = ((betas - threshold) / (1 - threshold)).clamp_min(0)
+    assert int((written == 0).sum()) >= 3  # the lower half writes nothing
+    expected = delta_rule_write(keys, values, written, matrix, normalizer)
+    assert torch.allclose(new_matrix, expected[0]) and torch.equal(new_normalizer, expected[1])
+    assert torch.equal(new_normalizer, layer.write(memory, matrix, normalizer)[1])  # z: as without a threshold
+    quiet = layer.write(memory, matrix, normalizer, threshold=float(betas.max()))
+    assert torch.equal(quiet[0], matrix)
+
+
+def test_the_trainer_adds_the_noise_write_loss_and_a_saved_model_takes_the_configs_threshold(tmp_path):
+    changes = CHANGES | {"model.armt.write_threshold": 0.01, "optim.noise_write_weight": 1.0}
+    trainer = Trainer(tiny(tmp_path, "n", **changes), progress=False)
+    assert trainer.unwrapped.config.write_threshold == 0.01
+    record = trainer.train_step()
+    assert record["noise_write_loss"] >= 0 and "read_loss" not in record
+    trainer.unwrapped.save_pretrained(tmp_path / "saved")
+    assert mf.load(tmp_path / "saved").config.write_threshold == 0.01
+    further = tiny(tmp_path, "m", **(CHANGES | {"model.backbone": str(tmp_path / "saved")}))
+    assert Trainer(further, progress=False).unwrapped.config.write_threshold == 0.0  # the config's: a tunable knob
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -227,4 +328,19 @@ def test_bad_settings_name_the_key(tmp_path, changes):
     with pytest.raises(
         ValueError, match="optim.read_loss_weight" if "optim.read_target" not in changes else "optim.read_target"
     ):
+        tiny(tmp_path, **(CHANGES | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"optim.noise_write_weight": 1.0}, "optim.noise_write_weight"),  # no write_threshold
+        ({"optim.noise_write_weight": -1.0, "model.armt.write_threshold": 0.01}, "optim.noise_write_weight"),
+        ({"optim.noise_write_weight": 1.0, "model.mechanism": "rmt"}, "optim.noise_write_weight"),
+        ({"model.armt.write_threshold": 1.0}, "write_threshold"),
+        ({"model.armt.write_threshold": -0.1}, "write_threshold"),
+    ],
+)
+def test_bad_noise_write_settings_name_the_key(tmp_path, changes, key):
+    with pytest.raises(ValueError, match=key):
         tiny(tmp_path, **(CHANGES | changes))

@@ -134,6 +134,7 @@ class ARMTConfig(MechanismConfig):
         "writers",
         "share_query_key",
     )
+    tunable = ("write_threshold",)
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
@@ -156,6 +157,10 @@ class ARMTConfig(MechanismConfig):
     # backbone embeddings' std, as the paper's code and RMT do.
     gate_bias: float | None = None
     memory_init_std: float | None = None
+    # Gates β at or below it write nothing into A (β' = (β − τ)/(1 − τ), 0 below; z as before): a noise token's
+    # tiny writes, each harmless, add up over thousands of segments and move every later read (README, "Why 256
+    # segments forget"). 0: the paper's rule. No weight depends on it: a saved model goes on with the config's.
+    write_threshold: float = 0.0
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -181,6 +186,8 @@ class ARMTConfig(MechanismConfig):
             check_number("gate_bias", self.gate_bias)
         if self.memory_init_std is not None:
             check_number("memory_init_std", self.memory_init_std, positive=True)
+        if not (isinstance(self.write_threshold, int | float) and 0 <= self.write_threshold < 1):
+            raise ValueError(f"write_threshold must be a number in [0, 1), got {self.write_threshold!r}")
 
     @property
     def d_key(self) -> int:
@@ -201,7 +208,8 @@ class ReadTerms:
 
     queries: torch.Tensor | None = None  # [batch, L, d_key] φ(W_Q x) of every position of the layout
     keys: torch.Tensor | None = None  # [batch, k, d_key] φ(W_K h) of the writing positions
-    gates: torch.Tensor | None = None  # [batch, k] their β (0 where the position wrote nothing)
+    gates: torch.Tensor | None = None  # [batch, k] their β as written (0 where the position wrote nothing)
+    gate_logits: torch.Tensor | None = None  # [batch, k] W_β's logits before σ and any write_threshold
     positions: torch.Tensor | None = None  # [batch, k] their layout positions; None: every position (k = L)
 
 
@@ -288,19 +296,24 @@ class AssociativeMemory(nn.Module):
         normalizer: torch.Tensor,
         mask: torch.Tensor | None = None,  # [batch, m] 1 = writes; None: every one
         record: ReadTerms | None = None,
+        threshold: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new (A, z) after the outputs `memory` [batch, m, hidden] of the writing tokens write, computed in the
         state's precision (`state_dtype`), outside any autocast: nothing carried is rounded. A token whose `mask`
-        is 0 has a zero key, and a zero key changes neither A nor z. `record`, if given, gets the keys and gates
-        (0 where the mask is 0)."""
+        is 0 has a zero key, and a zero key changes neither A nor z; one whose β is at most `threshold`
+        (`ARMTConfig.write_threshold`) changes z alone. `record`, if given, gets the keys, the gates as written
+        and their logits (0 where the mask is 0)."""
         with torch.autocast(memory.device.type, enabled=False):
             keys, values, betas = self.write_terms(memory.to(matrix.dtype))
             if mask is not None:
                 keys = keys * mask.to(keys.dtype).unsqueeze(-1)
+            written = betas if not threshold else ((betas - threshold) / (1 - threshold)).clamp_min(0)
             if record is not None:
+                kept = 1 if mask is None else mask.to(betas.dtype)
                 record.keys = keys
-                record.gates = betas if mask is None else betas * mask.to(betas.dtype)
-            return delta_rule_write(keys, values, betas, matrix, normalizer)
+                record.gates = written * kept
+                record.gate_logits = torch.logit(betas.clamp_min(torch.finfo(betas.dtype).tiny)) * kept
+            return delta_rule_write(keys, values, written, matrix, normalizer)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,7 +487,8 @@ class AssociativeMemoryTransformer(MemoryModel):
                 reader = _reader(memory, matrix, normalizer, terms)
                 handles.append(block.register_forward_pre_hook(reader, with_kwargs=True))
                 if write is not None:
-                    writer = _writer(memory, matrix, normalizer, write, written, index, terms)
+                    threshold = self.config.write_threshold
+                    writer = _writer(memory, matrix, normalizer, write, written, index, terms, threshold)
                     handles.append(block.register_forward_hook(writer))
             yield
         finally:
@@ -544,6 +558,7 @@ def _writer(
     written: list,
     index: int,
     record: ReadTerms | None = None,
+    threshold: float = 0.0,
 ):
     """A forward hook writing the outputs of a block's writing tokens into `written[index]` (and recording the
     writes' keys and gates)."""
@@ -554,7 +569,7 @@ def _writer(
         if write.positions is not None:
             positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
-        written[index] = memory.write(tokens, matrix, normalizer, write.mask, record)
+        written[index] = memory.write(tokens, matrix, normalizer, write.mask, record, threshold)
         if record is not None:
             record.positions = write.positions
 

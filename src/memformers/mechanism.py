@@ -2,7 +2,8 @@
 
 A mechanism provides, and nothing more:
 - a config: a `MechanismConfig` subclass whose fields are its knobs, checked when it is made (`check_int`,
-  `check_choice`); `fixed` and `resizable` say which knobs a saved model keeps and which only size a state;
+  `check_choice`); `fixed` says which knobs a saved model keeps, `resizable` which only size a state, `tunable`
+  which change what a step computes but no weight (both follow a training config that continues the model);
 - a state: a dataclass with `detach()`, `reset(rows)` and `select(rows, other)` (see `recurrence.State`), a value
   that a step never changes (why: `recurrence.py`);
 - a model: a `MemoryModel` subclass with `config_class`, an `__init__(backbone, config=None, **knobs)` that calls
@@ -86,6 +87,7 @@ class MechanismConfig:
     # no weight: it always follows the config, the model rebuilt around the same weights.
     fixed: ClassVar[tuple[str, ...]] = ("alignment",)
     resizable: ClassVar[tuple[str, ...]] = ()
+    tunable: ClassVar[tuple[str, ...]] = ()
     # What a model saved before a knob existed had instead (its JSON lacks the key): it loads and computes as saved.
     saved_before: ClassVar[dict[str, Any]] = {}
 

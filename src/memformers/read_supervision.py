@@ -22,7 +22,7 @@ from .segments import split_into_segments
 from .tasks.babi import ACTORS, OBJECTS, PLACES
 from .tasks.haystack import Sample, encode_sentence
 
-OTHER, SUPPORTING, QUERY = 0, 1, 2  # what `read_codes` says a token is
+OTHER, SUPPORTING, QUERY, STORY = 0, 1, 2, 3  # what `read_codes` says a token is
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
 READ_TARGETS = ("fact", "answer")  # what of the supporting facts the loss names (`read_codes`)
 
@@ -30,13 +30,16 @@ READ_TARGETS = ("fact", "answer")  # what of the supporting facts the loss names
 def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_tokens] int64
     """Per token of `sample`: SUPPORTING where the memory should find what the question asks (`target` "fact":
     every token of the supporting facts; "answer": the answer's word in them, "garden" in "mary went to the
-    garden ."), QUERY where the question names an actor, object or place ("mary" in "where is mary ?"), OTHER
-    elsewhere."""
+    garden ."), QUERY where the question names an actor, object or place ("mary" in "where is mary ?"), STORY
+    elsewhere in the story's facts and question, OTHER elsewhere (the noise)."""
     if target not in READ_TARGETS:
         raise ValueError(f"target must be one of {READ_TARGETS}, got {target!r}")
     codes = np.zeros(sample.num_tokens, dtype=np.int64)
     facts = [piece for piece in sample.pieces if isinstance(piece, np.ndarray)][: len(sample.facts)]
     answer = {sample.target.lower()}
+    for start, fact in zip(sample.fact_positions, facts, strict=True):
+        codes[start : start + len(fact)] = STORY
+    codes[sample.question_position :] = STORY  # the question ends the sample
     for index in sample.supporting:
         start = sample.fact_positions[index]
         if target == "fact":
@@ -107,4 +110,39 @@ def read_share_loss(
     if not losses:
         return input_ids.new_zeros((), dtype=torch.float32), 0
     every = torch.cat(losses)
+    return every.mean(), every.numel()
+
+
+def noise_write_loss(
+    record: list[list],  # per step, per memory layer: `armt.ReadTerms` (`recording_reads`)
+    codes: torch.Tensor,  # [batch, length] `read_codes` of each row, aligned with input_ids
+    input_ids: torch.Tensor,  # [batch, length]
+    attention_mask: torch.Tensor,  # [batch, length]
+    content_size: int,
+    alignment: str,
+    prefix: int,  # layout positions before the content ([CLS]: 1)
+    threshold: float,  # the model's write_threshold τ > 0
+) -> tuple[torch.Tensor, int]:  # the mean hinge over the noise's writes (every layer), and how many
+    """Keep the noise's writes under the write threshold, with room to spare: per noise token (OTHER) and memory
+    layer, how far W_β's logit lies above that of τ/4, 0 below. A noise token whose β stays under τ adds nothing
+    to A however many segments follow; one just above adds a little every segment, and over thousands of them
+    those writes move every read (README, "Why 256 segments forget")."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"noise_write_loss: threshold must be in (0, 1), got {threshold!r}")
+    segments = split_into_segments(input_ids, content_size, attention_mask, codes, alignment)
+    if len(segments) != len(record):
+        raise ValueError(f"noise_write_loss: {len(record)} recorded steps for {len(segments)} segments")
+    margin = float(np.log(threshold / 4) - np.log1p(-threshold / 4))  # logit(τ/4)
+    hinges = []
+    for segment, steps in zip(segments, record, strict=True):
+        width = segment.labels.shape[1]
+        for terms in steps:
+            layout = torch.full(terms.queries.shape[:2], -1, dtype=torch.long, device=codes.device)  # [b, L]
+            layout[:, prefix : prefix + width] = segment.labels  # padding −100, memory and [CLS]/[SEP] −1
+            written = layout if terms.positions is None else layout.gather(1, terms.positions)  # [b, k]
+            noise = (written == OTHER) & segment.active.unsqueeze(1)
+            hinges.append((terms.gate_logits.float() - margin).clamp_min(0)[noise])
+    every = torch.cat(hinges)
+    if not every.numel():
+        return input_ids.new_zeros((), dtype=torch.float32), 0
     return every.mean(), every.numel()

@@ -81,6 +81,9 @@ def _fusable(groups: list[dict]) -> bool:
     return all(w.is_floating_point() and w.device.type in ("cpu", "cuda") for w in weights)
 
 
+NO_LOSS = (torch.zeros(()), 0)  # an auxiliary loss not computed: its value and how many terms it counted
+
+
 class Trainer(CheckpointMixin, ValidationMixin):
     """Runs the curriculum of a `TrainConfig`. `callbacks` are called as `fn(trainer, record)` after every step."""
 
@@ -213,7 +216,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
         current = self.stages[self.state.stage]
         start = time.perf_counter()
         self.model.train()
-        totals = torch.zeros(6, device=acc.device)  # loss sum, correct, samples, tokens, read-loss sum, count
+        totals = torch.zeros(8, device=acc.device)  # loss, correct, samples, tokens; read, noise-write loss and count
         longest = 0  # segments of this step's longest row: below the stage's count when lengths vary
         for chunk in range(o.grad_accum):
             batch = self._training_batch(self.state.position, current, chunk)
@@ -225,10 +228,10 @@ class Trainer(CheckpointMixin, ValidationMixin):
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 with recording as record:
                     out = self.model(**batch, logits=self._logits_mode)
-                loss, read_loss, counted = out.loss, torch.zeros(()), 0
+                loss, (read_loss, counted), (noise_loss, noise_counted) = out.loss, NO_LOSS, NO_LOSS
                 if codes is not None:
-                    read_loss, counted = self._read_loss(record, codes, batch)
-                    loss = loss + o.read_loss_weight * read_loss
+                    (read_loss, counted), (noise_loss, noise_counted) = self._read_losses(record, codes, batch)
+                    loss = loss + o.read_loss_weight * read_loss + o.noise_write_weight * noise_loss
                 acc.backward(loss / o.grad_accum)
             rows = batch["input_ids"].shape[0]
             with torch.no_grad():
@@ -240,6 +243,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
                 float(batch["attention_mask"].sum()),
             ]
             step_totals += [float(read_loss.detach()) * counted, counted]
+            step_totals += [float(noise_loss.detach()) * noise_counted, noise_counted]
             totals += torch.tensor(step_totals, device=acc.device)
         if o.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm))
@@ -252,8 +256,10 @@ class Trainer(CheckpointMixin, ValidationMixin):
         self.state.step += 1
         self.state.position += o.batch_size
         seconds = time.perf_counter() - start
-        loss, correct, samples, tokens, read_loss, counted = totals.tolist()
+        loss, correct, samples, tokens, read_loss, counted, noise_loss, noise_counted = totals.tolist()
         read = {"read_loss": read_loss / counted} if counted else {}
+        if noise_counted:
+            read["noise_write_loss"] = noise_loss / noise_counted
         return {
             "type": "train",
             "step": self.state.step,
@@ -270,14 +276,17 @@ class Trainer(CheckpointMixin, ValidationMixin):
             "steps_per_s": 1 / seconds,
         }
 
-    def _read_loss(self, record: list, codes: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
-        """The read-share loss of the pass just recorded (`memformers.read_supervision`) and how many reads it
-        counted."""
-        from .read_supervision import read_share_loss
+    def _read_losses(self, record: list, codes: torch.Tensor, batch: dict) -> tuple[tuple, tuple]:
+        """The read-share and noise-write losses of the pass just recorded (`memformers.read_supervision`; each 0
+        where its weight is), each with how many terms it counted."""
+        from .read_supervision import noise_write_loss, read_share_loss
 
-        m = self.unwrapped
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        return read_share_loss(record, codes, ids, mask, m.content_size, m.alignment, m.prefix)
+        m, o = self.unwrapped, self.config.optim
+        layout = (batch["input_ids"], batch["attention_mask"], m.content_size, m.alignment, m.prefix)
+        read = read_share_loss(record, codes, *layout) if o.read_loss_weight else NO_LOSS
+        threshold = m.config.write_threshold
+        noise = noise_write_loss(record, codes, *layout, threshold) if o.noise_write_weight else NO_LOSS
+        return read, noise
 
     def _make_batch(self, position: int, current: int, chunk: int) -> dict[str, torch.Tensor]:
         return self.batches.batch(self._shard(position, self.config.optim.batch_size, chunk), current, self.seed)

@@ -122,6 +122,9 @@ Config (TOML; every key optional unless marked):
                           layer (memformers.read_supervision; default 0 = the answer's loss alone)
   read_target             what of the supporting facts that loss names: "fact" (default: every token of them) or
                           "answer" (the answer's word alone, "garden" in "mary went to the garden .")
+  noise_write_weight      the same models, with [model.armt] write_threshold > 0: weight of a loss keeping the
+                          noise's write gates under a quarter of the threshold, so that they write nothing however
+                          long the input (default 0)
   seed                    model init and dropout seed (default 0)
   mixed_precision         "no" (default) or "bf16" (autocast, on a GPU or a CPU; on a CPU with AVX512-BF16 a
                           MiniLM step is ~1.4× faster; a CPU without bf16 instructions, AVX2 only, trains in fp32
@@ -253,6 +256,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     read_loss_weight: float = 0.0  # ARMT, writers "all", bAbI: weight of the read-share loss (read_supervision)
     read_target: str = "fact"  # which supporting tokens that loss names: "fact" (all) or "answer" (its word)
+    noise_write_weight: float = 0.0  # ARMT, writers "all", write_threshold > 0, bAbI: the noise-write loss
     seed: int = 0
     mixed_precision: str = "no"
     prefetch: bool = True

@@ -249,12 +249,16 @@ def validate(config: TrainConfig) -> None:
         _fail("optim.weight_decay", o.weight_decay, "≥ 0")
     if o.max_grad_norm < 0:
         _fail("optim.max_grad_norm", o.max_grad_norm, "≥ 0 (0 = no clipping)")
-    if not (o.read_loss_weight >= 0 and math.isfinite(o.read_loss_weight)):
-        _fail("optim.read_loss_weight", o.read_loss_weight, "a number ≥ 0")
+    for key in ("read_loss_weight", "noise_write_weight"):
+        weight = getattr(o, key)
+        if not (isinstance(weight, int | float) and weight >= 0 and math.isfinite(weight)):
+            _fail(f"optim.{key}", weight, "a number ≥ 0")
+        if weight:
+            _check_read_loss(config, key)
     if o.read_target not in READ_TARGETS:
         _fail("optim.read_target", o.read_target, f"one of {READ_TARGETS}")
-    if o.read_loss_weight:
-        _check_read_loss(config)
+    if o.noise_write_weight and not m.mechanism_config().write_threshold:
+        _fail("optim.noise_write_weight", o.noise_write_weight, "0 unless [model.armt] write_threshold > 0")
     if o.schedule not in SCHEDULES:
         _fail("optim.schedule", o.schedule, f"one of {SCHEDULES}")
     if o.mixed_precision not in PRECISIONS:
@@ -263,17 +267,18 @@ def validate(config: TrainConfig) -> None:
         _fail("optim.batch_size", o.batch_size, f"a multiple of optim.grad_accum={o.grad_accum}")
 
 
-def _check_read_loss(config: TrainConfig) -> None:
-    """optim.read_loss_weight names writes by the story's tokens: an ARMT whose every position writes, bAbI stories,
-    and one forward pass a segment (gradient checkpointing would record each segment twice)."""
-    m, weight = config.model, config.optim.read_loss_weight
+def _check_read_loss(config: TrainConfig, key: str) -> None:
+    """optim.read_loss_weight and noise_write_weight name writes by the story's tokens: an ARMT whose every
+    position writes, bAbI stories, and one forward pass a segment (gradient checkpointing would record each
+    segment twice)."""
+    m, weight = config.model, getattr(config.optim, key)
     allowed = (
         "0 here: it needs mechanism 'armt' with [model.armt] writers = 'all', bAbI tasks, no gradient_checkpointing"
     )
     every_position_writes = m.mechanism == "armt" and m.mechanism_config().writers == "all"
     stories = not (config.algorithmic or config.task_names == ["lm"])
     if not every_position_writes or not stories or m.gradient_checkpointing:
-        _fail("optim.read_loss_weight", weight, allowed)
+        _fail(f"optim.{key}", weight, allowed)
 
 
 def _validate_mechanism(m: ModelConfig) -> None:

@@ -100,7 +100,7 @@ class TaskBatches:
         if self.head == "masked-lm":  # the answer's positions are masked out of the input
             answer = item["labels"] != IGNORE_INDEX
             item["input_ids"] = item["input_ids"].masked_fill(answer, self.tokenizer.mask_token_id)
-        if training and self.config.optim.read_loss_weight:  # what the read-share loss names (read_supervision)
+        if training and (o := self.config.optim).read_loss_weight + o.noise_write_weight:  # (read_supervision)
             from .read_supervision import read_codes
 
             codes = torch.zeros_like(item["input_ids"])  # [tokens]; a text target's answer is OTHER

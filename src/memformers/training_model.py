@@ -88,7 +88,8 @@ def _continue_from(m: ModelConfig, path: Path):
     """A model saved by `save_pretrained`, with the config's training knobs; its shape must match the config.
 
     The knobs that shape weights or layouts (the config class's `fixed`) must equal the saved ones; those that only
-    size a state (`resizable`: kNN/LongMem `memory_size`) and the driver's follow the config, `segment_size` too (no
+    size a state (`resizable`: kNN/LongMem `memory_size`), those no weight depends on (`tunable`: ARMT's
+    `write_threshold`) and the driver's follow the config, `segment_size` too (no
     weight depends on it: a model trained on short segments goes on with longer ones, rebuilt around the same
     weights and checked against the backbone's window); the others stay as saved. To put a saved backbone into
     another mechanism, give its `backbone/` folder instead.
@@ -109,7 +110,7 @@ def _continue_from(m: ModelConfig, path: Path):
         if wanted[key] is not None and wanted[key] != saved[key]:  # None: the backbone's default, as saved
             name = f"model.{key}" if key in top else f"model.{m.mechanism}.{key}"
             raise ValueError(f"{name} = {wanted[key]!r}, but the model saved in {path} has {saved[key]!r}")
-    follow = (*model.config.resizable, "bptt_depth", "gradient_checkpointing")
+    follow = (*model.config.resizable, *model.config.tunable, "bptt_depth", "gradient_checkpointing")
     model.config = dataclasses.replace(model.config, **{key: getattr(m.mechanism_config(), key) for key in follow})
     if wanted["segment_size"] not in (None, saved["segment_size"]):
         model = _resegmented(model, wanted["segment_size"])
