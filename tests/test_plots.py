@@ -48,17 +48,20 @@ def test_each_tasks_validation_is_drawn_where_several_are_learned_together(tmp_p
     assert not any(label and label.startswith("validation q") for label in labels)
 
 
-def test_the_read_share_loss_is_drawn_where_the_run_had_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("logged", "legend"), [("read_loss", "read-share"), ("noise_write_loss", "noise-write")])
+def test_an_auxiliary_loss_is_drawn_where_the_run_had_one(tmp_path, monkeypatch, logged, legend):
     labels = spy_on_labels(monkeypatch)
     records = run_records()
     for record in records:
         if record["type"] == "train" and record["step"] > 5:
-            record["read_loss"] = 1.0 / record["step"]
+            record[logged] = 1.0 / record["step"]
     training_curves(records, tmp_path / "curves.png")
-    assert sum(1 for label in labels if label and label.startswith("read-share loss")) == 1
+    assert sum(1 for label in labels if label and label.startswith(f"{legend} loss")) == 1
+    others = [label for label in labels if label and label.startswith(("read-share", "noise-write"))]
+    assert all(label.startswith(legend) for label in others)  # the other loss was not logged
     labels.clear()
     training_curves(run_records(), tmp_path / "curves.png")
-    assert not any(label and label.startswith("read-share") for label in labels)
+    assert not any(label and label.startswith(legend) for label in labels)
 
 
 def test_the_trailing_mean_starts_at_the_first_point():

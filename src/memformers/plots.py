@@ -72,11 +72,17 @@ def _run_lines(records: list[dict], name: str = "records") -> tuple[list[dict], 
     return train, evals, changes
 
 
+AUXILIARY_LOSSES = (  # logged name, colour, legend
+    ("read_loss", "tab:green", "read-share loss"),
+    ("noise_write_loss", "tab:purple", "noise-write loss"),
+)
+
+
 def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
     """Loss and accuracy against the step: training as the mean of the last `smooth` logged points, validation as
-    points (and each task's, where several are learned together), the read-share loss where the run had one
-    (`optim.read_loss_weight`), and a vertical line where the curriculum moved to more segments (labelled with
-    their count)."""
+    points (and each task's, where several are learned together), the read-share and noise-write losses where the
+    run had them (`optim.read_loss_weight`, `noise_write_weight`), and a vertical line where the curriculum moved
+    to more segments (labelled with their count)."""
     train, evals, changes = _run_lines(records)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
@@ -97,16 +103,13 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
                 markersize=3,
                 label="validation",
             )
-        read = [r for r in train if "read_loss" in r]  # optim.read_loss_weight: the read-share loss beside it
-        if key == "loss" and read:
-            read_values = np.array([r["read_loss"] for r in read], dtype=float)
-            ax.plot(
-                [r["step"] for r in read],
-                trailing_mean(read_values, smooth),
-                color="tab:green",
-                label=f"read-share loss (mean of the last {smooth})",
-            )
-            ax.legend(loc="upper right", fontsize=8)
+        for name, color, label in AUXILIARY_LOSSES:  # beside the answer's loss, where the run had them
+            logged = [r for r in train if name in r]
+            if key == "loss" and logged:
+                values = np.array([r[name] for r in logged], dtype=float)
+                steps = [r["step"] for r in logged]
+                ax.plot(steps, trailing_mean(values, smooth), color=color, label=f"{label} (mean of the last {smooth})")
+                ax.legend(loc="upper right", fontsize=8)
         by_task = [r for r in evals if r.get("accuracy_by_task")]
         if key == "accuracy" and by_task:  # several tasks learned together: each one's validation, thin
             for name in dict.fromkeys(name for r in by_task for name in r["accuracy_by_task"]):

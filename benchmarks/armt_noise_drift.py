@@ -1,0 +1,133 @@
+"""Why an ARMT that answers at 64 segments forgets at 256: what its noise writes do to the memory, block by block.
+
+    python benchmarks/armt_noise_drift.py --checkpoint runs/read_loss_curriculum_step750 --length 15872 \\
+        --facts-first --num-facts 2 3 --name armt_noise_drift_step750
+
+Reads qa1 stories hidden in noise (test books) segment by segment, with the model's own `step`, and per block of
+segments (the input cut in `--blocks` equal parts) and memory layer reports:
+- `noise_gate`: the mean write strength β = σ(W_β h) of the noise's tokens (every position writes), as written
+  (after any `write_threshold`), and `story_gate`, that of the story's facts and question;
+- `read_norm`: the mean ‖y‖ of the read y = Aφ(q) / zᵀφ(q) that every content token adds to its hidden state.
+A memory whose noise writes add nothing keeps its reads as they were after the facts, however long the input; one
+whose noise writes add a little each segment drifts, and the reads, gates and answers drift with it. Beside it the
+accuracy of the same stories. Writes results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_story_placement, share, story_placement, write_result  # noqa: E402
+
+import memformers as mf  # noqa: E402
+from memformers.cli.checkpoints import checkpoint_tokenizer  # noqa: E402
+from memformers.evaluation import class_answers  # noqa: E402
+from memformers.precision import autocast  # noqa: E402
+from memformers.read_supervision import OTHER, read_codes  # noqa: E402
+from memformers.saving import read_config  # noqa: E402
+from memformers.segments import split_into_segments  # noqa: E402
+from memformers.tasks import make_sample  # noqa: E402
+from memformers.tasks.babi import PLACES  # noqa: E402
+
+MEASURES = ("noise_gate", "story_gate", "read_norm")
+
+
+def drift(model, samples: list, blocks: int) -> tuple[list[dict], list[int]]:
+    """Per block of segments, per memory layer: noise and story gates and read norms (means over the block); and
+    the predicted classes."""
+    ids = torch.stack([torch.from_numpy(s.ids) for s in samples])  # [batch, length]: one length for all
+    codes = torch.stack([torch.from_numpy(read_codes(s)) for s in samples])  # noise: OTHER
+    mask = torch.ones_like(ids)
+    segments = split_into_segments(ids, model.content_size, mask, codes, model.alignment)
+    per_block = -(-len(segments) // blocks)
+    layers = len(model.layers)
+    sums = [[dict.fromkeys(MEASURES, 0.0) for _ in range(layers)] for _ in range(blocks)]
+    counts = [[dict.fromkeys(MEASURES, 0) for _ in range(layers)] for _ in range(blocks)]
+    state, logits = model.init_state(len(samples)), None
+    with torch.no_grad(), model.recording_reads() as record:
+        for index, segment in enumerate(segments):
+            out, new_state = model.step(segment, state)
+            block = index // per_block
+            width = segment.labels.shape[1]
+            for layer, terms in enumerate(record.pop()):
+                layout = torch.full(terms.queries.shape[:2], -1, dtype=torch.long)  # [b, L]
+                layout[:, model.prefix : model.prefix + width] = segment.labels
+                written = layout if terms.positions is None else layout.gather(1, terms.positions)  # [b, k]
+                gates = terms.gates.float()
+                noise, story = written == OTHER, written > OTHER
+                matrix, normalizer = state.matrix[layer].float(), state.normalizer[layer].float()
+                queries = terms.queries.float()[:, model.prefix : model.prefix + width]  # content tokens
+                reads = (queries @ matrix) / ((queries @ normalizer.unsqueeze(-1)) + 1e-6)  # [b, n, hidden]
+                for key, values in (
+                    ("noise_gate", gates[noise]),
+                    ("story_gate", gates[story]),
+                    ("read_norm", reads.norm(dim=-1).flatten()),
+                ):
+                    sums[block][layer][key] += float(values.sum())
+                    counts[block][layer][key] += values.numel()
+            state = new_state
+            logits = out.logits
+    rows = []
+    for block in range(min(blocks, -(-len(segments) // per_block))):
+        first = block * per_block
+        row = {"segments": [first, min(first + per_block, len(segments)) - 1], "layers": []}
+        for layer in range(layers):
+            row["layers"].append(
+                {
+                    key: (sums[block][layer][key] / counts[block][layer][key]) if counts[block][layer][key] else None
+                    for key in sums[block][layer]
+                }
+            )
+        rows.append(row)
+    return rows, logits.argmax(-1).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="A saved ARMT classifier whose every position writes.")
+    parser.add_argument("--length", type=int, default=15872, help="Tokens a sample.")
+    parser.add_argument("--samples", type=int, default=16, help="Stories, read side by side (one batch).")
+    parser.add_argument("--blocks", type=int, default=8, help="Parts the segments are reported in.")
+    add_story_placement(parser)
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="armt_noise_drift")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = mf.load(args.checkpoint).eval()
+    if model.config.writers != "all":
+        parser.error("--checkpoint: an ARMT with writers = 'all' (the noise's own tokens write)")
+    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
+    classes = class_answers(model) or PLACES
+    options = story_placement(args)
+    samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
+    with autocast(args.precision):
+        blocks, predicted = drift(model, samples, args.blocks)
+    right = sum(classes[p] == s.target for p, s in zip(predicted, samples, strict=True))
+    result = {
+        "checkpoint": args.checkpoint,
+        "task": "qa1",
+        "length": args.length,
+        **options,
+        "precision": args.precision,
+        "write_threshold": model.config.write_threshold,
+        "accuracy": share(right, len(samples)),
+        "blocks": blocks,
+    }
+    path = write_result(args.name, result)
+    print(f"qa1 at {args.length} tokens: {result['accuracy']}")
+    for layer in range(len(model.layers)):
+        print(f"  layer {layer}")
+        for key in MEASURES:
+            values = [row["layers"][layer][key] for row in blocks]
+            print(f"    {key:10s} " + " ".join("   —  " if v is None else f"{v:.4f}" for v in values))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
