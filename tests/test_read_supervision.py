@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -344,3 +345,52 @@ def test_bad_settings_name_the_key(tmp_path, changes):
 def test_bad_noise_write_settings_name_the_key(tmp_path, changes, key):
     with pytest.raises(ValueError, match=key):
         tiny(tmp_path, **(CHANGES | changes))
+
+
+def _spy_on_states(trainer) -> list[tuple]:
+    """(state given, state returned) of every forward pass of the trainer's model."""
+    seen = []
+    forward = trainer.model.forward
+
+    def spy(*args, state=None, **kwargs):
+        out = forward(*args, state=state, **kwargs)
+        seen.append((state, out.state))
+        return out
+
+    trainer.model.forward = spy
+    return seen
+
+
+def test_carried_memory_starts_each_row_where_its_place_left_off_or_empty(tmp_path):
+    """curriculum.carry_memory: a row keeps the (detached) memory its place's previous row left with that chance,
+    else starts empty; at 0 every row starts empty, as validation always does."""
+    trainer = Trainer(tiny(tmp_path, "c", **CHANGES, **{"curriculum.carry_memory": 0.5}), progress=False)
+    seen = _spy_on_states(trainer)
+    for _ in range(3):
+        trainer.train_step()
+    assert seen[0][0] is None  # nothing to carry yet
+    kept_rows = emptied_rows = 0
+    for (_, left), (given, _) in itertools.pairwise(seen):
+        assert not given.matrix.requires_grad
+        for row in range(given.matrix.shape[1]):
+            if float(given.normalizer[:, row].abs().sum()) == 0:  # z: > 0 once anything wrote (A: W_V starts at 0)
+                emptied_rows += 1
+                assert float(given.matrix[:, row].abs().sum()) == 0
+            else:
+                kept_rows += 1
+                assert torch.equal(given.normalizer[:, row], left.normalizer[:, row].detach())
+                assert torch.equal(given.matrix[:, row], left.matrix[:, row].detach())
+    assert kept_rows and emptied_rows  # 2 steps × 4 rows at a chance of 1/2
+    seen.clear()
+    trainer.evaluate()
+    assert seen and all(given is None for given, _ in seen)  # validation: empty memories
+    plain = Trainer(tiny(tmp_path, "p0", **CHANGES), progress=False)
+    seen = _spy_on_states(plain)
+    plain.train_step()
+    plain.train_step()
+    assert all(given is None for given, _ in seen)
+
+
+def test_carried_memory_must_be_a_chance(tmp_path):
+    with pytest.raises(ValueError, match="curriculum.carry_memory"):
+        tiny(tmp_path, **(CHANGES | {"curriculum.carry_memory": 1.0}))

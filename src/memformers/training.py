@@ -110,6 +110,8 @@ class Trainer(CheckpointMixin, ValidationMixin):
         self.output_dir = config.output_dir
         self.progress = progress and self.accelerator.is_main_process
         self.state = TrainState()
+        self._carried: dict[int, object] = {}  # curriculum.carry_memory: per micro-batch, the state its rows left
+        self._carried_rows: dict[int, int] = {}
         self._pool: ThreadPoolExecutor | None = None  # builds the next training batch while a step runs
         self._pending: dict[tuple[int, int, int], Future] = {}
 
@@ -222,18 +224,20 @@ class Trainer(CheckpointMixin, ValidationMixin):
             batch = self._training_batch(self.state.position, current, chunk)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             codes = batch.pop("read_codes", None)
+            rows = batch["input_ids"].shape[0]
             longest = max(longest, count_segments(batch["input_ids"].shape[1], self.unwrapped.content_size))
             sync = chunk == o.grad_accum - 1
             recording = contextlib.nullcontext() if codes is None else self.unwrapped.recording_reads()
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 with recording as record:
-                    out = self.model(**batch, logits=self._logits_mode)
+                    out = self.model(**batch, state=self._starting_memory(chunk, rows), logits=self._logits_mode)
+                if self.config.curriculum.carry_memory:
+                    self._carried[chunk] = out.state.detach()
                 loss, (read_loss, counted), (noise_loss, noise_counted) = out.loss, NO_LOSS, NO_LOSS
                 if codes is not None:
                     (read_loss, counted), (noise_loss, noise_counted) = self._read_losses(record, codes, batch)
                     loss = loss + o.read_loss_weight * read_loss + o.noise_write_weight * noise_loss
                 acc.backward(loss / o.grad_accum)
-            rows = batch["input_ids"].shape[0]
             with torch.no_grad():
                 correct = self._correct(out.logits, batch)
             step_totals = [
@@ -275,6 +279,18 @@ class Trainer(CheckpointMixin, ValidationMixin):
             "tokens_per_s": tokens / seconds,
             "steps_per_s": 1 / seconds,
         }
+
+    def _starting_memory(self, chunk: int, rows: int):
+        """The state micro-batch `chunk` starts from: None (empty) unless `curriculum.carry_memory`, else the state
+        the previous step's micro-batch in its place left, each row emptied with chance 1 − carry_memory (drawn
+        from the seed and the step, so a run draws the same ones again)."""
+        carried = self._carried.get(chunk)
+        if carried is None or self._carried_rows.get(chunk) != rows:
+            self._carried_rows[chunk] = rows
+            return None
+        draw = torch.Generator().manual_seed((self.seed * 1_000_003 + self.state.step) * 64 + chunk)
+        empty = torch.rand(rows, generator=draw) >= self.config.curriculum.carry_memory  # [rows]
+        return carried.reset(empty.to(self.accelerator.device))
 
     def _read_losses(self, record: list, codes: torch.Tensor, batch: dict) -> tuple[tuple, tuple]:
         """The read-share and noise-write losses of the pass just recorded (`memformers.read_supervision`; each 0

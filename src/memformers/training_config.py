@@ -99,6 +99,10 @@ Config (TOML; every key optional unless marked):
   min_segments            the shortest length vary_segments draws (default 1; more where a story needs it)
   no_noise_fraction       bAbI tasks: this fraction of training samples is the story alone, no noise (length 0),
                           drawn per sample (default 0): the partly filled segment that length-0 evaluation reads
+  carry_memory            the chance that a training row starts from the memory the previous step's row in its place
+                          left (detached), not an empty one (default 0: always empty). Memories then age over many
+                          samples, so training meets states of far more segments than one sample has: what a
+                          memory meets past its training lengths. Validation starts empty
   vary_fill               bAbI tasks: each sample (validation too) is up to one segment shorter, drawn per sample,
                           so the partly filled segment, and where the facts sit in their segments, varies (default
                           false). Without it every sample of a count has one layout, and a memory can learn one
@@ -237,6 +241,7 @@ class CurriculumConfig:
     min_segments: int = 1
     no_noise_fraction: float = 0.0
     vary_fill: bool = False  # bAbI tasks: samples up to one segment shorter, drawn per sample
+    carry_memory: float = 0.0  # chance a training row starts from the memory its place's previous row left
     eval_every: int = 100
     eval_samples: int = 128
     eval_batch_size: int | None = None

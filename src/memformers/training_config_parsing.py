@@ -226,6 +226,8 @@ def validate(config: TrainConfig) -> None:
         _fail("curriculum.vary_fill", c.vary_fill, "false for algorithmic tasks and lm (their lengths are fixed)")
     if not 0 <= c.no_noise_fraction <= 1:
         _fail("curriculum.no_noise_fraction", c.no_noise_fraction, "a number in [0, 1]")
+    if not (isinstance(c.carry_memory, int | float) and 0 <= c.carry_memory < 1):
+        _fail("curriculum.carry_memory", c.carry_memory, "a number in [0, 1) (the chance a row keeps its memory)")
     if c.eval_batch_size is not None and c.eval_batch_size < 1:
         _fail("curriculum.eval_batch_size", c.eval_batch_size, "an int ≥ 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):
