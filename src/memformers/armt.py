@@ -275,9 +275,13 @@ class AssociativeMemory(nn.Module):
         dtype = memory.dtype
         keys = self.features(F.linear(memory, self.key.weight.to(dtype)))
         values = F.linear(memory, self.value.weight.to(dtype))
+        return keys, values, torch.sigmoid(self.gate_logits(memory))
+
+    def gate_logits(self, memory: torch.Tensor) -> torch.Tensor:  # [batch, m, hidden] → [batch, m]
+        """W_β m_i (+ b): the write strengths before σ, in `memory`'s precision."""
+        dtype = memory.dtype
         gate_input = F.rms_norm(memory, memory.shape[-1:], eps=EPSILON) if self.normalize_gate else memory
-        betas = torch.sigmoid(F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype))).squeeze(-1)
-        return keys, values, betas
+        return F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype)).squeeze(-1)
 
     def read(
         self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, record: ReadTerms | None = None
@@ -304,7 +308,8 @@ class AssociativeMemory(nn.Module):
         (`ARMTConfig.write_threshold`) changes z alone. `record`, if given, gets the keys, the gates as written
         and their logits (0 where the mask is 0)."""
         with torch.autocast(memory.device.type, enabled=False):
-            keys, values, betas = self.write_terms(memory.to(matrix.dtype))
+            memory = memory.to(matrix.dtype)
+            keys, values, betas = self.write_terms(memory)
             if mask is not None:
                 keys = keys * mask.to(keys.dtype).unsqueeze(-1)
             written = betas if not threshold else ((betas - threshold) / (1 - threshold)).clamp_min(0)
@@ -312,7 +317,7 @@ class AssociativeMemory(nn.Module):
                 kept = 1 if mask is None else mask.to(betas.dtype)
                 record.keys = keys
                 record.gates = written * kept
-                record.gate_logits = torch.logit(betas.clamp_min(torch.finfo(betas.dtype).tiny)) * kept
+                record.gate_logits = self.gate_logits(memory) * kept  # not logit(β): σ saturates at 0 and 1
             return delta_rule_write(keys, values, written, matrix, normalizer)
 
 

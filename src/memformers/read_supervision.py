@@ -11,6 +11,10 @@ the weights linear attention gives them (the delta rule's corrections left out, 
 benchmarks/armt_segment_writes.py). Its gradient reaches W_Q, W_K and W_β of every memory layer and, through the
 hidden states that made the queries and keys, the backbone; never the classifier. A row counts only where a
 supporting fact lies in a segment before the question's (elsewhere the segment's attention reads it).
+
+`optim.noise_write_weight` adds a second loss on the same record: a hinge keeping the noise's write gates (tokens
+neither of the story's facts nor of its question) under a quarter of the model's `write_threshold`, under which a
+write changes nothing in A, so that thousands of noise segments leave the memory as the facts left it.
 """
 
 from __future__ import annotations
