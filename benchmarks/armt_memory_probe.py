@@ -48,10 +48,10 @@ def recording(method, store: dict, index: int, first_call: bool):
     """`method` (a layer's read or write), keeping its first argument in `store[index]` on the way: from its
     first call (the write's memory outputs of the first segment) or its last (the read's hidden states)."""
 
-    def call(tensor: torch.Tensor, *rest):
+    def call(tensor: torch.Tensor, *rest, **options):
         if not (first_call and index in store):
             store[index] = tensor.detach()
-        return method(tensor, *rest)
+        return method(tensor, *rest, **options)
 
     return call
 

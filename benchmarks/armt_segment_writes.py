@@ -174,7 +174,7 @@ def _recording_writes(layer, terms: list[dict]):
     tokens of one row, and between the rows (other stories) at the same writing position (rows without padding)."""
     method = type(layer).write
 
-    def write(memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, mask=None, record=None):
+    def write(memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, mask=None, record=None, **kwargs):
         with torch.autocast(memory.device.type, enabled=False):
             keys, _, betas = layer.write_terms(memory.to(matrix.dtype))  # [batch, k, d_key], [batch, k]
             weights = torch.ones_like(betas) if mask is None else mask.to(betas.dtype)
@@ -187,7 +187,7 @@ def _recording_writes(layer, terms: list[dict]):
                     "keys": keys * weights.unsqueeze(-1),  # [batch, k, d_key] (0: padding)
                 }
             )
-        return method(layer, memory, matrix, normalizer, mask, record)
+        return method(layer, memory, matrix, normalizer, mask, record, **kwargs)
 
     return write
 

@@ -291,7 +291,7 @@ def test_a_write_under_the_threshold_leaves_A_as_it_was():
     keys, values, betas = layer.write_terms(memory)
     matrix = torch.zeros(2, keys.shape[-1], memory.shape[-1])
     normalizer = torch.zeros(2, keys.shape[-1])
-    threshold = float(betas.median())
+    threshold = float(betas.detach().median())
     new_matrix, new_normalizer = layer.write(memory, matrix, normalizer, threshold=threshold)
     written = ((betas - threshold) / (1 - threshold)).clamp_min(0)
     assert int((written == 0).sum()) >= 3  # the lower half writes nothing

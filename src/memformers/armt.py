@@ -574,7 +574,7 @@ def _writer(
         if write.positions is not None:
             positions = write.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             tokens = hidden.gather(1, positions)  # [batch, writers, hidden]
-        written[index] = memory.write(tokens, matrix, normalizer, write.mask, record, threshold)
+        written[index] = memory.write(tokens, matrix, normalizer, write.mask, record, threshold=threshold)
         if record is not None:
             record.positions = write.positions
 
