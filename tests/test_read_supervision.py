@@ -289,8 +289,8 @@ def test_a_write_under_the_threshold_leaves_A_as_it_was():
     torch.nn.init.normal_(layer.value.weight)
     memory = torch.randn(2, 3, layer.key.in_features)
     keys, values, betas = layer.write_terms(memory)
-    matrix = torch.zeros(2, keys.shape[-1], memory.shape[-1])
-    normalizer = torch.zeros(2, keys.shape[-1])
+    matrix = torch.randn(2, keys.shape[-1], memory.shape[-1])  # a memory that already holds something
+    normalizer = torch.rand(2, keys.shape[-1]) + 0.5
     threshold = float(betas.detach().median())
     new_matrix, new_normalizer = layer.write(memory, matrix, normalizer, threshold=threshold)
     written = ((betas - threshold) / (1 - threshold)).clamp_min(0)
@@ -298,7 +298,7 @@ def test_a_write_under_the_threshold_leaves_A_as_it_was():
     expected = delta_rule_write(keys, values, written, matrix, normalizer)
     assert torch.allclose(new_matrix, expected[0]) and torch.equal(new_normalizer, expected[1])
     assert torch.equal(new_normalizer, layer.write(memory, matrix, normalizer)[1])  # z: as without a threshold
-    quiet = layer.write(memory, matrix, normalizer, threshold=float(betas.max()))
+    quiet = layer.write(memory, matrix, normalizer, threshold=float(betas.detach().max()))
     assert torch.equal(quiet[0], matrix)
 
 
