@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_story_placement, share, story_placement, write_result  # noqa: E402
 
 import memformers as mf  # noqa: E402
+from memformers.armt import associative_read  # noqa: E402
 from memformers.cli.checkpoints import checkpoint_tokenizer  # noqa: E402
 from memformers.evaluation import class_answers  # noqa: E402
 from memformers.precision import autocast  # noqa: E402
-from memformers.read_supervision import OTHER, read_codes  # noqa: E402
+from memformers.read_supervision import OTHER, layout_codes, read_codes  # noqa: E402
 from memformers.saving import read_config  # noqa: E402
 from memformers.segments import split_into_segments  # noqa: E402
 from memformers.tasks import make_sample  # noqa: E402
@@ -53,20 +54,17 @@ def drift(model, samples: list, blocks: int) -> tuple[list[dict], list[int]]:
         for index, segment in enumerate(segments):
             out, new_state = model.step(segment, state)
             block = index // per_block
-            width = segment.labels.shape[1]
             for layer, terms in enumerate(record.pop()):
-                layout = torch.full(terms.queries.shape[:2], -1, dtype=torch.long)  # [b, L]
-                layout[:, model.prefix : model.prefix + width] = segment.labels
-                written = layout if terms.positions is None else layout.gather(1, terms.positions)  # [b, k]
+                layout, written = layout_codes(segment, terms, model.prefix)  # [b, L], [b, k]
                 gates = terms.gates.float()
                 noise, story = written == OTHER, written > OTHER
+                content = layout >= OTHER  # [b, L] the segment's real tokens
                 matrix, normalizer = state.matrix[layer].float(), state.normalizer[layer].float()
-                queries = terms.queries.float()[:, model.prefix : model.prefix + width]  # content tokens
-                reads = (queries @ matrix) / ((queries @ normalizer.unsqueeze(-1)) + 1e-6)  # [b, n, hidden]
+                reads = associative_read(terms.queries.float(), matrix, normalizer)  # [b, L, hidden]
                 for key, values in (
                     ("noise_gate", gates[noise]),
                     ("story_gate", gates[story]),
-                    ("read_norm", reads.norm(dim=-1).flatten()),
+                    ("read_norm", reads.norm(dim=-1)[content]),
                 ):
                     sums[block][layer][key] += float(values.sum())
                     counts[block][layer][key] += values.numel()

@@ -27,6 +27,7 @@ from .tasks.babi import ACTORS, OBJECTS, PLACES
 from .tasks.haystack import Sample, encode_sentence
 
 OTHER, SUPPORTING, QUERY, STORY = 0, 1, 2, 3  # what `read_codes` says a token is
+NOT_CONTENT = -1  # `layout_codes` of [CLS], [SEP] and the memory tokens
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
 READ_TARGETS = ("fact", "answer")  # what of the supporting facts the loss names (`read_codes`)
 
@@ -75,6 +76,14 @@ def _word_tokens(sample: Sample, sentence: str, words: frozenset[str] | set[str]
     return np.asarray(offsets, dtype=np.int64)
 
 
+def layout_codes(segment, terms, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:  # [b, L], [b, k]
+    """The codes of one recorded step's layout positions (the segment's own `read_codes` on its content, padding
+    −100, NOT_CONTENT on [CLS], [SEP] and the memory tokens) and of its writing positions (`terms.positions`)."""
+    layout = torch.full(terms.queries.shape[:2], NOT_CONTENT, dtype=torch.long, device=segment.labels.device)
+    layout[:, prefix : prefix + segment.labels.shape[1]] = segment.labels
+    return layout, layout if terms.positions is None else layout.gather(1, terms.positions)
+
+
 def read_share_loss(
     record: list[list],  # per step, per memory layer: `armt.ReadTerms` (`recording_reads`)
     codes: torch.Tensor,  # [batch, length] `read_codes` of each row, aligned with input_ids (padding: any)
@@ -85,18 +94,13 @@ def read_share_loss(
     prefix: int,  # layout positions before the content ([CLS]: 1)
 ) -> tuple[torch.Tensor, int]:  # the mean −log share over counted (row, query token, layer), and how many
     """The read-share loss of one pass of the driver, recorded step by step (see the module's docstring)."""
-    segments = split_into_segments(input_ids, content_size, attention_mask, codes, alignment)
-    if len(segments) != len(record):
-        raise ValueError(f"read_share_loss: {len(record)} recorded steps for {len(segments)} segments")
-    batch = input_ids.shape[0]
+    segments = _recorded_segments("read_share_loss", record, codes, input_ids, attention_mask, content_size, alignment)
     losses = []
     for layer in range(len(record[0])):
         earlier_keys, earlier_weights, earlier_supporting = [], [], []
         for segment, steps in zip(segments, record, strict=True):
             terms = steps[layer]
-            layout = torch.zeros(batch, terms.queries.shape[1], dtype=torch.long, device=codes.device)  # [b, L]
-            width = segment.labels.shape[1]
-            layout[:, prefix : prefix + width] = segment.labels.clamp_min(OTHER)  # padding (−100) → OTHER
+            layout, written = layout_codes(segment, terms, prefix)  # [b, L], [b, k]
             if earlier_keys:
                 keys = torch.cat(earlier_keys, 1).float()  # [b, P, d_key]
                 gates = torch.cat(earlier_weights, 1).float()  # [b, P]
@@ -107,14 +111,10 @@ def read_share_loss(
                     found = (weights * supporting.unsqueeze(1)).sum(-1)  # [b, L]
                     share = found / weights.sum(-1).clamp_min(1e-12)
                     losses.append(-torch.log(share[asking].clamp_min(1e-6)))
-            written = layout if terms.positions is None else layout.gather(1, terms.positions)  # [b, k]
             earlier_keys.append(terms.keys)
             earlier_weights.append(terms.gates * segment.active.unsqueeze(1))  # a row not begun kept no write
             earlier_supporting.append(written == SUPPORTING)
-    if not losses:
-        return input_ids.new_zeros((), dtype=torch.float32), 0
-    every = torch.cat(losses)
-    return every.mean(), every.numel()
+    return _mean_and_count(losses, input_ids)
 
 
 def noise_write_loss(
@@ -133,20 +133,28 @@ def noise_write_loss(
     those writes move every read (README, "Why 256 segments forget")."""
     if not 0 < threshold < 1:
         raise ValueError(f"noise_write_loss: threshold must be in (0, 1), got {threshold!r}")
-    segments = split_into_segments(input_ids, content_size, attention_mask, codes, alignment)
-    if len(segments) != len(record):
-        raise ValueError(f"noise_write_loss: {len(record)} recorded steps for {len(segments)} segments")
+    segments = _recorded_segments("noise_write_loss", record, codes, input_ids, attention_mask, content_size, alignment)
     margin = float(np.log(threshold / 4) - np.log1p(-threshold / 4))  # logit(τ/4)
     hinges = []
     for segment, steps in zip(segments, record, strict=True):
-        width = segment.labels.shape[1]
         for terms in steps:
-            layout = torch.full(terms.queries.shape[:2], -1, dtype=torch.long, device=codes.device)  # [b, L]
-            layout[:, prefix : prefix + width] = segment.labels  # padding −100, memory and [CLS]/[SEP] −1
-            written = layout if terms.positions is None else layout.gather(1, terms.positions)  # [b, k]
+            _, written = layout_codes(segment, terms, prefix)  # [b, k]
             noise = (written == OTHER) & segment.active.unsqueeze(1)
             hinges.append((terms.gate_logits.float() - margin).clamp_min(0)[noise])
-    every = torch.cat(hinges)
+    return _mean_and_count(hinges, input_ids)
+
+
+def _recorded_segments(name: str, record: list[list], codes, input_ids, attention_mask, content_size, alignment):
+    """The driver's segments of the pass `record` holds, each with its rows' codes as labels."""
+    segments = split_into_segments(input_ids, content_size, attention_mask, codes, alignment)
+    if len(segments) != len(record):
+        raise ValueError(f"{name}: {len(record)} recorded steps for {len(segments)} segments")
+    return segments
+
+
+def _mean_and_count(parts: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The mean of every term in `parts` and how many there are (0 and 0 where there are none)."""
+    every = torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
     if not every.numel():
-        return input_ids.new_zeros((), dtype=torch.float32), 0
+        return like.new_zeros((), dtype=torch.float32), 0
     return every.mean(), every.numel()
