@@ -186,8 +186,9 @@ class ARMTConfig(MechanismConfig):
             check_number("gate_bias", self.gate_bias)
         if self.memory_init_std is not None:
             check_number("memory_init_std", self.memory_init_std, positive=True)
-        if not (isinstance(self.write_threshold, int | float) and 0 <= self.write_threshold < 1):
-            raise ValueError(f"write_threshold must be a number in [0, 1), got {self.write_threshold!r}")
+        check_number("write_threshold", self.write_threshold)
+        if not 0 <= self.write_threshold < 1:
+            raise ValueError(f"write_threshold must be in [0, 1), got {self.write_threshold!r}")
 
     @property
     def d_key(self) -> int:
@@ -272,16 +273,18 @@ class AssociativeMemory(nn.Module):
     def write_terms(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys k_i = φ(W_K m_i) [batch, m, d_key], values v_i = W_V m_i [batch, m, hidden] and strengths
         β_i = σ(W_β m_i) [batch, m] of the memory tokens' outputs `memory` [batch, m, hidden], in its precision."""
+        keys, values, logits = self._write_projections(memory)
+        return keys, values, torch.sigmoid(logits)
+
+    def _write_projections(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`write_terms` with the gates' logits W_β m_i (+ b) [batch, m] in place of β: a loss on them must not
+        read them back through σ, which saturates at 0 and 1."""
         dtype = memory.dtype
         keys = self.features(F.linear(memory, self.key.weight.to(dtype)))
         values = F.linear(memory, self.value.weight.to(dtype))
-        return keys, values, torch.sigmoid(self.gate_logits(memory))
-
-    def gate_logits(self, memory: torch.Tensor) -> torch.Tensor:  # [batch, m, hidden] → [batch, m]
-        """W_β m_i (+ b): the write strengths before σ, in `memory`'s precision."""
-        dtype = memory.dtype
         gate_input = F.rms_norm(memory, memory.shape[-1:], eps=EPSILON) if self.normalize_gate else memory
-        return F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype)).squeeze(-1)
+        logits = F.linear(gate_input, self.beta.weight.to(dtype), self.beta.bias.to(dtype)).squeeze(-1)
+        return keys, values, logits
 
     def read(
         self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, record: ReadTerms | None = None
@@ -308,8 +311,8 @@ class AssociativeMemory(nn.Module):
         (`ARMTConfig.write_threshold`) changes z alone. `record`, if given, gets the keys, the gates as written
         and their logits (0 where the mask is 0)."""
         with torch.autocast(memory.device.type, enabled=False):
-            memory = memory.to(matrix.dtype)
-            keys, values, betas = self.write_terms(memory)
+            keys, values, logits = self._write_projections(memory.to(matrix.dtype))
+            betas = torch.sigmoid(logits)
             if mask is not None:
                 keys = keys * mask.to(keys.dtype).unsqueeze(-1)
             written = betas if not threshold else ((betas - threshold) / (1 - threshold)).clamp_min(0)
@@ -317,7 +320,7 @@ class AssociativeMemory(nn.Module):
                 kept = 1 if mask is None else mask.to(betas.dtype)
                 record.keys = keys
                 record.gates = written * kept
-                record.gate_logits = self.gate_logits(memory) * kept  # not logit(β): σ saturates at 0 and 1
+                record.gate_logits = logits * kept
             return delta_rule_write(keys, values, written, matrix, normalizer)
 
 
