@@ -110,8 +110,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
         self.output_dir = config.output_dir
         self.progress = progress and self.accelerator.is_main_process
         self.state = TrainState()
-        self._carried: dict[int, object] = {}  # curriculum.carry_memory: per micro-batch, the state its rows left
-        self._carried_rows: dict[int, int] = {}
+        self._carried: dict[int, tuple] = {}  # curriculum.carry_memory: per micro-batch, (state its rows left, rows)
         self._pool: ThreadPoolExecutor | None = None  # builds the next training batch while a step runs
         self._pending: dict[tuple[int, int, int], Future] = {}
 
@@ -232,7 +231,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
                 with recording as record:
                     out = self.model(**batch, state=self._starting_memory(chunk, rows), logits=self._logits_mode)
                 if self.config.curriculum.carry_memory:
-                    self._carried[chunk] = out.state.detach()
+                    self._carried[chunk] = (out.state.detach(), rows)
                 loss, (read_loss, counted), (noise_loss, noise_counted) = out.loss, NO_LOSS, NO_LOSS
                 if codes is not None:
                     (read_loss, counted), (noise_loss, noise_counted) = self._read_losses(record, codes, batch)
@@ -284,9 +283,8 @@ class Trainer(CheckpointMixin, ValidationMixin):
         """The state micro-batch `chunk` starts from: None (empty) unless `curriculum.carry_memory`, else the state
         the previous step's micro-batch in its place left, each row emptied with chance 1 − carry_memory (drawn
         from the seed and the step, so a run draws the same ones again)."""
-        carried = self._carried.get(chunk)
-        if carried is None or self._carried_rows.get(chunk) != rows:
-            self._carried_rows[chunk] = rows
+        carried, carried_rows = self._carried.get(chunk, (None, 0))
+        if carried is None or carried_rows != rows:
             return None
         draw = torch.Generator().manual_seed((self.seed * 1_000_003 + self.state.step) * 64 + chunk)
         empty = torch.rand(rows, generator=draw) >= self.config.curriculum.carry_memory  # [rows]
