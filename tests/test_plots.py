@@ -99,3 +99,29 @@ def test_runs_compared_refuse_nothing_to_draw(tmp_path):
     with pytest.raises(ValueError, match="'empty': no training or validation"):
         compare_runs({"full": run_records(), "empty": [{"type": "stage", "step": 1}]}, tmp_path / "compared.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_validation_at_the_long_length_is_drawn_beside_the_stages(tmp_path, monkeypatch):
+    """`curriculum.eval_long_segments`' records ("eval_long"): their own dashed line, labelled with the count, at
+    the accuracies logged; in a comparison each run's in its colour."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    plot = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append((kwargs.get("label"), args))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    longs = [{"type": "eval_long", "step": s, "segments": 64, "loss": 3.0, "accuracy": 0.25} for s in (20, 40)]
+    training_curves(run_records() + longs, tmp_path / "curves.png")
+    lines = [args for label, args in drawn if label == "validation at 64 segments"]
+    assert len(lines) == 2  # loss and accuracy panels
+    assert [list(a) for a in lines[1][:2]] == [[20, 40], [25.0, 25.0]]
+    drawn.clear()
+    training_curves(run_records(), tmp_path / "curves.png")
+    assert not any(label and "segments" in label for label, _ in drawn)
+    drawn.clear()
+    compare_runs({"carry": run_records() + longs, "plain": run_records()}, tmp_path / "compared.png")
+    assert [label for label, _ in drawn] == ["carry", "carry", "carry, 64 segments", "plain", "plain"]

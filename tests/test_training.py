@@ -928,3 +928,49 @@ def test_a_saved_classifier_keeps_its_classes_when_they_cover_the_tasks_answers(
         tmp_path, **{"task.name": "qa1", "model.head": "classification", "model.backbone": str(tmp_path / "one")}
     )
     assert training.class_vocabulary(config) == answer_vocabulary(["qa1"])  # too few classes: the task's own
+
+
+def test_validation_at_a_long_length_is_logged_apart_and_changes_nothing_else(tmp_path):
+    """curriculum.eval_long_segments: at every eval_long_every steps, eval_long_samples samples of that many
+    segments, logged as "eval_long"; the stages, the other records and the weights are those of the same run
+    without it."""
+    plain = tiny(tmp_path, "plain", **{"curriculum.eval_every": 2})
+    watched = tiny(
+        tmp_path,
+        "watched",
+        **{
+            "curriculum.eval_every": 2,
+            "curriculum.eval_long_segments": 5,
+            "curriculum.eval_long_every": 3,
+            "curriculum.eval_long_samples": 4,
+        },
+    )
+    train(plain, progress=False)
+    train(watched, progress=False)
+    longs = records(watched.output_dir, "eval_long")
+    assert [(r["step"], r["segments"], r["samples"]) for r in longs] == [(3, 5, 4), (6, 5, 4)]
+    assert 0 <= longs[0]["accuracy"] <= 1 and math.isfinite(longs[0]["loss"])
+
+    def without_long_and_speed(run: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")}
+            for r in records(run)
+            if r["type"] != "eval_long"
+        ]
+
+    assert without_long_and_speed(watched.output_dir) == without_long_and_speed(plain.output_dir)
+    for name, tensor in weights(plain.output_dir / "final").items():
+        assert torch.equal(tensor, weights(watched.output_dir / "final")[name]), name
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"curriculum.eval_long_segments": -1}, "curriculum.eval_long_segments"),
+        ({"curriculum.eval_long_segments": 8, "curriculum.eval_long_samples": 0}, "curriculum.eval_long_samples"),
+        ({"curriculum.eval_long_segments": 8}, "curriculum.eval_long_every"),  # eval_every is 0 in TINY
+    ],
+)
+def test_bad_long_validation_settings_name_the_key(tmp_path, changes, key):
+    with pytest.raises(ValueError, match=key):
+        tiny(tmp_path, **changes)

@@ -72,6 +72,15 @@ def _run_lines(records: list[dict], name: str = "records") -> tuple[list[dict], 
     return train, evals, changes
 
 
+def _long_validations(records: list[dict]) -> dict[int, list[dict]]:
+    """`curriculum.eval_long_segments`' validations, by their count of segments (a continued run may change it)."""
+    by_count: dict[int, list[dict]] = {}
+    for r in records:
+        if r.get("type") == "eval_long":
+            by_count.setdefault(r["segments"], []).append(r)
+    return by_count
+
+
 AUXILIARY_LOSSES = (  # logged name, colour, legend
     ("read_loss", "tab:green", "read-share loss"),
     ("noise_write_loss", "tab:purple", "noise-write loss"),
@@ -80,9 +89,9 @@ AUXILIARY_LOSSES = (  # logged name, colour, legend
 
 def training_curves(records: list[dict], path: str | Path, title: str = "", smooth: int = 20) -> Path:
     """Loss and accuracy against the step: training as the mean of the last `smooth` logged points, validation as
-    points (and each task's, where several are learned together), the read-share and noise-write losses where the
-    run had them (`optim.read_loss_weight`, `noise_write_weight`), and a vertical line where the curriculum moved
-    to more segments (labelled with their count)."""
+    points (and each task's, where several are learned together; at `eval_long_segments`, dashed), the read-share
+    and noise-write losses where the run had them (`optim.read_loss_weight`, `noise_write_weight`), and a vertical
+    line where the curriculum moved to more segments (labelled with their count)."""
     train, evals, changes = _run_lines(records)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
@@ -102,6 +111,15 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
                 color="tab:orange",
                 markersize=3,
                 label="validation",
+            )
+        for count, longs in _long_validations(records).items():  # where a memory that holds can still drift
+            ax.plot(
+                [r["step"] for r in longs],
+                [scale * r[key] for r in longs],
+                "s--",
+                color="tab:red",
+                markersize=3,
+                label=f"validation at {count} segments",
             )
         for name, color, label in AUXILIARY_LOSSES:  # beside the answer's loss, where the run had them
             logged = [r for r in train if name in r]
@@ -132,8 +150,8 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
 
 def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "", smooth: int = 20) -> Path:
     """Several runs on one picture, one colour each: training loss as the mean of the last `smooth` logged points,
-    and validation accuracy as points, with each run's curriculum changes as dotted lines in its colour. What an
-    ablation needs: runs that differ in one setting, read against the same steps."""
+    and validation accuracy as points (at `eval_long_segments` dashed), with each run's curriculum changes as dotted
+    lines in its colour. What an ablation needs: runs that differ in one setting, read against the same steps."""
     if not runs:
         raise ValueError("runs: give at least one run to draw")
     lines = {label: _run_lines(records, f"runs: {label!r}") for label, records in runs.items()}  # before drawing
@@ -151,6 +169,15 @@ def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "",
                 color=color,
                 markersize=3,
                 label=label,
+            )
+        for count, longs in _long_validations(runs[label]).items():
+            acc_ax.plot(
+                [r["step"] for r in longs],
+                [100 * r["accuracy"] for r in longs],
+                "s--",
+                color=color,
+                markersize=3,
+                label=f"{label}, {count} segments",
             )
         for change in changes:
             for ax in (loss_ax, acc_ax):

@@ -110,6 +110,10 @@ Config (TOML; every key optional unless marked):
   eval_every              steps between validations inside a stage (default 100; 0 = only at the budget's end)
   eval_samples            validation samples at the stage's length (default 128)
   eval_batch_size         default: the per-process micro-batch
+  eval_long_segments      also validate at this many segments (default 0: off), every eval_long_every steps (default
+                          eval_every) on eval_long_samples samples (default 32), logged as "eval_long" beside
+                          "eval" and drawn in the curves. It moves no stage and picks no best model: a memory that
+                          holds at the stage's length can still drift at far longer ones, and this shows when
   stop_at_threshold       end the run when the last stage passes the threshold (default true)
 [optim]
   lr (1e-4), weight_decay (0.01), warmup_steps (100)
@@ -245,6 +249,9 @@ class CurriculumConfig:
     eval_every: int = 100
     eval_samples: int = 128
     eval_batch_size: int | None = None
+    eval_long_segments: int = 0  # also validate at this many segments (0: off); moves no stage
+    eval_long_every: int = 0  # 0: eval_every
+    eval_long_samples: int = 32
     stop_at_threshold: bool = True
 
 

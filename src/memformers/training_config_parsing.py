@@ -210,6 +210,9 @@ def validate(config: TrainConfig) -> None:
         ("curriculum.min_segments", c.min_segments, 1),
         ("curriculum.eval_every", c.eval_every, 0),
         ("curriculum.eval_samples", c.eval_samples, 1),
+        ("curriculum.eval_long_segments", c.eval_long_segments, 0),
+        ("curriculum.eval_long_every", c.eval_long_every, 0),
+        ("curriculum.eval_long_samples", c.eval_long_samples, 1),
         ("optim.warmup_steps", o.warmup_steps, 0),
         ("optim.total_steps", o.total_steps, 0),
         ("optim.batch_size", o.batch_size, 1),
@@ -228,6 +231,8 @@ def validate(config: TrainConfig) -> None:
         _fail("curriculum.no_noise_fraction", c.no_noise_fraction, "a number in [0, 1]")
     if not (isinstance(c.carry_memory, int | float) and 0 <= c.carry_memory < 1):
         _fail("curriculum.carry_memory", c.carry_memory, "a number in [0, 1) (the chance a row keeps its memory)")
+    if c.eval_long_segments and not (c.eval_long_every or c.eval_every):
+        _fail("curriculum.eval_long_every", c.eval_long_every, "an int ≥ 1 where curriculum.eval_every is 0")
     if c.eval_batch_size is not None and c.eval_batch_size < 1:
         _fail("curriculum.eval_batch_size", c.eval_batch_size, "an int ≥ 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):

@@ -14,8 +14,9 @@ class ValidationMixin:
     `Trainer`: it scores batches as a training step does (`_correct`, `_logits_mode`)."""
 
     @torch.no_grad()
-    def evaluate(self, segments: int | None = None) -> dict:
-        """Accuracy and loss on fresh validation samples (own seed) of `segments` (default: the current stage)."""
+    def evaluate(self, segments: int | None = None, samples: int | None = None) -> dict:
+        """Accuracy and loss on `samples` (default `curriculum.eval_samples`) fresh validation samples (own seed) of
+        `segments` (default: the current stage)."""
         acc, c = self.accelerator, self.config.curriculum
         segments = segments or self.stages[self.state.stage]
         seed = self.config.task.eval_seed
@@ -23,7 +24,7 @@ class ValidationMixin:
         model = self.unwrapped
         was_training = model.training
         model.eval()
-        mine = list(range(acc.process_index, c.eval_samples, acc.num_processes))
+        mine = list(range(acc.process_index, samples or c.eval_samples, acc.num_processes))
         if self.batches.lm:
             return self._evaluate_lm(mine, segments, seed, was_training)
         names = self.config.task_names  # a task listed twice is drawn twice as often: one entry for it
