@@ -474,3 +474,68 @@ def test_bench_ends_with_a_sentence() -> None:
 def test_an_empty_perplexity_cell_reads_as_a_dash() -> None:
     row = {"perplexity": {"1": 12.3456, "2": math.nan}, "overall": 12.3456, "state_floats_per_row": 64}
     assert perplexity_table({"m": row}).splitlines()[-1] == "| m | 12.35 | – | – | – | – | 12.35 | 64 |"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval --set: a knob no weight depends on, read with another value
+
+
+def _tiny_armt_classifier(path: Path, tokenizer) -> Path:
+    """A 1-layer ARMT classifier whose every position writes, its W_V drawn (zero at initialisation: no reads)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=6
+    )
+    backbone = transformers.BertForSequenceClassification(config)
+    model = mf.AssociativeMemoryTransformer(
+        backbone, num_memory_tokens=2, segment_size=64, d_mem=4, writers="all", cls_token_id=101, sep_token_id=102
+    )
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.value.weight)
+    save_pretrained(model, path, tokenizer, {"task": "qa1", "tokenizer": "minilm"})
+    return path
+
+
+@torch.no_grad()
+def test_a_tunable_knob_set_on_a_loaded_model_changes_what_it_writes(tokenizer, tmp_path) -> None:
+    from memformers.cli.checkpoints import tune_knobs
+
+    model = mf.load(_tiny_armt_classifier(tmp_path / "armt", tokenizer))
+    ids = torch.randint(1000, 2000, (2, 2 * model.content_size))
+    before = model(ids).state.matrix
+    assert float(before.abs().sum()) > 0
+    assert tune_knobs(model, ["write_threshold=0.9999"]) == {"write_threshold": 0.9999}
+    assert model.config.write_threshold == 0.9999
+    assert float(model(ids).state.matrix.abs().sum()) == 0  # every gate (about 1/2) under it: A stays empty
+    assert tune_knobs(model, []) == {} and model.config.write_threshold == 0.9999
+
+
+def test_eval_reads_with_a_set_knob_records_it_and_measures_again_where_it_differs(tokenizer, tmp_path) -> None:
+    checkpoint = _tiny_armt_classifier(tmp_path / "armt", tokenizer)
+    grid = tmp_path / "grid.json"
+    args = ["eval", checkpoint, "--task", "qa1", "--lengths", "300", "--samples", "4", "--batch-size", "4"]
+    args += ["--json", grid]
+    assert run(*args, "--set", "write_threshold=0.5").exit_code == 0
+    saved = json.loads(grid.read_text())
+    assert saved["results"][0]["knobs"] == {"write_threshold": 0.5}
+    assert "--set write_threshold=0.5" in saved["command"]
+    seconds = saved["results"][0]["seconds"]
+    assert run(*args, "--set", "write_threshold=0.5").exit_code == 0  # the same cell: skipped
+    assert json.loads(grid.read_text())["results"][0]["seconds"] == seconds
+    assert run(*args).exit_code == 0  # the saved knobs: measured again
+    again = json.loads(grid.read_text())["results"]
+    assert len(again) == 1 and again[0]["knobs"] == {} and "--set" not in again[0]["command"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "names"),
+    [
+        ("d_mem=8", ["--set", "d_mem", "write_threshold"]),  # shapes weights
+        ("write_threshold=1.5", ["--set", "write_threshold"]),
+        ("write_threshold", ["--set", "KEY=VALUE"]),
+    ],
+)
+def test_eval_refuses_a_knob_it_cannot_set(tokenizer, tmp_path, setting, names) -> None:
+    checkpoint = _tiny_armt_classifier(tmp_path / "armt", tokenizer)
+    result = run("eval", checkpoint, "--task", "qa1", "--lengths", "300", "--samples", "2", "--set", setting)
+    assert_one_line_error(result, *names)

@@ -48,6 +48,7 @@ class Cell:
     precision: str = "fp32"  # what the reading computed in ("bf16": autocast; memformers.precision)
     facts_first: bool = False  # every fact before the noise: no window holds one, only a memory can answer
     facts_apart: bool = False  # the facts evenly spaced through the noise: as few to a segment as the length allows
+    knobs: dict = field(default_factory=dict)  # tunable knobs read with instead of the saved ones (eval --set)
 
 
 NUM_EXAMPLES = 3  # generated answers kept per cell
@@ -342,6 +343,7 @@ def evaluate_grid(
     json_path: str | Path | None = None,
     meta: dict | None = None,
     on_cell=None,
+    knobs: dict | None = None,
     **cell_options,
 ) -> list[Cell]:
     """Every task × length cell; each finished cell is saved at once, and cells already saved are skipped.
@@ -349,8 +351,8 @@ def evaluate_grid(
     `samples`: per cell, or one count per length (long inputs cost more: fewer samples, wider intervals).
     Cells of other tasks and lengths already in `json_path` are kept, so several commands can fill one grid;
     each cell records the command of `meta` that measured it. A decoder's cell judged by another rule than
-    today's (`BABILONG_SCORER`), or a cell read in another precision or placement of facts, is measured again, so
-    one grid never mixes them.
+    today's (`BABILONG_SCORER`), or a cell read in another precision or placement of facts, or with other `knobs`
+    (the tunable knobs the model was set to, recorded in each cell), is measured again, so one grid never mixes them.
     """
     counts = [samples] * len(lengths) if isinstance(samples, int) else list(samples)
     if len(counts) != len(lengths) or any(n < 1 for n in counts):
@@ -359,18 +361,19 @@ def evaluate_grid(
     seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
     scorer = BABILONG_SCORER if generates(model) else ""
     placement = (cell_options.get("facts_first", False), cell_options.get("facts_apart", False))
-    how = (seed, split, scorer, cell_options.get("precision", "fp32"), placement)
+    knobs = dict(knobs or {})
+    how = (seed, split, scorer, cell_options.get("precision", "fp32"), placement, knobs)
     done = {
         (c.task, c.length, c.samples)
         for c in cells
-        if (c.seed, c.split, c.scorer, c.precision, (c.facts_first, c.facts_apart)) == how
+        if (c.seed, c.split, c.scorer, c.precision, (c.facts_first, c.facts_apart), c.knobs) == how
     }
     for task in tasks:
         for length, count in zip(lengths, counts, strict=True):
             if (task, length, count) in done:
                 continue
             cell = evaluate_cell(model, task, length, count, tokenizer, **cell_options)
-            cell.command = (meta or {}).get("command", "")
+            cell.command, cell.knobs = (meta or {}).get("command", ""), knobs
             cells = [c for c in cells if (c.task, c.length) != (task, length)] + [cell]
             if json_path:
                 save_cells(json_path, cells, meta)

@@ -55,6 +55,35 @@ def check_vocabulary(model, tokenizer, where: str) -> None:
         )
 
 
+def tune_knobs(model, settings: list[str], option: str = "--set") -> dict:
+    """Set a saved model's tunable knobs (its config class's `tunable`: ARMT's `write_threshold`), given as
+    KEY=VALUE, in place; returns them as set. No weight depends on such a knob, so it may differ from training's;
+    the knobs that shape weights or layouts are refused."""
+    import dataclasses
+
+    from ..training_config_parsing import parse_override
+
+    tunable = model.config.tunable
+    knobs = {}
+    for text in settings:
+        if "=" not in text:
+            raise InputError(f"{option} {text!r}: give KEY=VALUE, e.g. write_threshold=0.01")
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if key not in tunable:
+            allowed = ", ".join(tunable) or "none"
+            raise InputError(
+                f"{option} {key}: a saved {type(model).__name__} can change only knobs no weight depends on "
+                f"({allowed}); the others shape its weights"
+            )
+        knobs[key] = value
+    try:
+        model.config = dataclasses.replace(model.config, **knobs)  # the config class checks the values
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{option}: {error}") from None
+    return knobs
+
+
 def resolve_tokenizer(tokenizer: str) -> str:
     """A tokenizer name or folder as given, or, for a saved memformers model, the tokenizer it records."""
     from ..saving import CONFIG_NAME

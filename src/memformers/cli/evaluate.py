@@ -16,6 +16,7 @@ from .checkpoints import (
     checkpoint_tokenizer,
     read_checkpoint,
     resolve_tokenizer,
+    tune_knobs,
     warn_untrained_tasks,
 )
 from .options import check_device, parse_ints, threads_option, use_threads
@@ -98,6 +99,12 @@ def evaluate(
         help="fp32, bf16 (autocast: about 2.6× faster on a CPU with bf16 instructions, 96% of answers the same as "
         "fp32's; fp32 with a warning where it would be slower) or auto (bf16 where it pays). Recorded in each cell.",
     ),
+    knob: list[str] = typer.Option(
+        [],
+        "--set",
+        help="KEY=VALUE: read with this value of a knob no weight depends on, e.g. ARMT's write_threshold=0.01 "
+        "(repeatable). Recorded in each cell.",
+    ),
     perplexity: bool = typer.Option(False, "--perplexity", help="Deprecated: use memformers perplexity."),
     tokens: int | None = typer.Option(None, help="--perplexity: tokens per document (default 20 segments)."),
     documents: int = typer.Option(8, help="--perplexity: documents (stretches of the split's books)."),
@@ -145,6 +152,7 @@ def evaluate(
         warn_other_tokenizer(data, records, tokenizer)
     warn_untrained_tasks(checkpoint, config, tasks)
     model = load(checkpoint, device=device)
+    knobs = tune_knobs(model, knob)
     check_vocabulary(model, get_tokenizer(tokenizer), f"{tokenizer!r} (the checkpoint's)")
     meta = {
         "checkpoint": str(checkpoint),
@@ -160,6 +168,7 @@ def evaluate(
             + (["--facts-apart"] if facts_apart else [])
             + (["--max-new-tokens", str(max_new_tokens)] if generates(model) else [])
             + (["--precision", precision] if precision != "fp32" else [])
+            + [word for text in knob for word in ("--set", text)]
             + (["--json", str(json_out)] if json_out else [])
         ),
         "scoring": "generation" if generates(model) else "classes",
@@ -185,7 +194,7 @@ def evaluate(
         if records is not None:
             cells = evaluate_file(model, data, tokenizer, task, on_cell, records=records, **options)
             for cell in cells:
-                cell.command = meta["command"]
+                cell.command, cell.knobs = meta["command"], knobs
             if json_out is not None:
                 save_cells(json_out, cells, meta)
         else:
@@ -198,6 +207,7 @@ def evaluate(
                 json_out,
                 meta,
                 on_cell,
+                knobs,
                 seed=seed,
                 split=split,
                 noise_dir=noise_dir,
