@@ -81,6 +81,12 @@ def _long_validations(records: list[dict]) -> dict[int, list[dict]]:
     return by_count
 
 
+def _validation_line(ax, records: list[dict], key: str, scale: float, style: str, color: str, label: str) -> None:
+    """Validation records as points joined by a line: `key` (times `scale`) against the step."""
+    steps, values = [r["step"] for r in records], [scale * r[key] for r in records]
+    ax.plot(steps, values, style, color=color, markersize=3, label=label)
+
+
 AUXILIARY_LOSSES = (  # logged name, colour, legend
     ("read_loss", "tab:green", "read-share loss"),
     ("noise_write_loss", "tab:purple", "noise-write loss"),
@@ -104,23 +110,9 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
                 steps, trailing_mean(values, smooth), color="tab:blue", label=f"training (mean of the last {smooth})"
             )
         if evals:
-            ax.plot(
-                [r["step"] for r in evals],
-                [scale * r[key] for r in evals],
-                "o-",
-                color="tab:orange",
-                markersize=3,
-                label="validation",
-            )
+            _validation_line(ax, evals, key, scale, "o-", "tab:orange", "validation")
         for count, longs in _long_validations(records).items():  # where a memory that holds can still drift
-            ax.plot(
-                [r["step"] for r in longs],
-                [scale * r[key] for r in longs],
-                "s--",
-                color="tab:red",
-                markersize=3,
-                label=f"validation at {count} segments",
-            )
+            _validation_line(ax, longs, key, scale, "s--", "tab:red", f"validation at {count} segments")
         for name, color, label in AUXILIARY_LOSSES:  # beside the answer's loss, where the run had them
             logged = [r for r in train if name in r]
             if key == "loss" and logged:
@@ -162,23 +154,9 @@ def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "",
             losses = np.array([r["loss"] for r in train], dtype=float)
             loss_ax.plot([r["step"] for r in train], trailing_mean(losses, smooth), color=color, label=label)
         if evals:
-            acc_ax.plot(
-                [r["step"] for r in evals],
-                [100 * r["accuracy"] for r in evals],
-                "o-",
-                color=color,
-                markersize=3,
-                label=label,
-            )
+            _validation_line(acc_ax, evals, "accuracy", 100, "o-", color, label)
         for count, longs in _long_validations(runs[label]).items():
-            acc_ax.plot(
-                [r["step"] for r in longs],
-                [100 * r["accuracy"] for r in longs],
-                "s--",
-                color=color,
-                markersize=3,
-                label=f"{label}, {count} segments",
-            )
+            _validation_line(acc_ax, longs, "accuracy", 100, "s--", color, f"{label}, {count} segments")
         for change in changes:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(change["step"], color=color, linestyle=":", linewidth=0.8)
