@@ -501,3 +501,53 @@ def test_length_zero_cells_batch_stories_of_different_lengths(tokenizer):
     assert cell.correct == 12
     forgetful = evaluate_cell(LastFactOracle(tokenizer, content_size=4, forget=True), "memorize", 0, 12, tokenizer)
     assert forgetful.correct < 12  # the oracle really reads the stories: without its memory it fails
+
+
+class _Stopped(Exception):
+    pass
+
+
+class CountingOracle(LastFactOracle):
+    """LastFactOracle that counts the rows it starts reading, and stops (raises) when a batch numbered `stop_at`
+    begins: a run killed part way through a cell."""
+
+    def __init__(self, tokenizer, stop_at: int | None = None, **kwargs) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.stop_at, self.batches, self.rows = stop_at, 0, 0
+
+    def init_state(self, batch_size):
+        self.batches += 1
+        if self.batches == self.stop_at:
+            raise _Stopped
+        self.rows += batch_size
+        return super().init_state(batch_size)
+
+
+def test_a_stopped_cell_resumes_from_its_last_finished_batch(tokenizer, tmp_path):
+    """A cell stopped part way keeps its finished batches ("partial" in the JSON); run again, it reads only the
+    samples still to answer and ends as the same cell read in one go, and its partial record is gone. A run that
+    reads otherwise (here: facts first) does not take another's partial cell up."""
+    grid = {"tasks": ["detect"], "lengths": [600], "samples": 6, "tokenizer": tokenizer, "batch_size": 2}
+    grid["window"] = 500  # the last 500 tokens alone: some right, some wrong
+    whole = evaluate_grid(CountingOracle(tokenizer), **grid)[0]
+    assert 0 < whole.correct < 6
+    path = tmp_path / "grid.json"
+    with pytest.raises(_Stopped):
+        evaluate_grid(CountingOracle(tokenizer, stop_at=3), **grid, json_path=path)
+    saved = json.loads(path.read_text())
+    assert saved["results"] == [] and len(saved["partial"]) == 1
+    assert [index for index, _ in saved["partial"][0]["right"]] == [0, 1, 2, 3]
+    assert saved["partial"][0]["tokens"] == 4 * 500
+    reading_otherwise = CountingOracle(tokenizer)
+    evaluate_grid(reading_otherwise, **grid, json_path=tmp_path / "other.json", facts_first=True)
+    assert reading_otherwise.rows == 6
+    (tmp_path / "other.json").write_text(path.read_text())
+    evaluate_grid(reading_otherwise, **grid, json_path=tmp_path / "other.json", facts_first=True)
+    assert reading_otherwise.rows == 12  # the partial cell was read with facts scattered: all six again
+    resuming = CountingOracle(tokenizer)
+    resumed = evaluate_grid(resuming, **grid, json_path=path)[0]
+    assert resuming.rows == 2  # samples 4 and 5 alone
+    assert (resumed.correct, resumed.samples, resumed.accuracy) == (whole.correct, 6, whole.accuracy)
+    assert resumed.tokens_per_s > 0
+    saved = json.loads(path.read_text())
+    assert "partial" not in saved and [r["correct"] for r in saved["results"]] == [whole.correct]

@@ -51,6 +51,28 @@ class Cell:
     knobs: dict = field(default_factory=dict)  # tunable knobs read with instead of the saved ones (eval --set)
 
 
+@dataclass
+class PartialCell:
+    """What a cell has finished so far: the samples answered (index → right), the seconds and tokens they took and
+    their examples. A grid saves it after every batch, so a cell of hours (1M tokens and more) that is stopped
+    resumes from its last batch instead of its first."""
+
+    right: dict[int, bool] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens: int = 0
+    examples: list[dict] = field(default_factory=list)
+
+    def to_json(self, key: dict) -> dict:
+        """`key` (what the cell is: task, length, samples and how it is read) with the progress."""
+        progress = {"right": sorted(self.right.items()), "seconds": round(self.seconds, 2), "tokens": self.tokens}
+        return key | progress | {"examples": self.examples}
+
+    @classmethod
+    def from_json(cls, record: dict) -> PartialCell:
+        right = {int(index): bool(ok) for index, ok in record["right"]}
+        return cls(right, float(record["seconds"]), int(record["tokens"]), list(record.get("examples", [])))
+
+
 NUM_EXAMPLES = 3  # generated answers kept per cell
 
 
@@ -198,6 +220,8 @@ def evaluate_cell(
     precision: str = "fp32",
     facts_first: bool = False,
     facts_apart: bool = False,
+    done: PartialCell | None = None,
+    on_batch=None,
 ) -> Cell:
     """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
 
@@ -210,6 +234,7 @@ def evaluate_cell(
     `facts_first` puts every fact of the story before the noise (the same stories, placed otherwise), so that past
     one window only what the memory carried can answer: its share, with no help from the segment in front of it.
     `facts_apart` spaces them evenly through the noise instead: a memory then takes in about one at a time.
+    `done` and `on_batch` resume a stopped cell: see `score_samples`.
     """
     from .tasks import make_sample, task_spec
 
@@ -220,9 +245,8 @@ def evaluate_cell(
     options = {"facts_first": facts_first, "facts_apart": facts_apart}
     made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir, **options) for index in range(samples)]
     labels = list(babilong_labels(task))
-    cell = score_samples(
-        model, made, labels, tokenizer, batch_size, device, progress, window, max_new_tokens, precision
-    )
+    reading = (batch_size, device, progress, window, max_new_tokens, precision)
+    cell = score_samples(model, made, labels, tokenizer, *reading, done=done, on_batch=on_batch)
     cell.task, cell.length, cell.seed, cell.split = task, length, seed, split
     cell.facts_first, cell.facts_apart = facts_first, facts_apart
     return cell
@@ -239,10 +263,14 @@ def score_samples(
     window: int | None = None,
     max_new_tokens: int = 8,
     precision: str = "fp32",
+    done: PartialCell | None = None,
+    on_batch=None,
 ) -> Cell:
     """Accuracy of `model` on `made` samples (anything with `num_tokens`, `blocks()`, `question`, `target` and
     `label`), read in batches of equal length; `labels` are the answers the BABILong metric knows for them.
-    The returned cell has no task or length yet: the caller names them."""
+    The returned cell has no task or length yet: the caller names them. `done` (a `PartialCell` of these samples)
+    skips the samples it has answered and counts them, its time and tokens in; `on_batch(progress)` is called
+    with the `PartialCell` so far after every batch."""
     from .precision import autocast
 
     model.eval()
@@ -250,10 +278,14 @@ def score_samples(
     classes = None if generating else class_answers(model)
     if classes is not None and not set(labels) <= set(classes):
         raise ValueError(f"task: the model's classes {list(classes)} do not cover the answers {labels}")
-    examples: list[dict] = []
-    correct = tokens = 0
+    so_far = PartialCell(**vars(done)) if done is not None else PartialCell()
+    if any(not 0 <= index < len(made) for index in so_far.right):
+        raise ValueError(f"done: sample indices outside 0..{len(made) - 1}: not a partial cell of these samples")
+    so_far.right, so_far.examples = dict(so_far.right), list(so_far.examples)
+    examples = so_far.examples
     start = time.perf_counter()
-    batches = equal_length_batches(made, batch_size)  # length 0: stories alone, of different lengths
+    todo = [index for index in range(len(made)) if index not in so_far.right]
+    batches = [[todo[i] for i in b] for b in equal_length_batches([made[i] for i in todo], batch_size)]
     reads = [made[b[0]].num_tokens if window is None else min(window, made[b[0]].num_tokens) for b in batches]
     per_batch = [count_segments(read, model.content_size) for read in reads]
     for number, (indices, read) in enumerate(zip(batches, reads, strict=True)):
@@ -281,9 +313,13 @@ def score_samples(
                     )
         else:  # a class is its answer exactly
             right = [a == s.target for a, s in zip(answers, batch, strict=True)]
-        correct += sum(right)
-        tokens += read * len(batch)
-    seconds = time.perf_counter() - start
+        so_far.right.update(zip(indices, right, strict=True))
+        so_far.tokens += read * len(batch)
+        so_far.seconds, start = so_far.seconds + time.perf_counter() - start, time.perf_counter()
+        if on_batch is not None:
+            on_batch(so_far)
+    so_far.seconds += time.perf_counter() - start
+    correct, tokens, seconds = sum(so_far.right.values()), so_far.tokens, so_far.seconds
     low, high = wilson_interval(correct, len(made))
     return Cell(
         "",
@@ -294,7 +330,7 @@ def score_samples(
         low,
         high,
         round(seconds, 2),
-        round(tokens / seconds, 1),
+        round(tokens / seconds, 1) if seconds else 0.0,
         examples=examples,
         scorer=BABILONG_SCORER if generating else "",
         precision=precision,
@@ -318,20 +354,33 @@ def load_cells(path: str | Path) -> list[Cell]:
     return [Cell(**row) for row in json.loads(path.read_text()).get("results", [])]
 
 
-def save_cells(path: str | Path, cells: list[Cell], meta: dict | None = None) -> None:
-    """Write `{"results": [...], **meta}` atomically (temporary file, then rename).
+def load_partial_cells(path: str | Path) -> list[dict]:
+    """The unfinished cells of a results JSON (`"partial"`: each cell's key and its `PartialCell`)."""
+    path = Path(path)
+    return json.loads(path.read_text()).get("partial", []) if path.exists() else []
+
+
+def save_cells(
+    path: str | Path, cells: list[Cell], meta: dict | None = None, partial: list[dict] | None = None
+) -> None:
+    """Write `{"results": [...], **meta}` atomically (temporary file, then rename), with `"partial"`: the unfinished
+    cells (`PartialCell.to_json`), those already in the file where `partial` is None.
 
     Where answers were generated, `"scorer"` names the rule that judged them (a list where cells differ), so a
     grid says whether its numbers are comparable with the BABILong leaderboard's.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {key: value for key, value in (meta or {}).items() if key != "scorer"}
+    partial = load_partial_cells(path) if partial is None else partial
+    record = {key: value for key, value in (meta or {}).items() if key not in ("scorer", "partial")}
     scorers = sorted({cell.scorer for cell in cells if cell.scorer})
     if scorers:
         record["scorer"] = scorers[0] if len(scorers) == 1 else scorers
+    record["results"] = [asdict(cell) for cell in cells]
+    if partial:
+        record["partial"] = partial
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({**record, "results": [asdict(cell) for cell in cells]}, indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def evaluate_grid(
@@ -350,7 +399,8 @@ def evaluate_grid(
 
     `samples`: per cell, or one count per length (long inputs cost more: fewer samples, wider intervals).
     Cells of other tasks and lengths already in `json_path` are kept, so several commands can fill one grid;
-    each cell records the command of `meta` that measured it. A decoder's cell judged by another rule than
+    each cell records the command of `meta` that measured it. A cell stopped part way resumes from its last
+    finished batch (saved as `"partial"` after every batch). A decoder's cell judged by another rule than
     today's (`BABILONG_SCORER`), or a cell read in another precision or placement of facts, or with other `knobs`
     (the tunable knobs the model was set to, recorded in each cell), is measured again, so one grid never mixes them.
     """
@@ -368,15 +418,29 @@ def evaluate_grid(
         for c in cells
         if (c.seed, c.split, c.scorer, c.precision, (c.facts_first, c.facts_apart), c.knobs) == how
     }
+    partial = load_partial_cells(json_path) if json_path else []
+    names = ("seed", "split", "scorer", "precision", "placement", "knobs")
+    noise_dir = cell_options.get("noise_dir")  # a partial cell goes on only on the very same samples, read alike
+    reading = {"window": cell_options.get("window"), "noise_dir": None if noise_dir is None else str(noise_dir)}
     for task in tasks:
         for length, count in zip(lengths, counts, strict=True):
             if (task, length, count) in done:
                 continue
-            cell = evaluate_cell(model, task, length, count, tokenizer, **cell_options)
+            key = {"task": task, "length": length, "samples": count} | dict(zip(names, how, strict=True)) | reading
+            key = json.loads(json.dumps(key))  # as the file holds it: the placement a list
+            others = [p for p in partial if {k: p.get(k) for k in key} != key]
+            started = [PartialCell.from_json(p) for p in partial if {k: p.get(k) for k in key} == key]
+
+            def save_progress(so_far: PartialCell, cells=cells, others=others, key=key) -> None:
+                if json_path:
+                    save_cells(json_path, cells, meta, others + [so_far.to_json(key)])
+
+            options = cell_options | {"done": started[0] if started else None, "on_batch": save_progress}
+            cell = evaluate_cell(model, task, length, count, tokenizer, **options)
             cell.command, cell.knobs = (meta or {}).get("command", ""), knobs
-            cells = [c for c in cells if (c.task, c.length) != (task, length)] + [cell]
+            cells, partial = [c for c in cells if (c.task, c.length) != (task, length)] + [cell], others
             if json_path:
-                save_cells(json_path, cells, meta)
+                save_cells(json_path, cells, meta, partial)
             if on_cell is not None:
                 on_cell(cell)
     return cells
