@@ -278,10 +278,10 @@ def score_samples(
     classes = None if generating else class_answers(model)
     if classes is not None and not set(labels) <= set(classes):
         raise ValueError(f"task: the model's classes {list(classes)} do not cover the answers {labels}")
-    so_far = PartialCell(**vars(done)) if done is not None else PartialCell()
-    if any(not 0 <= index < len(made) for index in so_far.right):
+    done = done or PartialCell()
+    if any(not 0 <= index < len(made) for index in done.right):
         raise ValueError(f"done: sample indices outside 0..{len(made) - 1}: not a partial cell of these samples")
-    so_far.right, so_far.examples = dict(so_far.right), list(so_far.examples)
+    so_far = PartialCell(dict(done.right), done.seconds, done.tokens, list(done.examples))  # `done` stays as given
     examples = so_far.examples
     start = time.perf_counter()
     todo = [index for index in range(len(made)) if index not in so_far.right]
@@ -421,12 +421,12 @@ def evaluate_grid(
     partial = load_partial_cells(json_path) if json_path else []
     names = ("seed", "split", "scorer", "precision", "placement", "knobs")
     noise_dir = cell_options.get("noise_dir")  # a partial cell goes on only on the very same samples, read alike
-    reading = {"window": cell_options.get("window"), "noise_dir": None if noise_dir is None else str(noise_dir)}
+    read_alike = {"window": cell_options.get("window"), "noise_dir": None if noise_dir is None else str(noise_dir)}
     for task in tasks:
         for length, count in zip(lengths, counts, strict=True):
             if (task, length, count) in done:
                 continue
-            key = {"task": task, "length": length, "samples": count} | dict(zip(names, how, strict=True)) | reading
+            key = {"task": task, "length": length, "samples": count} | dict(zip(names, how, strict=True)) | read_alike
             key = json.loads(json.dumps(key))  # as the file holds it: the placement a list
             others = [p for p in partial if {k: p.get(k) for k in key} != key]
             started = [PartialCell.from_json(p) for p in partial if {k: p.get(k) for k in key} == key]
