@@ -539,3 +539,45 @@ def test_eval_refuses_a_knob_it_cannot_set(tokenizer, tmp_path, setting, names) 
     checkpoint = _tiny_armt_classifier(tmp_path / "armt", tokenizer)
     result = run("eval", checkpoint, "--task", "qa1", "--lengths", "300", "--samples", "2", "--set", setting)
     assert_one_line_error(result, *names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export: a run's model, stored to share
+
+
+def test_export_stores_a_model_in_half_precision_with_what_the_trainer_recorded(classifier, tmp_path) -> None:
+    result = run("export", classifier, tmp_path / "shared")
+    assert result.exit_code == 0, result.output
+    original, shared = mf.load(classifier).state_dict(), mf.load(tmp_path / "shared").state_dict()
+    for name, weight in original.items():
+        assert torch.equal(shared[name], weight.half().float()), name  # stored in float16, computed in float32
+    assert read_config(tmp_path / "shared")["extra"] == read_config(classifier)["extra"]
+    assert read_config(tmp_path / "shared")["stored_as"] == "float16"
+    assert (tmp_path / "shared" / "backbone" / "tokenizer_config.json").exists()
+    half = (tmp_path / "shared" / "backbone" / "model.safetensors").stat().st_size
+    assert half < 0.6 * (classifier / "backbone" / "model.safetensors").stat().st_size
+
+
+def test_export_takes_a_runs_final_model_else_its_latest_checkpoints(classifier, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+
+    def saved_as(folder: Path, step: object) -> None:  # a copy of the model that records its step
+        shutil.copytree(classifier, folder)
+        config = json.loads((folder / "memformers.json").read_text())
+        config["extra"]["step"] = step
+        (folder / "memformers.json").write_text(json.dumps(config))
+
+    for step in (2, 4):
+        saved_as(run_dir / f"checkpoint-{step:07d}" / "model", step)
+        (run_dir / f"checkpoint-{step:07d}" / "trainer.pt").write_bytes(b"")
+    assert run("export", run_dir, tmp_path / "latest").exit_code == 0
+    assert read_config(tmp_path / "latest")["extra"]["step"] == 4
+    saved_as(run_dir / "final", "final")
+    assert run("export", run_dir, tmp_path / "final").exit_code == 0
+    assert read_config(tmp_path / "final")["extra"]["step"] == "final"
+
+
+@pytest.mark.parametrize(("extra", "names"), [(["--dtype", "int8"], ["--dtype", "float16"]), ([], ["source"])])
+def test_export_refuses_what_it_cannot_store(classifier, tmp_path, extra, names) -> None:
+    source = classifier if extra else tmp_path  # an empty folder: neither a run nor a model
+    assert_one_line_error(run("export", source, tmp_path / "out", *extra), *names)

@@ -19,6 +19,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("perplexity")(evaluate.perplexity_command)
 app.command()(train.train)
 app.command()(train.curves)
+app.command()(train.export)
 app.command()(measure.flops)
 app.command()(measure.bench)
 

@@ -1,5 +1,6 @@
-"""`memformers train`: a training config (TOML) and the command line's overrides of it, run by the trainer; and
-`memformers curves`: how runs learned, drawn from their metrics."""
+"""`memformers train`: a training config (TOML) and the command line's overrides of it, run by the trainer;
+`memformers curves`: how runs learned, drawn from their metrics; `memformers export`: a run's model, stored to
+share."""
 
 from __future__ import annotations
 
@@ -76,3 +77,37 @@ def _run_name(path: Path) -> str:
     if path.name == "metrics.jsonl":
         return path.parent.name
     return path.stem if path.is_file() else path.name
+
+
+def export(
+    source: Path = typer.Argument(
+        ..., help="A run folder (its final model, else its latest checkpoint's) or a saved model folder."
+    ),
+    out: Path = typer.Argument(..., help="The folder to write (replaced whole, never left half written)."),
+    dtype: str = typer.Option("float16", help="How the weights are stored: float16, bfloat16 or float32."),
+) -> None:
+    """Store a trained model to share: weights in half precision (half the size; `memformers.load` computes in
+    float32 again), with its tokenizer and what the trainer recorded (task, tokenizer, config, step)."""
+    from transformers import AutoTokenizer
+
+    from ..saving import BACKBONE_DIR, CONFIG_NAME, load, save_pretrained
+    from ..training_checkpoints import latest_checkpoint
+    from .checkpoints import read_checkpoint
+
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"--dtype {dtype!r}: one of float16, bfloat16, float32")
+    model_dir = source
+    if not (source / CONFIG_NAME).is_file():  # a run folder
+        latest = latest_checkpoint(source)
+        model_dir = source / "final" if (source / "final").is_dir() else latest / "model" if latest else source
+    config = read_checkpoint(model_dir, "source")
+    if out.resolve() == model_dir.resolve():
+        raise ValueError(f"out: {str(out)!r} is the model being exported; give another folder")
+    model = load(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir / BACKBONE_DIR)
+    except (OSError, ValueError):  # saved without one: the model alone
+        tokenizer = None
+    save_pretrained(model, out, tokenizer, config.get("extra", {}), dtype=None if dtype == "float32" else dtype)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    console.print(f"saved {out} ({size / 2**20:.0f} MB, {dtype}) from {model_dir}")
