@@ -3,6 +3,8 @@ task lm perplexity per token."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -13,10 +15,15 @@ class ValidationMixin:
     """The `Trainer`'s validation, run at every `curriculum.eval_every` steps and at a stage's end. Mixed into
     `Trainer`: it scores batches as a training step does (`_correct`, `_logits_mode`)."""
 
-    @torch.no_grad()
     def evaluate(self, segments: int | None = None, samples: int | None = None) -> dict:
         """Accuracy and loss on `samples` (default `curriculum.eval_samples`) fresh validation samples (own seed) of
-        `segments` (default: the current stage)."""
+        `segments` (default: the current stage), and the seconds they took (a long validation costs steps)."""
+        start = time.perf_counter()
+        record = self._validate(segments, samples)
+        return record | {"seconds": round(time.perf_counter() - start, 2)}
+
+    @torch.no_grad()
+    def _validate(self, segments: int | None, samples: int | None) -> dict:
         acc, c = self.accelerator, self.config.curriculum
         segments = segments or self.stages[self.state.stage]
         seed = self.config.task.eval_seed
