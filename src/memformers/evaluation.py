@@ -284,6 +284,10 @@ def score_samples(
     so_far = PartialCell(dict(done.right), done.seconds, done.tokens, list(done.examples))  # `done` stays as given
     examples = so_far.examples
     start = time.perf_counter()
+
+    def elapsed() -> float:  # this cell's seconds: those before it was stopped and these
+        return done.seconds + time.perf_counter() - start
+
     todo = [index for index in range(len(made)) if index not in so_far.right]
     batches = [[todo[i] for i in b] for b in equal_length_batches([made[i] for i in todo], batch_size)]
     reads = [made[b[0]].num_tokens if window is None else min(window, made[b[0]].num_tokens) for b in batches]
@@ -315,11 +319,10 @@ def score_samples(
             right = [a == s.target for a, s in zip(answers, batch, strict=True)]
         so_far.right.update(zip(indices, right, strict=True))
         so_far.tokens += read * len(batch)
-        so_far.seconds, start = so_far.seconds + time.perf_counter() - start, time.perf_counter()
+        so_far.seconds = elapsed()
         if on_batch is not None:
             on_batch(so_far)
-    so_far.seconds += time.perf_counter() - start
-    correct, tokens, seconds = sum(so_far.right.values()), so_far.tokens, so_far.seconds
+    correct, tokens, seconds = sum(so_far.right.values()), so_far.tokens, elapsed()
     low, high = wilson_interval(correct, len(made))
     return Cell(
         "",
@@ -428,14 +431,14 @@ def evaluate_grid(
                 continue
             key = {"task": task, "length": length, "samples": count} | dict(zip(names, how, strict=True)) | read_alike
             key = json.loads(json.dumps(key))  # as the file holds it: the placement a list
-            others = [p for p in partial if {k: p.get(k) for k in key} != key]
-            started = [PartialCell.from_json(p) for p in partial if {k: p.get(k) for k in key} == key]
+            mine = [p for p in partial if {k: p.get(k) for k in key} == key]
+            others = [p for p in partial if p not in mine]
 
             def save_progress(so_far: PartialCell, cells=cells, others=others, key=key) -> None:
-                if json_path:
-                    save_cells(json_path, cells, meta, others + [so_far.to_json(key)])
+                save_cells(json_path, cells, meta, others + [so_far.to_json(key)])
 
-            options = cell_options | {"done": started[0] if started else None, "on_batch": save_progress}
+            done_so_far = PartialCell.from_json(mine[0]) if mine else None
+            options = cell_options | {"done": done_so_far, "on_batch": save_progress if json_path else None}
             cell = evaluate_cell(model, task, length, count, tokenizer, **options)
             cell.command, cell.knobs = (meta or {}).get("command", ""), knobs
             cells, partial = [c for c in cells if (c.task, c.length) != (task, length)] + [cell], others

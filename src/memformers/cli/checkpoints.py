@@ -57,10 +57,8 @@ def check_vocabulary(model, tokenizer, where: str) -> None:
 
 def tune_knobs(model, settings: list[str], option: str = "--set") -> dict:
     """Set a saved model's tunable knobs (its config class's `tunable`: ARMT's `write_threshold`), given as
-    KEY=VALUE, in place; returns them as set. No weight depends on such a knob, so it may differ from training's;
-    the knobs that shape weights or layouts are refused."""
-    import dataclasses
-
+    KEY=VALUE, in place (`MemoryModel`'s attribute for a knob, which its config checks again); returns them as set.
+    No weight depends on such a knob, so it may differ from training's; the knobs that shape weights are refused."""
     from ..training_config_parsing import parse_override
 
     tunable = model.config.tunable
@@ -76,11 +74,11 @@ def tune_knobs(model, settings: list[str], option: str = "--set") -> dict:
                 f"{option} {key}: a saved {type(model).__name__} can change only knobs no weight depends on "
                 f"({allowed}); the others shape its weights"
             )
+        try:
+            setattr(model, key, value)
+        except ValueError as error:
+            raise InputError(f"{option}: {error}") from None
         knobs[key] = value
-    try:
-        model.config = dataclasses.replace(model.config, **knobs)  # the config class checks the values
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{option}: {error}") from None
     return knobs
 
 

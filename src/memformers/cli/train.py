@@ -97,9 +97,12 @@ def export(
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: one of float16, bfloat16, float32")
     model_dir = source
-    if not (source / CONFIG_NAME).is_file():  # a run folder
+    if not (source / CONFIG_NAME).is_file():  # a run folder: its final model, else its latest checkpoint's
         latest = latest_checkpoint(source)
-        model_dir = source / "final" if (source / "final").is_dir() else latest / "model" if latest else source
+        if (source / "final").is_dir():
+            model_dir = source / "final"
+        elif latest is not None:
+            model_dir = latest / "model"
     config = read_checkpoint(model_dir, "source")
     if out.resolve() == model_dir.resolve():
         raise ValueError(f"out: {str(out)!r} is the model being exported; give another folder")
