@@ -125,3 +125,8 @@ def test_validation_at_the_long_length_is_drawn_beside_the_stages(tmp_path, monk
     drawn.clear()
     compare_runs({"carry": run_records() + longs, "plain": run_records()}, tmp_path / "compared.png")
     assert [label for label, _ in drawn] == ["carry", "carry", "carry, 64 segments", "plain", "plain"]
+    drawn.clear()
+    task_placed = [r | {"step": r["step"] + 40, "placement": "task"} for r in longs]
+    training_curves(run_records() + longs + task_placed, tmp_path / "curves.png")  # switched: a line each
+    lines = [args for label, args in drawn if label == "validation at 64 segments, facts where the task puts them"]
+    assert len(lines) == 2 and list(lines[1][0]) == [60, 80]

@@ -963,9 +963,38 @@ def test_validation_at_a_long_length_is_logged_apart_and_changes_nothing_else(tm
         assert torch.equal(tensor, weights(watched.output_dir / "final")[name]), name
 
 
+def test_the_long_validation_can_read_facts_where_the_task_puts_them(tmp_path):
+    """curriculum.eval_long_placement "task": the long validation's samples place their facts as the task does (as
+    `memformers eval` reads them), whatever share of training samples task.facts_first puts first."""
+    from memformers.tasks import make_sample
+
+    changes = {
+        "task.name": "qa1",
+        "task.facts_first": 1.0,
+        "model.segment_size": 128,
+        "curriculum.segments": [2],
+        "curriculum.eval_every": 2,
+        "curriculum.eval_long_segments": 3,
+        "curriculum.eval_long_samples": 4,
+    }
+    trainer = Trainer(tiny(tmp_path, **changes, **{"curriculum.eval_long_placement": "task"}), progress=False)
+    content, indices = trainer.unwrapped.content_size, list(range(6))
+    own = trainer.batches.batch(indices, 3, seed=0, vary=False, placement="")
+    first = trainer.batches.batch(indices, 3, seed=0, vary=False)
+    for index in indices:
+        for batch, facts_first in ((own, False), (first, True)):
+            sample = make_sample("qa1", 3 * content, trainer.tokenizer, 0, index, "train", facts_first=facts_first)
+            assert batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist() == sample.ids.tolist()
+    assert not torch.equal(own["input_ids"], first["input_ids"])
+    trainer.train()
+    longs = records(trainer.output_dir, "eval_long")
+    assert longs and all(r["placement"] == "task" and r["segments"] == 3 for r in longs)
+
+
 @pytest.mark.parametrize(
     ("changes", "key"),
     [
+        ({"curriculum.eval_long_placement": "first"}, "curriculum.eval_long_placement"),
         ({"curriculum.eval_long_segments": -1}, "curriculum.eval_long_segments"),
         ({"curriculum.eval_long_segments": 8, "curriculum.eval_long_samples": 0}, "curriculum.eval_long_samples"),
         ({"curriculum.eval_long_segments": 8}, "curriculum.eval_long_every"),  # eval_every is 0 in TINY

@@ -72,13 +72,15 @@ def _run_lines(records: list[dict], name: str = "records") -> tuple[list[dict], 
     return train, evals, changes
 
 
-def _long_validations(records: list[dict]) -> dict[int, list[dict]]:
-    """`curriculum.eval_long_segments`' validations, by their count of segments (a continued run may change it)."""
-    by_count: dict[int, list[dict]] = {}
+def _long_validations(records: list[dict]) -> dict[str, list[dict]]:
+    """`curriculum.eval_long_segments`' validations by what they read, named for a legend: their count of segments
+    and, where the task's own placement (`eval_long_placement`), that (a continued run may change either)."""
+    by_reading: dict[str, list[dict]] = {}
     for r in records:
         if r.get("type") == "eval_long":
-            by_count.setdefault(r["segments"], []).append(r)
-    return by_count
+            placed = ", facts where the task puts them" if r.get("placement") == "task" else ""
+            by_reading.setdefault(f"{r['segments']} segments{placed}", []).append(r)
+    return by_reading
 
 
 def _validation_line(ax, records: list[dict], key: str, scale: float, style: str, color: str, label: str) -> None:
@@ -111,8 +113,8 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
             )
         if evals:
             _validation_line(ax, evals, key, scale, "o-", "tab:orange", "validation")
-        for count, longs in _long_validations(records).items():  # where a memory that holds can still drift
-            _validation_line(ax, longs, key, scale, "s--", "tab:red", f"validation at {count} segments")
+        for reading, longs in _long_validations(records).items():  # where a memory that holds can still drift
+            _validation_line(ax, longs, key, scale, "s--", "tab:red", f"validation at {reading}")
         for name, color, label in AUXILIARY_LOSSES:  # beside the answer's loss, where the run had them
             logged = [r for r in train if name in r]
             if key == "loss" and logged:
@@ -155,8 +157,8 @@ def compare_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "",
             loss_ax.plot([r["step"] for r in train], trailing_mean(losses, smooth), color=color, label=label)
         if evals:
             _validation_line(acc_ax, evals, "accuracy", 100, "o-", color, label)
-        for count, longs in _long_validations(runs[label]).items():
-            _validation_line(acc_ax, longs, "accuracy", 100, "s--", color, f"{label}, {count} segments")
+        for reading, longs in _long_validations(runs[label]).items():
+            _validation_line(acc_ax, longs, "accuracy", 100, "s--", color, f"{label}, {reading}")
         for change in changes:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(change["step"], color=color, linestyle=":", linewidth=0.8)

@@ -350,8 +350,9 @@ class Trainer(CheckpointMixin, ValidationMixin):
         budget_spent = in_stage >= c.max_steps_per_stage
         long_every = c.eval_long_every or c.eval_every
         if c.eval_long_segments and s.step % long_every == 0:  # watched, not acted on: logged apart
-            record = self.evaluate(c.eval_long_segments, c.eval_long_samples)
-            self.log(record | {"type": "eval_long"})
+            task_placement = c.eval_long_placement == "task"
+            record = self.evaluate(c.eval_long_segments, c.eval_long_samples, "" if task_placement else None)
+            self.log(record | {"type": "eval_long", "placement": c.eval_long_placement})
         if not (budget_spent or (c.eval_every and in_stage % c.eval_every == 0)):
             if s.step >= self.config.total_steps:
                 s.done = True

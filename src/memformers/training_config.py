@@ -114,6 +114,9 @@ Config (TOML; every key optional unless marked):
                           eval_every) on eval_long_samples samples (default 32), logged as "eval_long" beside
                           "eval" and drawn in the curves. It moves no stage and picks no best model: a memory that
                           holds at the stage's length can still drift at far longer ones, and this shows when
+  eval_long_placement     where the long validation's facts sit: "training" (default: task.facts_first and
+                          task.facts_apart's mix, as every validation) or "task" (the task's own placement, facts
+                          anywhere in the noise, as `memformers eval` reads them), so it tracks the test grid
   stop_at_threshold       end the run when the last stage passes the threshold (default true)
 [optim]
   lr (1e-4), weight_decay (0.01), warmup_steps (100)
@@ -252,6 +255,7 @@ class CurriculumConfig:
     eval_long_segments: int = 0  # also validate at this many segments (0: off); moves no stage
     eval_long_every: int = 0  # 0: eval_every
     eval_long_samples: int = 32
+    eval_long_placement: str = "training"  # "task": the task's own placement, as `memformers eval` reads
     stop_at_threshold: bool = True
 
 

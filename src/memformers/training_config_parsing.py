@@ -36,6 +36,7 @@ FAMILIES = ("bert", "llama")
 SCHEDULES = ("global", "per-stage", "constant")
 PRECISIONS = ("no", "bf16")
 ALIGNMENTS = ("left", "right")
+EVAL_LONG_PLACEMENTS = ("training", "task")
 
 
 def _fail(key: str, value, allowed: str) -> None:
@@ -233,6 +234,8 @@ def validate(config: TrainConfig) -> None:
         _fail("curriculum.carry_memory", c.carry_memory, "a number in [0, 1) (the chance a row keeps its memory)")
     if c.eval_long_segments and not (c.eval_long_every or c.eval_every):
         _fail("curriculum.eval_long_every", c.eval_long_every, "an int ≥ 1 where curriculum.eval_every is 0")
+    if c.eval_long_placement not in EVAL_LONG_PLACEMENTS:
+        _fail("curriculum.eval_long_placement", c.eval_long_placement, f"one of {EVAL_LONG_PLACEMENTS}")
     if c.eval_batch_size is not None and c.eval_batch_size < 1:
         _fail("curriculum.eval_batch_size", c.eval_batch_size, "an int ≥ 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):

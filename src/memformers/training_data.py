@@ -53,8 +53,16 @@ class TaskBatches:
         return random.Random(f"{self.config.task.seed}:{what}:{key}")
 
     def item(
-        self, index: int, segments: int, seed: int, no_noise: bool = False, training: bool = False
+        self,
+        index: int,
+        segments: int,
+        seed: int,
+        no_noise: bool = False,
+        training: bool = False,
+        placement: str | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Sample `index` at `segments` segments; `placement` ("start", "apart" or "": the task's own) overrides
+        the one `task.facts_first` / `task.facts_apart` draw for it."""
         from .tasks import make_sample, sample_item
 
         t = self.config.task
@@ -78,7 +86,7 @@ class TaskBatches:
             return {"input_ids": torch.from_numpy(problem.ids), "labels": torch.from_numpy(problem.labels)}
         full = 0 if no_noise else segments * self.content_size - self.reserve
         name = self.config.task_names[index % len(self.config.task_names)]
-        placement = self.placement(index)
+        placement = self.placement(index) if placement is None else placement
         options = {"training": training, "facts_first": placement == "start", "facts_apart": placement == "apart"}
         options["num_facts"] = t.num_facts
         if t.distinct_actors:
@@ -142,11 +150,13 @@ class TaskBatches:
             return False
         return self._draw("no-noise", index).random() < fraction
 
-    def batch(self, indices: list[int], current: int, seed: int, vary: bool = True) -> dict[str, torch.Tensor]:
+    def batch(
+        self, indices: list[int], current: int, seed: int, vary: bool = True, placement: str | None = None
+    ) -> dict[str, torch.Tensor]:
         from .tasks import collate
 
         if not vary:  # validation: every sample at `current` segments, in noise
-            items = [self.item(i, current, seed) for i in indices]
+            items = [self.item(i, current, seed, placement=placement) for i in indices]
         else:
             draw = self.segments_of  # training: lengths and noise drawn per sample, from the trainer's own stream
             items = [self.item(i, draw(i, current), seed, self.without_noise(i), training=True) for i in indices]

@@ -15,15 +15,16 @@ class ValidationMixin:
     """The `Trainer`'s validation, run at every `curriculum.eval_every` steps and at a stage's end. Mixed into
     `Trainer`: it scores batches as a training step does (`_correct`, `_logits_mode`)."""
 
-    def evaluate(self, segments: int | None = None, samples: int | None = None) -> dict:
+    def evaluate(self, segments: int | None = None, samples: int | None = None, placement: str | None = None) -> dict:
         """Accuracy and loss on `samples` (default `curriculum.eval_samples`) fresh validation samples (own seed) of
-        `segments` (default: the current stage), and the seconds they took (a long validation costs steps)."""
+        `segments` (default: the current stage), and the seconds they took (a long validation costs steps).
+        `placement` (see `Batches.item`) puts every sample's facts alike instead of the training mix."""
         start = time.perf_counter()
-        record = self._validate(segments, samples)
+        record = self._validate(segments, samples, placement)
         return record | {"seconds": round(time.perf_counter() - start, 2)}
 
     @torch.no_grad()
-    def _validate(self, segments: int | None, samples: int | None) -> dict:
+    def _validate(self, segments: int | None, samples: int | None, placement: str | None) -> dict:
         acc, c = self.accelerator, self.config.curriculum
         segments = segments or self.stages[self.state.stage]
         seed = self.config.task.eval_seed
@@ -40,7 +41,7 @@ class ValidationMixin:
         by_task = torch.zeros(2, len(slots), device=acc.device)  # correct, samples of each task
         for i in range(0, len(mine), self.eval_batch):
             indices = mine[i : i + self.eval_batch]
-            batch = self.batches.batch(indices, segments, seed, vary=False)
+            batch = self.batches.batch(indices, segments, seed, vary=False, placement=placement)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 out = model(**batch, logits=self._logits_mode)
