@@ -17,19 +17,21 @@ import memformers as mf
 from memformers.babilong_metric import BABILONG_SCORER, WHOLE_WORD_SCORER
 from memformers.cli import app
 from memformers.evaluation import (
+    ReadingCheckpoint,
     babilong_correct,
     evaluate_cell,
     evaluate_grid,
     format_length,
     generate_answers,
     markdown_table,
+    predict_classes,
     sample_segments,
     wilson_interval,
 )
 from memformers.mechanism import MemoryModel
 from memformers.plots import accuracy_heatmap
 from memformers.recurrence import StepOutput
-from memformers.segments import stack_segments, stream_segments
+from memformers.segments import count_segments, stack_segments, stream_segments
 from memformers.tasks import make_sample, task_spec
 
 
@@ -551,3 +553,82 @@ def test_a_stopped_cell_resumes_from_its_last_finished_batch(tokenizer, tmp_path
     assert resumed.tokens_per_s > 0
     saved = json.loads(path.read_text())
     assert "partial" not in saved and [r["correct"] for r in saved["results"]] == [whole.correct]
+
+
+class StoppingOracle(LastFactOracle):
+    """LastFactOracle that counts the segments it reads and stops (raises) when it would read segment `stop_at`
+    of the run: a reader killed in the middle of a batch."""
+
+    def __init__(self, tokenizer, stop_at: int | None = None) -> None:
+        super().__init__(tokenizer)
+        self.stop_at, self.steps = stop_at, 0
+
+    def step(self, segment, state, logit_positions=None):
+        self.steps += 1
+        if self.steps == self.stop_at:
+            raise _Stopped
+        return super().step(segment, state, logit_positions)
+
+
+def test_a_batch_stopped_part_way_goes_on_from_its_saved_state(tokenizer, tmp_path):
+    """A long batch saves its memory state as it reads (beside the JSON); stopped in the middle, the next run reads
+    only the segments after it, ends with the answers of a reading in one go, and leaves no state file behind."""
+    grid = {"tasks": ["memorize"], "lengths": [2000], "samples": 4, "tokenizer": tokenizer, "batch_size": 2}
+    per_batch = count_segments(2000, 100)  # 20 segments of 100 tokens
+    whole = evaluate_grid(LastFactOracle(tokenizer), **grid)[0]
+    assert whole.correct == 4
+    path = tmp_path / "grid.json"
+    with pytest.raises(_Stopped):  # in the second batch, after 7 of its segments
+        evaluate_grid(StoppingOracle(tokenizer, stop_at=per_batch + 8), **grid, json_path=path, reading_every_s=0)
+    states = list(tmp_path.glob("grid.json.*.state.pt"))
+    assert len(states) == 1 and torch.load(states[0], weights_only=True)["segments"] == 7
+    assert [index for index, _ in json.loads(path.read_text())["partial"][0]["right"]] == [0, 1]
+    resuming = StoppingOracle(tokenizer)
+    resumed = evaluate_grid(resuming, **grid, json_path=path, reading_every_s=0)[0]
+    assert resuming.steps == per_batch - 7  # the second batch's segments after the seventh, and nothing more
+    assert (resumed.correct, resumed.samples, resumed.tokens_per_s > 0) == (4, 4, True)
+    assert not list(tmp_path.glob("*.state.pt")) and "partial" not in json.loads(path.read_text())
+    again = tmp_path / "again.json"  # the same cell stopped again, then read otherwise into the same file
+    with pytest.raises(_Stopped):
+        evaluate_grid(StoppingOracle(tokenizer, stop_at=8), **grid, json_path=again, reading_every_s=0)
+    facts_first = StoppingOracle(tokenizer)
+    evaluate_grid(facts_first, **grid, json_path=again, reading_every_s=0, facts_first=True)
+    assert facts_first.steps == 2 * per_batch  # a state of its own to keep: none of the other's taken up
+    assert len(list(tmp_path.glob("again.json.*.state.pt"))) == 1
+
+
+def test_an_armt_goes_on_from_a_saved_reading_state_exactly(tokenizer, tmp_path):
+    """A real memory (ARMT, writing) saved part way through a batch and loaded again: the same state, bit for bit,
+    and the same classes as reading the batch in one go."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    config.num_labels = 6
+    model = mf.AssociativeMemoryTransformer(
+        transformers.BertForSequenceClassification(config),
+        num_memory_tokens=2,
+        segment_size=40,
+        d_mem=4,
+        alignment="right",
+        cls_token_id=101,
+        sep_token_id=102,
+    ).eval()
+    with torch.no_grad():
+        for layer in model.layers:  # values drawn at random (as after training): the memory holds something
+            layer.value.weight.normal_(0, 0.5)
+    samples = [make_sample("qa1", 600, tokenizer, index=i, split="test") for i in range(3)]
+    saved = {}
+
+    def keep(segments_read, state):
+        if segments_read == 5:
+            saved["state"] = state
+            checkpoint.save([0, 1, 2], segments_read, state, 1.0)
+
+    checkpoint = ReadingCheckpoint(tmp_path / "reading.pt", every_s=0)
+    whole = predict_classes(model, samples, on_segment=keep)
+    skip, state, seconds = checkpoint.load(model, [0, 1, 2])
+    assert (skip, seconds) == (5, 1.0) and state.matrix.abs().sum() > 0
+    assert torch.equal(state.matrix, saved["state"].matrix) and torch.equal(state.normalizer, saved["state"].normalizer)
+    assert predict_classes(model, samples, state=state, skip=skip) == whole
+    assert checkpoint.load(model, [0, 1]) is None  # another batch's samples: not this state

@@ -10,6 +10,9 @@ scores them through `score_samples`; this module never imports it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import time
@@ -73,6 +76,39 @@ class PartialCell:
         return cls(right, float(record["seconds"]), int(record["tokens"]), list(record.get("examples", [])))
 
 
+@dataclass
+class ReadingCheckpoint:
+    """Where the batch being read has got to: its memory state after so many segments, saved to `path` at most every
+    `every_s` seconds, so a batch of hours (5 samples of 10M tokens) that is stopped goes on from there rather than
+    from its first segment. Only a state whose fields are all tensors is saved (ARMT, RMT, a segment cache); a
+    kNN store or memory bank is not, and such a batch starts again."""
+
+    path: Path
+    every_s: float = 300.0
+
+    def load(self, model, indices: list[int]) -> tuple[int, object, float] | None:
+        """(segments read, state, the cell's seconds then) saved for the batch of sample `indices`, else None."""
+        if not self.path.exists():
+            return None
+        saved = torch.load(self.path, weights_only=True)
+        if saved["indices"] != indices:  # another batch's (the cell's samples were split otherwise): not this one
+            return None
+        fresh = model.init_state(len(indices))  # the state's type, on the model's device
+        tensors = {name: value.to(getattr(fresh, name).device) for name, value in saved["state"].items()}
+        return saved["segments"], dataclasses.replace(fresh, **tensors), saved["seconds"]
+
+    def save(self, indices: list[int], segments: int, state, seconds: float) -> None:
+        tensors = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+        if not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+            return
+        record = {"indices": indices, "segments": segments, "seconds": seconds, "state": tensors}
+        with atomic_file(self.path) as tmp:
+            torch.save(record, tmp)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 NUM_EXAMPLES = 3  # generated answers kept per cell
 
 
@@ -122,21 +158,33 @@ def _skip(blocks: Iterator, count: int) -> Iterator:
 
 
 def predict_classes(
-    model, samples: list, device: torch.device | str = "cpu", callback=None, window: int | None = None
+    model,
+    samples: list,
+    device: torch.device | str = "cpu",
+    callback=None,
+    window: int | None = None,
+    state=None,
+    skip: int = 0,
+    on_segment=None,
 ) -> list[int]:
     """Read each sample (or its last `window` tokens) through `model`, a classification memory model, and return
-    the predicted classes."""
+    the predicted classes. To go on from a reading stopped part way: `state` after its first `skip` segments;
+    `on_segment(segments_read, state)` is called after every segment but the last."""
     if getattr(model, "token_level", True):
         raise ValueError(
             "model: accuracy grids score classification heads (an encoder *ForSequenceClassification); "
             f"this model has a {getattr(model, 'info', None) and model.info.head} head"
         )
-    segments = (s.to(device) for s in sample_segments(samples, model.content_size, model.alignment, window))
+    segments = itertools.islice(sample_segments(samples, model.content_size, model.alignment, window), skip, None)
+    segments = (s.to(device) for s in segments)
     logits = None
     with torch.no_grad():
-        for segment, output, _ in model.stream(segments, batch_size=len(samples), callback=callback):
+        read = model.stream(segments, state, batch_size=len(samples), callback=callback)
+        for segments_read, (segment, output, state) in enumerate(read, start=skip + 1):
             if bool(segment.is_last.all()):
                 logits = output.logits
+            elif on_segment is not None:
+                on_segment(segments_read, state)
     return logits.argmax(dim=-1).tolist()
 
 
@@ -222,6 +270,7 @@ def evaluate_cell(
     facts_apart: bool = False,
     done: PartialCell | None = None,
     on_batch=None,
+    reading_checkpoint: ReadingCheckpoint | None = None,
 ) -> Cell:
     """Accuracy of `model` on `samples` fresh samples of `task` at `length` tokens, noise from `split`.
 
@@ -234,7 +283,7 @@ def evaluate_cell(
     `facts_first` puts every fact of the story before the noise (the same stories, placed otherwise), so that past
     one window only what the memory carried can answer: its share, with no help from the segment in front of it.
     `facts_apart` spaces them evenly through the noise instead: a memory then takes in about one at a time.
-    `done` and `on_batch` resume a stopped cell: see `score_samples`.
+    `done`, `on_batch` and `reading_checkpoint` resume a stopped cell: see `score_samples`.
     """
     from .tasks import make_sample, task_spec
 
@@ -246,7 +295,8 @@ def evaluate_cell(
     made = [make_sample(task, length, tokenizer, seed, index, split, noise_dir, **options) for index in range(samples)]
     labels = list(babilong_labels(task))
     reading = (batch_size, device, progress, window, max_new_tokens, precision)
-    cell = score_samples(model, made, labels, tokenizer, *reading, done=done, on_batch=on_batch)
+    resuming = {"done": done, "on_batch": on_batch, "reading_checkpoint": reading_checkpoint}
+    cell = score_samples(model, made, labels, tokenizer, *reading, **resuming)
     cell.task, cell.length, cell.seed, cell.split = task, length, seed, split
     cell.facts_first, cell.facts_apart = facts_first, facts_apart
     return cell
@@ -265,12 +315,14 @@ def score_samples(
     precision: str = "fp32",
     done: PartialCell | None = None,
     on_batch=None,
+    reading_checkpoint: ReadingCheckpoint | None = None,
 ) -> Cell:
     """Accuracy of `model` on `made` samples (anything with `num_tokens`, `blocks()`, `question`, `target` and
     `label`), read in batches of equal length; `labels` are the answers the BABILong metric knows for them.
     The returned cell has no task or length yet: the caller names them. `done` (a `PartialCell` of these samples)
     skips the samples it has answered and counts them, its time and tokens in; `on_batch(progress)` is called
-    with the `PartialCell` so far after every batch."""
+    with the `PartialCell` so far after every batch. A classifier's batch also saves where it has got to in
+    `reading_checkpoint` and goes on from there when read again."""
     from .precision import autocast
 
     model.eval()
@@ -283,10 +335,10 @@ def score_samples(
         raise ValueError(f"done: sample indices outside 0..{len(made) - 1}: not a partial cell of these samples")
     so_far = PartialCell(dict(done.right), done.seconds, done.tokens, list(done.examples))  # `done` stays as given
     examples = so_far.examples
-    start = time.perf_counter()
+    clock = {"start": time.perf_counter() - done.seconds, "saved": time.perf_counter()}
 
     def elapsed() -> float:  # this cell's seconds: those before it was stopped and these
-        return done.seconds + time.perf_counter() - start
+        return time.perf_counter() - clock["start"]
 
     todo = [index for index in range(len(made)) if index not in so_far.right]
     batches = [[todo[i] for i in b] for b in equal_length_batches([made[i] for i in todo], batch_size)]
@@ -295,15 +347,27 @@ def score_samples(
     for number, (indices, read) in enumerate(zip(batches, reads, strict=True)):
         batch = [made[index] for index in indices]
 
-        def callback(done, _total, _tokens, before=sum(per_batch[:number])):
+        resumed = None if reading_checkpoint is None else reading_checkpoint.load(model, indices)
+        skip, state = 0, None
+        if resumed is not None:  # this batch was stopped part way: its state after `skip` segments, its seconds
+            skip, state, seconds = resumed
+            clock["start"] = time.perf_counter() - seconds
+
+        def callback(done, _total, _tokens, before=sum(per_batch[:number]) + skip):
             if progress is not None:
                 progress(before + done, sum(per_batch))
+
+        def save_reading(segments_read: int, state, indices=indices) -> None:
+            if time.perf_counter() - clock["saved"] >= reading_checkpoint.every_s:
+                reading_checkpoint.save(indices, segments_read, state, elapsed())
+                clock["saved"] = time.perf_counter()
 
         with autocast(precision, device):
             if generating:
                 answers = generate_answers(model, batch, tokenizer, device, callback, window, max_new_tokens)
             else:
-                predicted = predict_classes(model, batch, device, callback, window)
+                on_segment = None if reading_checkpoint is None else save_reading
+                predicted = predict_classes(model, batch, device, callback, window, state, skip, on_segment)
         if not generating:
             # a classifier "says" its class's answer; without named classes, class i is the i-th label
             answers = [classes[p] if classes is not None else labels[p] if p < len(labels) else "" for p in predicted]
@@ -322,6 +386,8 @@ def score_samples(
         so_far.seconds = elapsed()
         if on_batch is not None:
             on_batch(so_far)
+        if reading_checkpoint is not None:  # the batch is in `so_far` (and saved): nothing of it left to go on from
+            reading_checkpoint.clear()
     correct, tokens, seconds = sum(so_far.right.values()), so_far.tokens, elapsed()
     low, high = wilson_interval(correct, len(made))
     return Cell(
@@ -396,6 +462,7 @@ def evaluate_grid(
     meta: dict | None = None,
     on_cell=None,
     knobs: dict | None = None,
+    reading_every_s: float = 300.0,
     **cell_options,
 ) -> list[Cell]:
     """Every task × length cell; each finished cell is saved at once, and cells already saved are skipped.
@@ -403,9 +470,11 @@ def evaluate_grid(
     `samples`: per cell, or one count per length (long inputs cost more: fewer samples, wider intervals).
     Cells of other tasks and lengths already in `json_path` are kept, so several commands can fill one grid;
     each cell records the command of `meta` that measured it. A cell stopped part way resumes from its last
-    finished batch (saved as `"partial"` after every batch). A decoder's cell judged by another rule than
-    today's (`BABILONG_SCORER`), or a cell read in another precision or placement of facts, or with other `knobs`
-    (the tunable knobs the model was set to, recorded in each cell), is measured again, so one grid never mixes them.
+    finished batch (saved as `"partial"` after every batch), and a classifier's batch from where its reading had
+    got to (its memory state, saved beside the JSON at most every `reading_every_s` seconds: `ReadingCheckpoint`).
+    A decoder's cell judged by another rule than today's (`BABILONG_SCORER`), or a cell read in another precision
+    or placement of facts, or with other `knobs` (the tunable knobs the model was set to, recorded in each cell), is
+    measured again, so one grid never mixes them.
     """
     counts = [samples] * len(lengths) if isinstance(samples, int) else list(samples)
     if len(counts) != len(lengths) or any(n < 1 for n in counts):
@@ -439,6 +508,10 @@ def evaluate_grid(
 
             done_so_far = PartialCell.from_json(mine[0]) if mine else None
             options = cell_options | {"done": done_so_far, "on_batch": save_progress if json_path else None}
+            if json_path:  # one file a cell, named by what it reads: a cell read otherwise never takes it up
+                digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+                state_path = Path(json_path).with_name(f"{Path(json_path).name}.{digest}.state.pt")
+                options["reading_checkpoint"] = ReadingCheckpoint(state_path, reading_every_s)
             cell = evaluate_cell(model, task, length, count, tokenizer, **options)
             cell.command, cell.knobs = (meta or {}).get("command", ""), knobs
             cells, partial = [c for c in cells if (c.task, c.length) != (task, length)] + [cell], others
