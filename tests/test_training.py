@@ -186,10 +186,11 @@ def kill_at(step: int):
     return callback
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
-def test_resume_after_kill_equals_uninterrupted(tmp_path, how):
-    # dropout on and mixed lengths: the RNG states and the data position must both be restored
-    changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 3]}
+@pytest.mark.parametrize(("how", "carry"), [("kill", 0.0), ("stop", 0.0), ("kill", 0.9)])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, how, carry):
+    # dropout on and mixed lengths: the RNG states and the data position must both be restored; with
+    # curriculum.carry_memory, also the memories the rows carry into the next step
+    changes = {"curriculum.vary_segments": True, "curriculum.segments": [1, 3], "curriculum.carry_memory": carry}
     straight = tiny(tmp_path, "straight", **changes)
     killed = tiny(tmp_path, "killed", **changes)
     final = train(straight, progress=False)
@@ -200,6 +201,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, how):
     else:
         stopped = train(killed, stop_after_steps=3, progress=False)  # a checkpoint at 3, then a clean exit
         assert stopped.name == "checkpoint-0000003"
+    carried = list(training.latest_checkpoint(killed.output_dir).glob("carried-*.pt"))
+    assert len(carried) == (1 if carry else 0)
     resumed = train(killed, progress=False)  # automatic resume from the latest checkpoint
     a, b = weights(final), weights(resumed)
     assert a.keys() == b.keys()

@@ -10,7 +10,6 @@ scores them through `score_samples`; this module never imports it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -24,6 +23,7 @@ import torch
 
 from .babilong_metric import BABILONG_SCORER, babilong_correct, babilong_labels
 from .files import atomic_file
+from .recurrence import restore_state, state_tensors
 from .segments import Segment, count_segments, stack_segments, stream_segments
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,13 +93,11 @@ class ReadingCheckpoint:
         saved = torch.load(self.path, weights_only=True)
         if saved["indices"] != indices:  # another batch's (the cell's samples were split otherwise): not this one
             return None
-        fresh = model.init_state(len(indices))  # the state's type, on the model's device
-        tensors = {name: value.to(getattr(fresh, name).device) for name, value in saved["state"].items()}
-        return saved["segments"], dataclasses.replace(fresh, **tensors), saved["seconds"]
+        return saved["segments"], restore_state(model.init_state(len(indices)), saved["state"]), saved["seconds"]
 
     def save(self, indices: list[int], segments: int, state, seconds: float) -> None:
-        tensors = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-        if not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        tensors = state_tensors(state)
+        if tensors is None:
             return
         record = {"indices": indices, "segments": segments, "seconds": seconds, "state": tensors}
         with atomic_file(self.path) as tmp:

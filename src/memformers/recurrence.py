@@ -24,6 +24,7 @@ own weights, never into the backbone's, and its `requires_grad` flags stay the u
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -51,6 +52,23 @@ class State(Protocol):
 
     def select(self: S, rows: torch.Tensor, other: S) -> S:
         """This state where `rows` [batch] is True, `other` elsewhere (rows with nothing in a segment)."""
+
+
+def state_tensors(state: State) -> dict[str, torch.Tensor] | None:
+    """A state's fields by name, to save it (`torch.save`, weights only), where every field is a tensor (ARMT, RMT,
+    a segment cache); None where one is not (a kNN store, a memory bank): such a state is not saved. A field that
+    is one of the model's parameters (RMT's initial memory) is left out: it is the model's, not the reading's."""
+    tensors = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        return None
+    return {name: value for name, value in tensors.items() if not isinstance(value, nn.Parameter)}
+
+
+def restore_state(fresh: S, tensors: dict[str, torch.Tensor]) -> S:
+    """`state_tensors` back into a state of `fresh`'s type (a model's `init_state`, which gives the fields left
+    out), on its device."""
+    moved = {name: value.to(getattr(fresh, name).device) for name, value in tensors.items()}
+    return dataclasses.replace(fresh, **moved)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 
 from .errors import InputWarning
 from .files import fresh_folder, replace_folder, staging
+from .recurrence import restore_state, state_tensors
 from .training_config import CHECKPOINT_PREFIX
 
 
@@ -123,6 +124,9 @@ class CheckpointMixin:
             fresh_folder(target)
         self.accelerator.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{self.accelerator.process_index}.pt")
+        carried = {chunk: (state_tensors(state), rows) for chunk, (state, rows) in self._carried.items()}
+        if carried and all(tensors is not None for tensors, _ in carried.values()):  # curriculum.carry_memory
+            torch.save(carried, tmp / f"carried-{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with _quiet_saving():
@@ -198,6 +202,11 @@ class CheckpointMixin:
             set_rng_state(torch.load(rng, weights_only=False))
         else:  # a different number of processes: dropout streams cannot be continued exactly
             _seed_everything(self.config.optim.seed + self.state.step + self.accelerator.process_index)
+        carried = path / f"carried-{self.accelerator.process_index}.pt"
+        if trainer["num_processes"] == self.accelerator.num_processes and carried.exists():  # the rows' memories
+            saved = torch.load(carried, map_location="cpu", weights_only=True)
+            for chunk, (tensors, rows) in saved.items():
+                self._carried[chunk] = (restore_state(self.unwrapped.init_state(rows), tensors), rows)
         if self.accelerator.is_main_process:  # drop what a killed run logged after this checkpoint
             metrics = self.output_dir / "metrics.jsonl"
             if metrics.exists():
