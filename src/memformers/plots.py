@@ -89,6 +89,8 @@ def _validation_line(ax, records: list[dict], key: str, scale: float, style: str
     ax.plot(steps, values, style, color=color, markersize=3, label=label)
 
 
+LONG_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:olive")  # the long validations' lines, in the order read
+
 AUXILIARY_LOSSES = (  # logged name, colour, legend
     ("read_loss", "tab:green", "read-share loss"),
     ("noise_write_loss", "tab:purple", "noise-write loss"),
@@ -113,8 +115,9 @@ def training_curves(records: list[dict], path: str | Path, title: str = "", smoo
             )
         if evals:
             _validation_line(ax, evals, key, scale, "o-", "tab:orange", "validation")
-        for reading, longs in _long_validations(records).items():  # where a memory that holds can still drift
-            _validation_line(ax, longs, key, scale, "s--", "tab:red", f"validation at {reading}")
+        readings = _long_validations(records).items()  # where a memory that holds can still drift: a colour each
+        for (reading, longs), color in zip(readings, LONG_COLORS, strict=False):
+            _validation_line(ax, longs, key, scale, "s--", color, f"validation at {reading}")
         for name, color, label in AUXILIARY_LOSSES:  # beside the answer's loss, where the run had them
             logged = [r for r in train if name in r]
             if key == "loss" and logged:
