@@ -302,6 +302,57 @@ def test_a_write_under_the_threshold_leaves_A_as_it_was():
     assert torch.equal(quiet[0], matrix)
 
 
+def test_without_gradients_only_the_tokens_above_the_threshold_are_projected_and_write(monkeypatch):
+    """Reading (no gradients), W_V and the delta rule's reads run on the tokens whose gate passes τ, as many a row as
+    its most writing row has; A equals the full write's up to rounding, z exactly; padding (mask 0) never writes."""
+    layer = writing(tiny_armt("bert", writers="all")).layers[0]
+    memory = torch.randn(3, 8, layer.key.in_features)
+    mask = torch.ones(3, 8)
+    mask[1, 6:] = 0  # row 1 ends early
+    mask[2] = 0  # row 2 has not begun: it writes nothing
+    betas = layer.write_terms(memory)[2].detach()
+    threshold = float(betas.quantile(0.7))
+    matrix = torch.randn(3, layer.key.out_features * 6, memory.shape[-1])  # d_key = 2·nu·d_mem (nu 3)
+    normalizer = torch.rand(3, matrix.shape[1]) + 0.5
+    full = layer.write(memory, matrix, normalizer, mask, threshold=threshold)  # parameters need grads: all write
+
+    projected = []
+    linear = torch.nn.functional.linear
+
+    def spy(inputs, weight, bias=None):
+        if weight is layer.value.weight:
+            projected.append(inputs.shape[1])
+        return linear(inputs, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad():
+        sparse = layer.write(memory, matrix, normalizer, mask, threshold=threshold)
+    above = ((betas > threshold) & mask.bool()).sum(1)
+    assert projected == [int(above.max())] and 0 < projected[0] < 8
+    torch.testing.assert_close(sparse[0], full[0].detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(sparse[1], full[1].detach())
+    with torch.no_grad():  # a threshold above every gate: A as it was, no value projected
+        quiet = layer.write(memory, matrix, normalizer, mask, threshold=float(betas.max()))
+    assert torch.equal(quiet[0], matrix) and len(projected) == 1
+
+
+def test_a_thresholded_model_reads_the_same_without_gradients():
+    """Streaming segments under no_grad (writes above τ only) gives the logits and memory of the full write."""
+    model = writing(tiny_armt("bert", writers="all", write_threshold=0.5, head="classification"))
+    model.eval().requires_grad_(False)
+    ids = random_ids(2, 5 * model.content_size)
+
+    def read(gradients: bool):
+        with torch.set_grad_enabled(gradients):  # nothing requires a gradient: grad mode alone picks the write
+            output = model(ids)
+        return output.logits, output.state
+
+    (full_logits, full_state), (logits, state) = read(True), read(False)
+    torch.testing.assert_close(logits, full_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.matrix, full_state.matrix, rtol=1e-5, atol=1e-6)
+    assert bool(state.matrix.abs().sum() > 0)  # something was written
+
+
 def test_the_trainer_adds_the_noise_write_loss_and_a_saved_model_takes_the_configs_threshold(tmp_path):
     changes = CHANGES | {"model.armt.write_threshold": 0.01, "optim.noise_write_weight": 1.0}
     trainer = Trainer(tiny(tmp_path, "n", **changes), progress=False)
