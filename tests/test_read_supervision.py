@@ -57,6 +57,29 @@ def test_codes_name_the_supporting_facts_and_the_questions_entity(tokenizer):
         read_codes(sample, "place")
 
 
+def test_named_codes_keep_the_supporting_facts_that_name_what_the_question_names():
+    """qa2 "Where is the milk?": "John took the milk." is named (the first hop), "John went to the kitchen." not;
+    on qa1 every supporting fact names the asked actor, so "named" is "fact"."""
+    tok = get_tokenizer("minilm")
+    hops = 0
+    for index in range(6):
+        sample = make_sample("qa2", 300, tok, 0, index)
+        asked = {w.rstrip("?").lower() for w in sample.question.split()} & ENTITIES
+        named, every = read_codes(sample, "named"), read_codes(sample, "fact")
+        assert np.array_equal(named == QUERY, every == QUERY)
+        for fact in sample.supporting:
+            start = sample.fact_positions[fact]
+            mentions = bool({w.rstrip(".").lower() for w in sample.facts[fact].split()} & asked)
+            expected = SUPPORTING if mentions else STORY
+            assert (named[start : start + len(tok(" " + sample.facts[fact], add_special_tokens=False)["input_ids"])]
+                    == expected).all()  # fmt: skip
+            hops += not mentions
+        assert (named == SUPPORTING).any()  # the first hop is always named
+    assert hops >= 3  # the second hop ("John went to the kitchen.") is left out
+    qa1 = make_sample("qa1", 300, tok, 0, 0)
+    assert np.array_equal(read_codes(qa1, "named"), read_codes(qa1, "fact"))
+
+
 def _terms(queries, keys, gates) -> ReadTerms:
     return ReadTerms(queries=queries, keys=keys, gates=gates, positions=None)
 

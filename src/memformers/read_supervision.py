@@ -29,14 +29,17 @@ from .tasks.haystack import Sample, encode_sentence
 OTHER, SUPPORTING, QUERY, STORY = 0, 1, 2, 3  # what `read_codes` says a token is
 NOT_CONTENT = -1  # `layout_codes` of [CLS], [SEP] and the memory tokens
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
-READ_TARGETS = ("fact", "answer")  # what of the supporting facts the loss names (`read_codes`)
+READ_TARGETS = ("fact", "answer", "named")  # what of the supporting facts the loss names (`read_codes`)
 
 
 def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_tokens] int64
     """Per token of `sample`: SUPPORTING where the memory should find what the question asks (`target` "fact":
     every token of the supporting facts; "answer": the answer's word in them, "garden" in "mary went to the
-    garden ."), QUERY where the question names an actor, object or place ("mary" in "where is mary ?"), STORY
-    elsewhere in the story's facts and question, OTHER elsewhere (the noise)."""
+    garden ."; "named": every token of the supporting facts that name an actor, object or place the question
+    names, the first hop of qa2's and qa3's chains: "where is the apple ?" finds "john took the apple .", and what
+    that read brings in, not the question, must find "john went to the hallway ."), QUERY where the question names
+    an actor, object or place ("mary" in "where is mary ?"), STORY elsewhere in the story's facts and question,
+    OTHER elsewhere (the noise)."""
     if target not in READ_TARGETS:
         raise ValueError(f"target must be one of {READ_TARGETS}, got {target!r}")
     codes = np.zeros(sample.num_tokens, dtype=np.int64)
@@ -45,14 +48,22 @@ def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_toke
     for start, fact in zip(sample.fact_positions, facts, strict=True):
         codes[start : start + len(fact)] = STORY
     codes[sample.question_position :] = STORY  # the question ends the sample
+    asked = _words(sample.question) & ENTITIES
     for index in sample.supporting:
         start = sample.fact_positions[index]
-        if target == "fact":
+        if target == "named" and not _words(sample.facts[index]) & asked:
+            continue
+        if target in ("fact", "named"):
             codes[start : start + len(facts[index])] = SUPPORTING
         else:
             codes[start + _word_tokens(sample, sample.facts[index], answer)] = SUPPORTING
     codes[sample.question_position + _word_tokens(sample, sample.question, ENTITIES)] = QUERY
     return codes
+
+
+def _words(sentence: str) -> set[str]:
+    """The words of `sentence` in lower case, without trailing punctuation ("Mary?" is "mary")."""
+    return {word.rstrip("?.,").lower() for word in sentence.split()}
 
 
 def _word_tokens(sample: Sample, sentence: str, words: frozenset[str] | set[str]) -> np.ndarray:  # [k] int64

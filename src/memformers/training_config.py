@@ -131,8 +131,9 @@ Config (TOML; every key optional unless marked):
   read_loss_weight        ARMT with writers "all", bAbI tasks: weight of a loss naming the write the question's
                           actor, object or place should read, the supporting facts' share of its read in every memory
                           layer (memformers.read_supervision; default 0 = the answer's loss alone)
-  read_target             what of the supporting facts that loss names: "fact" (default: every token of them) or
-                          "answer" (the answer's word alone, "garden" in "mary went to the garden .")
+  read_target             what of the supporting facts that loss names: "fact" (default: every token of them),
+                          "answer" (the answer's word alone, "garden" in "mary went to the garden .") or "named"
+                          (only the facts naming what the question names: the first hop of qa2's and qa3's chains)
   noise_write_weight      the same models, with [model.armt] write_threshold > 0: weight of a loss keeping the
                           noise's write gates under a quarter of the threshold, so that they write nothing however
                           long the input (default 0)
@@ -271,7 +272,7 @@ class OptimConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     read_loss_weight: float = 0.0  # ARMT, writers "all", bAbI: weight of the read-share loss (read_supervision)
-    read_target: str = "fact"  # which supporting tokens that loss names: "fact" (all) or "answer" (its word)
+    read_target: str = "fact"  # which supporting tokens that loss names: "fact" (all), "answer" (its word), "named"
     noise_write_weight: float = 0.0  # ARMT, writers "all", write_threshold > 0, bAbI: the noise-write loss
     seed: int = 0
     mixed_precision: str = "no"
