@@ -11,7 +11,7 @@ import torch
 from conftest import VOCAB, open_knn_gates, tiny_backbone, tiny_longmem
 
 import memformers as mf
-from memformers.segments import split_into_segments
+from memformers.segments import right_aligned_sizes, split_into_segments, stream_segments
 
 SEGMENT = 16
 ATOL = 5e-5  # float rounding differs between a padded batch and one row; mixing rows moves outputs by > 1e-2
@@ -119,3 +119,25 @@ def test_right_alignment_rows_equal_their_documents_alone() -> None:
             alone = model(ids[row : row + 1, real])
             torch.testing.assert_close(together.logits[row][real], alone.logits[0], rtol=0, atol=ATOL)
             torch.testing.assert_close(together.state.memory[row], alone.state.memory[0], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("length", "sizes"),
+    [(30, [10, 10, 10]), (25, [10, 5, 10]), (45, [10, 5, 10, 10, 10]), (15, [5, 10]), (7, [7]), (20, [10, 10])],
+)
+def test_right_alignment_keeps_the_first_and_last_segments_full_where_it_can(length: int, sizes: list[int]) -> None:
+    """The remainder is a row's second segment (its first when it has two), in the padded batch as in a stream;
+    a row beside a longer one keeps its own layout."""
+    partial = next((i + 1 for i, size in enumerate(sizes) if size < 10), 0)
+    assert right_aligned_sizes(length, 10) == sizes[:partial]  # the sizes up to the partial one
+    ids = torch.arange(1, 61).reshape(1, 60)
+    mask = torch.zeros_like(ids)
+    mask[0, :length] = 1
+    batch = torch.cat([ids, torch.arange(1, 61).reshape(1, 60)])
+    batch_mask = torch.cat([mask, torch.ones_like(mask)])
+    segments = split_into_segments(batch, 10, batch_mask, alignment="right")
+    row = [int(s.attention_mask[0].sum()) for s in segments if s.attention_mask[0].any()]
+    assert row == sizes
+    assert torch.equal(torch.cat([s.input_ids[0, : int(s.attention_mask[0].sum())] for s in segments]), ids[0, :length])
+    streamed = list(stream_segments(iter(ids[0, :length].split(3)), 10, right_aligned_sizes(length, 10)))
+    assert [s.input_ids.shape[1] for s in streamed] == sizes

@@ -31,7 +31,7 @@ from memformers.evaluation import (
 from memformers.mechanism import MemoryModel
 from memformers.plots import accuracy_heatmap
 from memformers.recurrence import StepOutput
-from memformers.segments import count_segments, stack_segments, stream_segments
+from memformers.segments import count_segments, right_aligned_sizes, stack_segments, stream_segments
 from memformers.tasks import make_sample, task_spec
 
 
@@ -98,7 +98,8 @@ def test_wilson_interval():
 def test_samples_stream_whole_and_right_aligned(tokenizer):
     samples = [make_sample("detect", 1000, tokenizer, index=i, split="test") for i in range(3)]
     segments = list(sample_segments(samples, 128, "right"))
-    assert [s.input_ids.shape for s in segments] == [(3, 1000 % 128)] + [(3, 128)] * (1000 // 128)
+    # the remainder second: the first segment full (an ARMT's normalizer takes its scale from it), the last too
+    assert [s.input_ids.shape for s in segments] == [(3, 128), (3, 1000 % 128)] + [(3, 128)] * (1000 // 128 - 1)
     assert segments[-1].is_last.all() and not segments[0].is_last.any()
     for row, sample in enumerate(samples):
         np.testing.assert_array_equal(torch.cat([s.input_ids[row] for s in segments]).numpy(), sample.ids)
@@ -354,11 +355,10 @@ def _mechanism(name: str):
 def test_every_mechanism_generates_the_same_streamed(name: str):
     """`generate_streamed` (segments from a stream, right-aligned) equals `generate` on the whole input."""
     model = _mechanism(name).eval()
-    ids = torch.randint(3, VOCAB, (3, 3 * model.content_size + 5))  # [3, length]: a partial first segment
+    ids = torch.randint(3, VOCAB, (3, 3 * model.content_size + 5))  # [3, length]: a partial second segment
     whole = model.generate(ids, max_new_tokens=4, do_sample=False)
-    streams = [
-        stream_segments(iter(row.split(7)), model.content_size, ids.shape[1] % model.content_size) for row in ids
-    ]
+    first = right_aligned_sizes(ids.shape[1], model.content_size)
+    streams = [stream_segments(iter(row.split(7)), model.content_size, first) for row in ids]
     segments = (stack_segments(list(rows)) for rows in zip(*streams, strict=True))
     assert torch.equal(model.generate_streamed(segments, 3, max_new_tokens=4, do_sample=False), whole)
 

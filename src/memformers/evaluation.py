@@ -24,7 +24,7 @@ import torch
 from .babilong_metric import BABILONG_SCORER, babilong_correct, babilong_labels
 from .files import atomic_file
 from .recurrence import restore_state, state_tensors
-from .segments import Segment, count_segments, stack_segments, stream_segments
+from .segments import Segment, count_segments, right_aligned_sizes, stack_segments, stream_segments
 
 # ----------------------------------------------------------------------------------------------------------------
 # Accuracy × length grids
@@ -136,7 +136,7 @@ def sample_segments(
     length = lengths.pop()
     skip = 0 if window is None else max(0, length - window)
     length -= skip
-    first = length % content_size if alignment == "right" else None
+    first = right_aligned_sizes(length, content_size) if alignment == "right" else ()
     streams = [
         stream_segments((torch.from_numpy(block) for block in _skip(sample.blocks(1 << 16), skip)), content_size, first)
         for sample in samples
