@@ -351,7 +351,8 @@ class AssociativeMemory(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`write` without gradients: the values and the delta rule's reads only for the tokens whose gate is above
         the threshold (of a trained reader's, a few in a hundred: the rest add exactly nothing to A), z from every
-        token. Equal to the full write up to rounding, and about a fifth faster to read with."""
+        token. Equal to the full write up to rounding; reading is about 1.15× faster
+        (benchmarks/armt_sparse_writes.py)."""
         keys = self.features(F.linear(memory, self.key.weight.to(memory.dtype)))  # [batch, m, d_key]
         if mask is not None:
             keys = keys * mask.to(keys.dtype).unsqueeze(-1)

@@ -119,6 +119,7 @@ def split_into_segments(
     row_ids = [input_ids[row][keep] for row, keep in enumerate(rows)]
     row_labels = [None if labels is None else labels[row][keep] for row, keep in enumerate(rows)]
     row_segments = [count_segments(len(ids), content_size) for ids in row_ids]
+    row_leading = [right_aligned_sizes(len(ids), content_size) for ids in row_ids]  # used when right-aligned
     num_segments = max(row_segments)
 
     segments = []
@@ -134,7 +135,7 @@ def split_into_segments(
                 start, stop = local * content_size, min((local + 1) * content_size, length)
             else:  # the row's segments sit at the end; its first or second one holds the remainder
                 local = index - (num_segments - count)
-                leading = right_aligned_sizes(length, content_size)
+                leading = row_leading[row]
                 start = sum(leading[: max(local, 0)]) + max(0, local - len(leading)) * content_size
                 stop = start + (leading[local] if 0 <= local < len(leading) else content_size)
             if local < 0 or local >= count:
