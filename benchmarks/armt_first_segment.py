@@ -21,32 +21,21 @@ from rich.progress import track
 
 import memformers as mf
 from memformers.armt import associative_read
-from memformers.backbones import load_tokenizer
-from memformers.cli.checkpoints import checkpoint_tokenizer, read_checkpoint
+from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import class_answers
-from memformers.segments import Segment, right_aligned_sizes, stack_segments
+from memformers.saving import read_config
+from memformers.segments import right_aligned_sizes, stack_segments, stream_segments
 from memformers.tasks import make_sample
 
 
-def layout(length: int, content_size: int, remainder_first: bool) -> list[int]:
-    """Every segment's content size."""
-    leading = [length % content_size] if remainder_first and length % content_size else []
-    leading = leading or right_aligned_sizes(length, content_size)
-    return leading + [content_size] * ((length - sum(leading)) // content_size)
+def leading_sizes(length: int, content_size: int, remainder_first: bool) -> list[int]:
+    """The first segments' content sizes: the remainder first, as right alignment had it, or as it has it now."""
+    return [length % content_size] if remainder_first else right_aligned_sizes(length, content_size)
 
 
-def segments_of(ids: torch.Tensor, sizes: list[int]) -> list[Segment]:  # ids [length] → one-row segments
-    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    last = len(sizes) - 1
-    return [
-        Segment(ids[None, a:b], torch.ones(1, b - a, dtype=torch.long), None, k, torch.tensor([k == last]))
-        for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))
-    ]
-
-
-def read(model, stories: list, sizes: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def read(model, stories: list, leading: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """(classes, z sums after the first segment [layers, rows], mean read norms in the last segment [layers, rows])."""
-    rows = [segments_of(torch.from_numpy(story.ids).long(), sizes) for story in stories]
+    rows = [stream_segments(iter([torch.from_numpy(story.ids)]), model.content_size, leading) for story in stories]
     segments = [stack_segments(list(column)) for column in zip(*rows, strict=True)]
     first_z, state = None, None
     with torch.no_grad():
@@ -76,23 +65,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = mf.load(args.checkpoint).eval()
-    tokenizer = load_tokenizer(checkpoint_tokenizer(args.checkpoint, read_checkpoint(args.checkpoint, "--checkpoint")))
+    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     if not args.length % model.content_size or args.length < 3 * model.content_size:
         parser.error(f"--length: a partial segment and three segments or more are needed, got {args.length}")
     answers = class_answers(model)
     stories = [make_sample(args.task, args.length, tokenizer, 0, i, "test") for i in range(args.samples)]
     results = {}
     for name, first in (("remainder_first", True), ("remainder_second", False)):
-        sizes = layout(args.length, model.content_size, first)
+        leading = leading_sizes(args.length, model.content_size, first)
         correct, z_sums, norms = 0, [], []
         for start in track(range(0, len(stories), args.batch_size), description=name):
             batch = stories[start : start + args.batch_size]
-            classes, z, norm = read(model, batch, sizes)
-            correct += sum(answers[c].lower() == story.target.lower() for c, story in zip(classes, batch, strict=True))
+            classes, z, norm = read(model, batch, leading)
+            correct += sum(answers[c] == story.target for c, story in zip(classes, batch, strict=True))
             z_sums.append(z)
             norms.append(norm)
         results[name] = {
-            "first_segments": sizes[:3],
+            "first_segments": leading,
             "accuracy": correct / len(stories),
             "z_sum_after_first_segment": [round(float(v), 1) for v in torch.cat(z_sums, 1).mean(1)],
             "last_segment_read_norm": [round(float(v), 3) for v in torch.cat(norms, 1).mean(1)],

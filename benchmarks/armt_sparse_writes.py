@@ -21,9 +21,9 @@ import torch
 from common import write_result
 
 import memformers as mf
-from memformers.backbones import load_tokenizer
-from memformers.cli.checkpoints import checkpoint_tokenizer, read_checkpoint
+from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import sample_segments
+from memformers.saving import read_config
 from memformers.tasks import make_sample
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     model = mf.load(args.checkpoint).eval().requires_grad_(False)
     if not getattr(model.config, "write_threshold", 0):
         parser.error(f"--checkpoint: an ARMT with a write_threshold > 0 is needed, {args.checkpoint} has none")
-    tokenizer = load_tokenizer(checkpoint_tokenizer(args.checkpoint, read_checkpoint(args.checkpoint, "--checkpoint")))
+    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
     length = args.segments * model.content_size
     samples = [make_sample(args.task, length, tokenizer, 0, i, "test") for i in range(args.batch_size)]
     segments = list(sample_segments(samples, model.content_size, model.alignment))

@@ -294,8 +294,13 @@ class AssociativeMemory(nn.Module):
     def _write_projections(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`write_terms` with the gates' logits W_β m_i (+ b) [batch, m] in place of β: a loss on them must not
         read them back through σ, which saturates at 0 and 1."""
-        keys = self.features(F.linear(memory, self.key.weight.to(memory.dtype)))
-        return keys, F.linear(memory, self.value.weight.to(memory.dtype)), self._gate_logits(memory)
+        return self._keys(memory), self._values(memory), self._gate_logits(memory)
+
+    def _keys(self, memory: torch.Tensor) -> torch.Tensor:  # [batch, m, hidden] → [batch, m, d_key]
+        return self.features(F.linear(memory, self.key.weight.to(memory.dtype)))
+
+    def _values(self, memory: torch.Tensor) -> torch.Tensor:  # [batch, m, hidden] → [batch, m, hidden]
+        return F.linear(memory, self.value.weight.to(memory.dtype))
 
     def _gate_logits(self, memory: torch.Tensor) -> torch.Tensor:  # [batch, m, hidden] → [batch, m]
         gate_input = F.rms_norm(memory, memory.shape[-1:], eps=EPSILON) if self.normalize_gate else memory
@@ -327,37 +332,35 @@ class AssociativeMemory(nn.Module):
         (`ARMTConfig.write_threshold`) changes z alone. `record`, if given, gets the keys, the gates as written
         and their logits (0 where the mask is 0)."""
         with torch.autocast(memory.device.type, enabled=False):
-            if threshold and record is None and not torch.is_grad_enabled():
-                return self._write_above_threshold(memory.to(matrix.dtype), matrix, normalizer, mask, threshold)
-            keys, values, logits = self._write_projections(memory.to(matrix.dtype))
+            memory = memory.to(matrix.dtype)
+            keys, logits = self._keys(memory), self._gate_logits(memory)
             betas = torch.sigmoid(logits)
             if mask is not None:
                 keys = keys * mask.to(keys.dtype).unsqueeze(-1)
             written = betas if not threshold else ((betas - threshold) / (1 - threshold)).clamp_min(0)
+            if threshold and record is None and not torch.is_grad_enabled():
+                return self._write_above_threshold(memory, keys, written, matrix, normalizer, mask)
             if record is not None:
                 kept = 1 if mask is None else mask.to(betas.dtype)
                 record.keys = keys
                 record.gates = written * kept
                 record.gate_logits = logits * kept
-            return delta_rule_write(keys, values, written, matrix, normalizer)
+            return delta_rule_write(keys, self._values(memory), written, matrix, normalizer)
 
     def _write_above_threshold(
         self,
         memory: torch.Tensor,  # [batch, m, hidden] in the state's precision
+        keys: torch.Tensor,  # [batch, m, d_key], 0 where the mask is
+        written: torch.Tensor,  # [batch, m] the gates past the threshold, 0 at or under it
         matrix: torch.Tensor,
         normalizer: torch.Tensor,
         mask: torch.Tensor | None,
-        threshold: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`write` without gradients: the values and the delta rule's reads only for the tokens whose gate is above
         the threshold (of a trained reader's, a few in a hundred: the rest add exactly nothing to A), z from every
         token. Equal to the full write up to rounding; reading is about 1.15× faster
         (benchmarks/armt_sparse_writes.py)."""
-        keys = self.features(F.linear(memory, self.key.weight.to(memory.dtype)))  # [batch, m, d_key]
-        if mask is not None:
-            keys = keys * mask.to(keys.dtype).unsqueeze(-1)
         new_normalizer = normalizer_write(keys, normalizer)
-        written = ((torch.sigmoid(self._gate_logits(memory)) - threshold) / (1 - threshold)).clamp_min(0)
         writes = written > 0 if mask is None else (written > 0) & mask.bool()  # [batch, m]
         count = int(writes.sum(1).max())
         if count == 0:
@@ -365,8 +368,7 @@ class AssociativeMemory(nn.Module):
         chosen = writes.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]  # [batch, count]
         gates = (written * writes).gather(1, chosen)  # rows with fewer writers: 0 after theirs
         keys = keys.gather(1, chosen.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-        memory = memory.gather(1, chosen.unsqueeze(-1).expand(-1, -1, memory.shape[-1]))
-        values = F.linear(memory, self.value.weight.to(memory.dtype))  # [batch, count, hidden]
+        values = self._values(memory.gather(1, chosen.unsqueeze(-1).expand(-1, -1, memory.shape[-1])))  # [b, count, h]
         return matrix + matrix_update(keys, values, gates, matrix, normalizer), new_normalizer
 
 
