@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -1006,3 +1007,42 @@ def test_the_long_validation_can_read_facts_where_the_task_puts_them(tmp_path):
 def test_bad_long_validation_settings_name_the_key(tmp_path, changes, key):
     with pytest.raises(ValueError, match=key):
         tiny(tmp_path, **changes)
+
+
+def test_a_run_written_to_a_log_file_reports_its_progress_and_validations(tmp_path, capsys):
+    """Where the output is not a terminal (`nohup … > log`), rich draws no bar: the log still gets the bar's line
+    (every `every_s` seconds; here 0) and one line a validation and a stage's end."""
+    config = tiny(tmp_path, **{"curriculum.threshold": 0.0, "curriculum.eval_every": 1})
+    trainer = Trainer(config, progress=True, resume=False)
+    original = trainer._progress_bar
+
+    def bar_every_update():
+        bar, task = original()
+        bar.every_s = 0.0
+        return bar, task
+
+    trainer._progress_bar = bar_every_update
+    trainer.train()
+    log = capsys.readouterr().out
+    assert log.count("step 1: validation at 1 segments") == 1 and "step 2: validation at 2 segments" in log
+    assert "step 1: stage ends (threshold) at" in log and "; next stage: 2 segments" in log
+    assert "step 2: stage ends (threshold)" in log and "; done" in log
+    assert "train" in log and "2/6 loss" in log  # the bar's own line: steps done of all, the last loss
+
+
+def test_the_logged_bar_prints_at_most_every_so_often_and_never_on_a_terminal():
+    from rich.console import Console
+
+    from memformers.progress import LoggedProgress
+
+    def lines(every_s: float, terminal: bool) -> list[str]:
+        console = Console(file=io.StringIO(), force_terminal=terminal, width=60)
+        with LoggedProgress(console=console, every_s=every_s, transient=True) as bar:
+            job = bar.add_task("reading", total=3)
+            for done in range(1, 4):
+                bar.update(job, completed=done)
+        return [line for line in console.file.getvalue().splitlines() if "reading" in line]
+
+    assert len(lines(0.0, terminal=False)) == 3  # one line an update
+    assert lines(3600.0, terminal=False) == []  # not yet due
+    assert LoggedProgress(console=Console(file=io.StringIO(), force_terminal=True)).draws_live  # rich draws there

@@ -112,6 +112,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
         self.state = TrainState()
         self._carried: dict[int, tuple] = {}  # curriculum.carry_memory: per micro-batch, (state its rows left, rows)
         self._pool: ThreadPoolExecutor | None = None  # builds the next training batch while a step runs
+        self._bar = None  # the progress bar while `train` runs (when `progress`)
         self._pending: dict[tuple[int, int, int], Future] = {}
 
         model, self.tokenizer = build_model(config)
@@ -193,6 +194,8 @@ class Trainer(CheckpointMixin, ValidationMixin):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self._bar is not None and record["type"] != "train":  # the bar shows training; milestones get a line
+            self._bar.console.print(_describe_milestone(record))
 
     def draw_curves(self) -> Path | None:
         """`curves.png` beside `metrics.jsonl`: loss and accuracy against the step, redrawn at every validation."""
@@ -390,6 +393,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
         """Run (or continue) the curriculum; returns the `final` model folder (or the checkpoint when stopped)."""
         out, s = self.config.output, self.state
         bar, task = self._progress_bar()
+        self._bar = bar
         try:
             while not s.done:
                 if stop_after_steps is not None and s.step >= stop_after_steps:
@@ -407,6 +411,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
         finally:
             if bar is not None:
                 bar.stop()
+                self._bar = None
             self.close()
         self.save_checkpoint()
         return self.save_model(self.output_dir / "final")
@@ -420,9 +425,11 @@ class Trainer(CheckpointMixin, ValidationMixin):
     def _progress_bar(self):
         if not self.progress:
             return None, None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        bar = Progress(
+        from .progress import LoggedProgress
+
+        bar = LoggedProgress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -432,6 +439,18 @@ class Trainer(CheckpointMixin, ValidationMixin):
         task = bar.add_task("", total=self.config.total_steps, completed=self.state.step)
         bar.start()
         return bar, task
+
+
+def _describe_milestone(record: dict) -> str:
+    """One line for a validation, a long validation or a stage's end, as metrics.jsonl records it."""
+    step, accuracy = record["step"], f"{100 * record['accuracy']:.1f}%"
+    if record["type"] == "stage":
+        then = "done" if record["done"] else f"next stage: {record['segments']} segments"
+        return f"step {step}: stage ends ({record['reason']}) at {accuracy}; {then}"
+    by_task = record.get("accuracy_by_task") or {}
+    tasks = f" ({' · '.join(f'{task} {100 * value:.0f}%' for task, value in by_task.items())})" if by_task else ""
+    what = "long validation" if record["type"] == "eval_long" else "validation"
+    return f"step {step}: {what} at {record['segments']} segments {accuracy}{tasks}, loss {record['loss']:.3f}"
 
 
 def _describe(record: dict, segments: int) -> str:

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..files import atomic_file
+from ..progress import LoggedProgress
 
 console = Console()
 
@@ -20,8 +21,8 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def progress_bar() -> Progress:
-    return Progress(
+def progress_bar() -> LoggedProgress:
+    return LoggedProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
