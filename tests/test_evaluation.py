@@ -14,7 +14,7 @@ from conftest import VOCAB, tiny_backbone, tiny_config
 from typer.testing import CliRunner
 
 import memformers as mf
-from memformers.babilong_metric import BABILONG_SCORER, WHOLE_WORD_SCORER
+from memformers.babilong_metric import BABILONG_SCORER, WHOLE_WORD_SCORER, babilong_labels
 from memformers.cli import app
 from memformers.evaluation import (
     ReadingCheckpoint,
@@ -26,6 +26,7 @@ from memformers.evaluation import (
     markdown_table,
     predict_classes,
     sample_segments,
+    score_samples,
     wilson_interval,
 )
 from memformers.mechanism import MemoryModel
@@ -553,6 +554,23 @@ def test_a_stopped_cell_resumes_from_its_last_finished_batch(tokenizer, tmp_path
     assert resumed.tokens_per_s > 0
     saved = json.loads(path.read_text())
     assert "partial" not in saved and [r["correct"] for r in saved["results"]] == [whole.correct]
+
+
+def test_a_cell_names_the_samples_it_got_wrong(tokenizer, tmp_path):
+    """`wrong` lists exactly the samples answered wrong (each read alone agrees), so that two readings of one cell
+    can be compared story by story; a cell resumed from its finished batches names the same ones."""
+    grid = {"tasks": ["detect"], "lengths": [600], "samples": 6, "tokenizer": tokenizer, "batch_size": 2}
+    cell = evaluate_grid(CountingOracle(tokenizer), **grid, window=500)[0]
+    assert 0 < len(cell.wrong) < 6 and len(cell.wrong) == cell.samples - cell.correct
+    made = [make_sample("detect", 600, tokenizer, 0, index, "test") for index in range(6)]
+    labels = list(babilong_labels("detect"))
+    alone = [score_samples(CountingOracle(tokenizer), [s], labels, tokenizer, window=500).correct for s in made]
+    assert cell.wrong == [index for index, right in enumerate(alone) if not right]
+    path = tmp_path / "grid.json"
+    with pytest.raises(_Stopped):
+        evaluate_grid(CountingOracle(tokenizer, stop_at=3), **grid, window=500, json_path=path)
+    resumed = evaluate_grid(CountingOracle(tokenizer), **grid, window=500, json_path=path)[0]
+    assert resumed.wrong == cell.wrong and json.loads(path.read_text())["results"][0]["wrong"] == cell.wrong
 
 
 class StoppingOracle(LastFactOracle):

@@ -52,6 +52,7 @@ class Cell:
     facts_first: bool = False  # every fact before the noise: no window holds one, only a memory can answer
     facts_apart: bool = False  # the facts evenly spaced through the noise: as few to a segment as the length allows
     knobs: dict = field(default_factory=dict)  # tunable knobs read with instead of the saved ones (eval --set)
+    wrong: list[int] | None = None  # the samples answered wrong, by index: two readings compared story by story
 
 
 @dataclass
@@ -401,6 +402,7 @@ def score_samples(
         examples=examples,
         scorer=BABILONG_SCORER if generating else "",
         precision=precision,
+        wrong=sorted(index for index, ok in so_far.right.items() if not ok),
     )
 
 
