@@ -13,7 +13,7 @@ from test_armt import _keeper, tiny_armt, writing
 from test_training import tiny
 
 import memformers as mf
-from memformers import backbone_layers
+from memformers import backbone_layers, read_supervision
 from memformers.armt import ReadTerms, delta_rule_write
 from memformers.read_supervision import (
     ENTITIES,
@@ -285,6 +285,29 @@ def test_the_noise_write_loss_is_the_noise_gates_hinge_by_hand():
     assert counted == 5 * len(model.layers) and quiet.item() == 0
 
 
+def test_the_noise_write_loss_over_the_breaking_writes_alone():
+    """`over="breaking"`: the same hinges, averaged over the writes above τ/4 only, so a few hard writers among
+    many quiet ones weigh in full; their sum is the same as over every write."""
+    model = writing(tiny_armt("bert", writers="all"))
+    ids = random_ids(2, 2 * model.content_size)
+    codes = torch.full_like(ids, OTHER)
+    margin = math.log(0.0025 / 0.9975)
+    for layer in model.layers:
+        torch.nn.init.constant_(layer.beta.bias, margin)  # gates around τ/4: some above, some under
+    with model.recording_reads() as record:
+        model(ids)
+    layout = (ids, torch.ones_like(ids), model.content_size, "left", 1)
+    every, counted = noise_write_loss(record, codes, *layout, 0.01)
+    breaking, breaking_counted = noise_write_loss(record, codes, *layout, 0.01, over="breaking")
+    logits = torch.cat([terms.gate_logits[:, 1 : 1 + model.content_size].flatten() for s in record for terms in s])
+    above = logits[logits > margin]
+    assert counted == logits.numel() and 0 < breaking_counted == above.numel() < counted
+    assert breaking.item() == pytest.approx((above - margin).mean().item(), rel=1e-5)
+    assert breaking.item() * breaking_counted == pytest.approx(every.item() * counted, rel=1e-5)
+    with pytest.raises(ValueError, match="over must be one of"):
+        noise_write_loss(record, codes, *layout, 0.01, over="most")
+
+
 def test_training_on_the_noise_write_loss_closes_the_noise_gates():
     model = writing(tiny_armt("bert", writers="all"))
     for layer in model.layers:
@@ -376,12 +399,20 @@ def test_a_thresholded_model_reads_the_same_without_gradients():
     assert bool(state.matrix.abs().sum() > 0)  # something was written
 
 
-def test_the_trainer_adds_the_noise_write_loss_and_a_saved_model_takes_the_configs_threshold(tmp_path):
+def test_the_trainer_adds_the_noise_write_loss_and_a_saved_model_takes_the_configs_threshold(tmp_path, monkeypatch):
     changes = CHANGES | {"model.armt.write_threshold": 0.01, "optim.noise_write_weight": 1.0}
     trainer = Trainer(tiny(tmp_path, "n", **changes), progress=False)
     assert trainer.unwrapped.config.write_threshold == 0.01
     record = trainer.train_step()
     assert record["noise_write_loss"] >= 0 and "read_loss" not in record
+    seen = []
+    monkeypatch.setattr(
+        read_supervision, "noise_write_loss", lambda *args: seen.append(args[-1]) or noise_write_loss(*args)
+    )
+    breaking = Trainer(tiny(tmp_path, "b", **changes, **{"optim.noise_write_mean": "breaking"}), progress=False)
+    breaking.train_step()
+    breaking.close()
+    assert set(seen) == {"breaking"}  # the config's mean reaches the loss
     trainer.unwrapped.save_pretrained(tmp_path / "saved")
     assert mf.load(tmp_path / "saved").config.write_threshold == 0.01
     further = tiny(tmp_path, "m", **(CHANGES | {"model.backbone": str(tmp_path / "saved")}))
@@ -410,6 +441,10 @@ def test_bad_settings_name_the_key(tmp_path, changes):
     ("changes", "key"),
     [
         ({"optim.noise_write_weight": 1.0}, "optim.noise_write_weight"),  # no write_threshold
+        (
+            {"optim.noise_write_weight": 1.0, "model.armt.write_threshold": 0.01, "optim.noise_write_mean": "most"},
+            "optim.noise_write_mean",
+        ),
         ({"optim.noise_write_weight": -1.0, "model.armt.write_threshold": 0.01}, "optim.noise_write_weight"),
         ({"optim.noise_write_weight": 1.0, "model.mechanism": "rmt"}, "optim.noise_write_weight"),
         ({"model.armt.write_threshold": 1.0}, "write_threshold"),

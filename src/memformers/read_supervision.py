@@ -30,6 +30,7 @@ OTHER, SUPPORTING, QUERY, STORY = 0, 1, 2, 3  # what `read_codes` says a token i
 NOT_CONTENT = -1  # `layout_codes` of [CLS], [SEP] and the memory tokens
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
 READ_TARGETS = ("fact", "answer", "named")  # what of the supporting facts the loss names (`read_codes`)
+NOISE_WRITE_MEANS = ("all", "breaking")  # what the noise-write loss averages over (`noise_write_loss`)
 
 
 def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_tokens] int64
@@ -137,13 +138,18 @@ def noise_write_loss(
     alignment: str,
     prefix: int,  # layout positions before the content ([CLS]: 1)
     threshold: float,  # the model's write_threshold τ > 0
+    over: str = "all",  # the mean over every noise write ("all") or over those above τ/4 alone ("breaking")
 ) -> tuple[torch.Tensor, int]:  # the mean hinge over the noise's writes (every layer), and how many
     """Keep the noise's writes under the write threshold, with room to spare: per noise token (OTHER) and memory
     layer, how far W_β's logit lies above that of τ/4, 0 below. A noise token whose β stays under τ adds nothing
     to A however many segments follow; one just above adds a little every segment, and over thousands of them
-    those writes move every read (README, "Why 256 segments forget")."""
+    those writes move every read (README, "Why 256 segments forget"). Averaged over every noise write, a rare
+    one that writes hard ("kitchen" in a novel's sentence) weighs next to nothing among a batch's thousands of
+    quiet ones; `over="breaking"` averages over the writes above τ/4 alone, so each weighs as much however rare."""
     if not 0 < threshold < 1:
         raise ValueError(f"noise_write_loss: threshold must be in (0, 1), got {threshold!r}")
+    if over not in NOISE_WRITE_MEANS:
+        raise ValueError(f"noise_write_loss: over must be one of {NOISE_WRITE_MEANS}, got {over!r}")
     segments = _recorded_segments("noise_write_loss", record, codes, input_ids, attention_mask, content_size, alignment)
     margin = float(np.log(threshold / 4) - np.log1p(-threshold / 4))  # logit(τ/4)
     hinges = []
@@ -151,7 +157,8 @@ def noise_write_loss(
         for terms in steps:
             _, written = layout_codes(segment, terms, prefix)  # [b, k]
             noise = (written == OTHER) & segment.active.unsqueeze(1)
-            hinges.append((terms.gate_logits.float() - margin).clamp_min(0)[noise])
+            hinge = (terms.gate_logits.float() - margin).clamp_min(0)[noise]
+            hinges.append(hinge if over == "all" else hinge[hinge > 0])
     return _mean_and_count(hinges, input_ids)
 
 

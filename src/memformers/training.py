@@ -302,7 +302,9 @@ class Trainer(CheckpointMixin, ValidationMixin):
         layout = (batch["input_ids"], batch["attention_mask"], m.content_size, m.alignment, m.prefix)
         read = read_share_loss(record, codes, *layout) if o.read_loss_weight else NO_LOSS
         threshold = m.config.write_threshold
-        noise = noise_write_loss(record, codes, *layout, threshold) if o.noise_write_weight else NO_LOSS
+        noise = (
+            noise_write_loss(record, codes, *layout, threshold, o.noise_write_mean) if o.noise_write_weight else NO_LOSS
+        )
         return read, noise
 
     def _make_batch(self, position: int, current: int, chunk: int) -> dict[str, torch.Tensor]:

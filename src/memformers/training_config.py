@@ -137,6 +137,9 @@ Config (TOML; every key optional unless marked):
   noise_write_weight      the same models, with [model.armt] write_threshold > 0: weight of a loss keeping the
                           noise's write gates under a quarter of the threshold, so that they write nothing however
                           long the input (default 0)
+  noise_write_mean        what that loss averages over: "all" (default: every noise write) or "breaking" (the
+                          writes above a quarter of the threshold alone, so a rare noise word that writes hard,
+                          a place named in a novel's sentence, weighs as much as a common one)
   seed                    model init and dropout seed (default 0)
   mixed_precision         "no" (default) or "bf16" (autocast, on a GPU or a CPU; on a CPU with AVX512-BF16 a
                           MiniLM step is ~1.4× faster; a CPU without bf16 instructions, AVX2 only, trains in fp32
@@ -274,6 +277,7 @@ class OptimConfig:
     read_loss_weight: float = 0.0  # ARMT, writers "all", bAbI: weight of the read-share loss (read_supervision)
     read_target: str = "fact"  # which supporting tokens that loss names: "fact" (all), "answer" (its word), "named"
     noise_write_weight: float = 0.0  # ARMT, writers "all", write_threshold > 0, bAbI: the noise-write loss
+    noise_write_mean: str = "all"  # that loss's mean: over every noise write, or over the "breaking" ones alone
     seed: int = 0
     mixed_precision: str = "no"
     prefetch: bool = True

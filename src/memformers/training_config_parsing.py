@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .read_supervision import READ_TARGETS
+from .read_supervision import NOISE_WRITE_MEANS, READ_TARGETS
 from .training_config import (
     CurriculumConfig,
     ModelConfig,
@@ -267,6 +267,8 @@ def validate(config: TrainConfig) -> None:
             _check_read_loss(config, key)
     if o.read_target not in READ_TARGETS:
         _fail("optim.read_target", o.read_target, f"one of {READ_TARGETS}")
+    if o.noise_write_mean not in NOISE_WRITE_MEANS:
+        _fail("optim.noise_write_mean", o.noise_write_mean, f"one of {NOISE_WRITE_MEANS}")
     if o.noise_write_weight and not m.mechanism_config().write_threshold:
         _fail("optim.noise_write_weight", o.noise_write_weight, "0 unless [model.armt] write_threshold > 0")
     if o.schedule not in SCHEDULES:
