@@ -7,7 +7,9 @@ Reads qa1 stories hidden in noise (test books) segment by segment, with the mode
 segments (the input cut in `--blocks` equal parts) and memory layer reports:
 - `noise_gate`: the mean write strength β = σ(W_β h) of the noise's tokens (every position writes), as written
   (after any `write_threshold`), and `story_gate`, that of the story's facts and question;
-- `read_norm`: the mean ‖y‖ of the read y = Aφ(q) / zᵀφ(q) that every content token adds to its hidden state.
+- `read_norm`: the mean ‖y‖ of the read y = Aφ(q) / zᵀφ(q) that every content token adds to its hidden state;
+- `noise_writing`: the share of the noise's tokens whose gate passes the model's `write_threshold` (they write);
+  and, over the whole input, the words of the noise that write most often (`noise_writers`, each layer's count).
 A memory whose noise writes add nothing keeps its reads as they were after the facts, however long the input; one
 whose noise writes add a little each segment drifts, and the reads, gates and answers drift with it. Beside it the
 accuracy of the same stories. Writes results/NAME.json.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,15 +35,16 @@ from memformers.precision import autocast  # noqa: E402
 from memformers.read_supervision import OTHER, layout_codes, read_codes  # noqa: E402
 from memformers.saving import read_config  # noqa: E402
 from memformers.segments import split_into_segments  # noqa: E402
-from memformers.tasks import make_sample  # noqa: E402
+from memformers.tasks import get_tokenizer, make_sample  # noqa: E402
 from memformers.tasks.babi import PLACES  # noqa: E402
 
-MEASURES = ("noise_gate", "story_gate", "read_norm")
+MEASURES = ("noise_gate", "story_gate", "read_norm", "noise_writing")
+TOP_WRITERS = 12  # the noise's writing words kept per layer
 
 
-def drift(model, samples: list, blocks: int) -> tuple[list[dict], list[int]]:
-    """Per block of segments, per memory layer: noise and story gates and read norms (means over the block); and
-    the predicted classes."""
+def drift(model, samples: list, blocks: int, tokenizer) -> tuple[list[dict], list[int], list[dict]]:
+    """Per block of segments, per memory layer: noise and story gates, read norms and the share of noise tokens
+    that write (means over the block); the predicted classes; per layer, the noise's writing words by count."""
     ids = torch.stack([torch.from_numpy(s.ids) for s in samples])  # [batch, length]: one length for all
     codes = torch.stack([torch.from_numpy(read_codes(s)) for s in samples])  # noise: OTHER
     mask = torch.ones_like(ids)
@@ -49,6 +53,7 @@ def drift(model, samples: list, blocks: int) -> tuple[list[dict], list[int]]:
     layers = len(model.layers)
     sums = [[dict.fromkeys(MEASURES, 0.0) for _ in range(layers)] for _ in range(blocks)]
     counts = [[dict.fromkeys(MEASURES, 0) for _ in range(layers)] for _ in range(blocks)]
+    writers = [Counter() for _ in range(layers)]  # per layer: noise token id → times it wrote
     state, logits = model.init_state(len(samples)), None
     with torch.no_grad(), model.recording_reads() as record:
         for index, segment in enumerate(segments):
@@ -61,10 +66,14 @@ def drift(model, samples: list, blocks: int) -> tuple[list[dict], list[int]]:
                 content = layout >= OTHER  # [b, L] the segment's real tokens
                 matrix, normalizer = state.matrix[layer].float(), state.normalizer[layer].float()
                 reads = associative_read(terms.queries.float(), matrix, normalizer)  # [b, L, hidden]
+                writing = noise & (gates > 0)  # [b, L]: with writers "all" every layout position writes
+                rows, places = writing.nonzero(as_tuple=True)
+                writers[layer].update(segment.input_ids[rows, places - model.prefix].tolist())  # [CLS] first
                 for key, values in (
                     ("noise_gate", gates[noise]),
                     ("story_gate", gates[story]),
                     ("read_norm", reads.norm(dim=-1)[content]),
+                    ("noise_writing", writing[noise].float()),
                 ):
                     sums[block][layer][key] += float(values.sum())
                     counts[block][layer][key] += values.numel()
@@ -82,7 +91,11 @@ def drift(model, samples: list, blocks: int) -> tuple[list[dict], list[int]]:
                 }
             )
         rows.append(row)
-    return rows, logits.argmax(-1).tolist()
+    words = [
+        {tokenizer.convert_ids_to_tokens(token): count for token, count in counter.most_common(TOP_WRITERS)}
+        for counter in writers
+    ]
+    return rows, logits.argmax(-1).tolist(), words
 
 
 def main() -> None:
@@ -100,12 +113,12 @@ def main() -> None:
     model = mf.load(args.checkpoint).eval()
     if model.config.writers != "all":
         parser.error("--checkpoint: an ARMT with writers = 'all' (the noise's own tokens write)")
-    tokenizer = checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint))
+    tokenizer = get_tokenizer(checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint)))
     classes = class_answers(model) or PLACES
     options = story_placement(args)
     samples = [make_sample("qa1", args.length, tokenizer, 0, i, "test", **options) for i in range(args.samples)]
     with autocast(args.precision):
-        blocks, predicted = drift(model, samples, args.blocks)
+        blocks, predicted, writers = drift(model, samples, args.blocks, tokenizer)
     right = sum(classes[p] == s.target for p, s in zip(predicted, samples, strict=True))
     result = {
         "checkpoint": args.checkpoint,
@@ -116,6 +129,7 @@ def main() -> None:
         "write_threshold": model.config.write_threshold,
         "accuracy": share(right, len(samples)),
         "blocks": blocks,
+        "noise_writers": writers,
     }
     path = write_result(args.name, result)
     print(f"qa1 at {args.length} tokens: {result['accuracy']}")
@@ -124,6 +138,8 @@ def main() -> None:
         for key in MEASURES:
             values = [row["layers"][layer][key] for row in blocks]
             print(f"    {key:10s} " + " ".join("   —  " if v is None else f"{v:.4f}" for v in values))
+    for layer, words in enumerate(writers):
+        print(f"  layer {layer}, the noise's writing words: " + ", ".join(f"{w} {n}" for w, n in words.items()))
     print(path)
 
 
