@@ -452,7 +452,10 @@ def _describe_milestone(record: dict) -> str:
     by_task = record.get("accuracy_by_task") or {}
     tasks = f" ({' · '.join(f'{task} {100 * value:.0f}%' for task, value in by_task.items())})" if by_task else ""
     what = "long validation" if record["type"] == "eval_long" else "validation"
-    return f"step {step}: {what} at {record['segments']} segments {accuracy}{tasks}, loss {record['loss']:.3f}"
+    perplexity = f", perplexity {record['perplexity']:.2f}" if "perplexity" in record else ""  # task lm
+    return (
+        f"step {step}: {what} at {record['segments']} segments {accuracy}{tasks}, loss {record['loss']:.3f}{perplexity}"
+    )
 
 
 def _describe(record: dict, segments: int) -> str:
