@@ -248,11 +248,11 @@ def test_the_trainer_adds_the_weighted_loss_and_logs_it(tmp_path):
         assert int((sample_codes == QUERY).sum()) == 1  # qa1: the asked actor
 
 
-def _noise_loss(model, ids, codes, threshold):
+def _noise_loss(model, ids, codes, threshold, over="all"):
     with model.recording_reads() as record:
         model(ids)
     layout = (ids, torch.ones_like(ids), model.content_size, "left", 1)
-    return record, noise_write_loss(record, codes, *layout, threshold)
+    return record, noise_write_loss(record, codes, *layout, threshold, over)
 
 
 def test_the_noise_write_loss_is_the_noise_gates_hinge_by_hand():
@@ -294,18 +294,15 @@ def test_the_noise_write_loss_over_the_breaking_writes_alone():
     margin = math.log(0.0025 / 0.9975)
     for layer in model.layers:
         torch.nn.init.constant_(layer.beta.bias, margin)  # gates around τ/4: some above, some under
-    with model.recording_reads() as record:
-        model(ids)
-    layout = (ids, torch.ones_like(ids), model.content_size, "left", 1)
-    every, counted = noise_write_loss(record, codes, *layout, 0.01)
-    breaking, breaking_counted = noise_write_loss(record, codes, *layout, 0.01, over="breaking")
+    record, (every, counted) = _noise_loss(model, ids, codes, 0.01)
+    _, (breaking, breaking_counted) = _noise_loss(model, ids, codes, 0.01, over="breaking")
     logits = torch.cat([terms.gate_logits[:, 1 : 1 + model.content_size].flatten() for s in record for terms in s])
     above = logits[logits > margin]
     assert counted == logits.numel() and 0 < breaking_counted == above.numel() < counted
     assert breaking.item() == pytest.approx((above - margin).mean().item(), rel=1e-5)
     assert breaking.item() * breaking_counted == pytest.approx(every.item() * counted, rel=1e-5)
     with pytest.raises(ValueError, match="over must be one of"):
-        noise_write_loss(record, codes, *layout, 0.01, over="most")
+        _noise_loss(model, ids, codes, 0.01, over="most")
 
 
 def test_training_on_the_noise_write_loss_closes_the_noise_gates():

@@ -25,7 +25,7 @@ class LoggedProgress(Progress):
     def update(self, task_id: TaskID, **changes) -> None:
         super().update(task_id, **changes)
         now = time.monotonic()
-        if self.draws_live or now - self._printed_at < self.every_s:
+        if now - self._printed_at < self.every_s or self.draws_live:  # the clock first: no terminal check a segment
             return
         self._printed_at = now
         self.console.print(self.get_renderable())
