@@ -313,6 +313,42 @@ def test_with_every_position_writing_each_real_position_of_a_row_writes_and_its_
                 assert not torch.allclose(new_state.matrix[layer, row : row + 1], memory_only)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_without_layout_writes_only_the_content_of_each_row_writes(family):
+    """layout_writes=False: the new state is the delta rule applied to the block outputs of the content's tokens
+    alone, per row: [CLS], [SEP], the memory tokens and padding add nothing. A saved model can be read so
+    (`tunable`), and the knob needs writers="all"."""
+    model = writing(tiny_armt(family, writers="all", layout_writes=False)).double().eval()
+    c = model.content_size
+    lengths = [c, c - 4]
+    ids = random_ids(2, c)
+    mask = torch.ones_like(ids)
+    mask[1, lengths[1] :] = 0
+    outputs = []
+    blocks = backbone_layers.layer_stack(model.backbone)
+    handles = [
+        b.register_forward_hook(lambda _m, _a, out: outputs.append(backbone_layers.block_output_hidden(out)))
+        for b in blocks
+    ]
+    with torch.no_grad():
+        state = writing(tiny_armt(family, writers="all"), seed=1).double()(random_ids(2, 2 * c)).state
+        try:
+            _, new_state = model.step(mf.Segment(ids, mask), state)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer, (memory, hidden) in enumerate(zip(model.layers, outputs, strict=True)):
+            for row, n in enumerate(lengths):
+                content = hidden[row : row + 1, model.prefix : model.prefix + n]
+                matrix, normalizer = state.matrix[layer, row : row + 1], state.normalizer[layer, row : row + 1]
+                expected = memory.write(content, matrix, normalizer)
+                torch.testing.assert_close(new_state.matrix[layer, row : row + 1], expected[0], rtol=1e-9, atol=1e-10)
+                torch.testing.assert_close(new_state.normalizer[layer, row : row + 1], expected[1])
+    assert "layout_writes" in model.config.tunable
+    with pytest.raises(ValueError, match="layout_writes"):
+        tiny_armt(family, writers="memory", layout_writes=False)
+
+
 # --- memory carries information -------------------------------------------------------------------------------------
 
 

@@ -510,6 +510,18 @@ def test_a_tunable_knob_set_on_a_loaded_model_changes_what_it_writes(tokenizer, 
     assert tune_knobs(model, []) == {} and model.config.write_threshold == 0.9999
 
 
+@torch.no_grad()
+def test_a_saved_model_can_be_read_with_its_layout_tokens_silent(tokenizer, tmp_path) -> None:
+    from memformers.cli.checkpoints import tune_knobs
+
+    model = mf.load(_tiny_armt_classifier(tmp_path / "armt", tokenizer))
+    ids = torch.randint(1000, 2000, (2, 2 * model.content_size))
+    every_position = model(ids).state.matrix
+    assert tune_knobs(model, ["layout_writes=false"]) == {"layout_writes": False}
+    content_only = model(ids).state.matrix
+    assert float(content_only.abs().sum()) > 0 and not torch.allclose(content_only, every_position)
+
+
 def test_eval_reads_with_a_set_knob_records_it_and_measures_again_where_it_differs(tokenizer, tmp_path) -> None:
     checkpoint = _tiny_armt_classifier(tmp_path / "armt", tokenizer)
     grid = tmp_path / "grid.json"

@@ -149,7 +149,7 @@ class ARMTConfig(MechanismConfig):
         "writers",
         "share_query_key",
     )
-    tunable = ("write_threshold",)
+    tunable = ("write_threshold", "layout_writes")
     saved_before = {"normalize_features": False}  # models saved before the knob computed unnormalised features
 
     num_memory_tokens: int = 10  # memory tokens per segment; they write every layer's associative memory
@@ -176,6 +176,10 @@ class ARMTConfig(MechanismConfig):
     # tiny writes, each harmless, add up over thousands of segments and move every later read (README, "Why 256
     # segments forget"). 0: the paper's rule. No weight depends on it: a saved model goes on with the config's.
     write_threshold: float = 0.0
+    # With writers "all": whether [CLS], [SEP] and the memory tokens write too. They write in every segment, noise or
+    # not, so over tens of thousands of segments their small writes grow every read until the memory diverges
+    # (README, "At 1M tokens it fails"); False leaves the writing to the content's tokens. No weight depends on it.
+    layout_writes: bool = True
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -192,7 +196,9 @@ class ARMTConfig(MechanismConfig):
         if self.memory_layers is not None:
             self.memory_layers = check_layers("memory_layers", self.memory_layers)
         check_choice("writers", self.writers, ("memory", "all"))
-        for name in ("normalize_gate", "share_query_key"):
+        if not self.layout_writes and self.writers != "all":
+            raise ValueError(f"layout_writes=False needs writers='all' (else nothing writes), got {self.writers!r}")
+        for name in ("normalize_gate", "share_query_key", "layout_writes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.normalize_features not in (None, True, False):
@@ -513,7 +519,8 @@ class AssociativeMemoryTransformer(MemoryModel):
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < start + tail).long().expand(batch, -1)
         if self.config.writers == "all":  # every real position; padding writes nothing
-            write = Writers(None, full_mask)  # the whole layout, [batch, L]
+            writing = full_mask if self.config.layout_writes else ((p >= self.prefix) & (p < start)).long()
+            write = Writers(None, writing)  # the whole layout, [batch, L]; 0: writes nothing
         else:
             write = Writers(start + self.suffix + torch.arange(m, device=ids.device))  # [batch, m] memory positions
         if self.causal_memory and not self.info.is_decoder:
