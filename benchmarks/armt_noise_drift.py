@@ -33,7 +33,7 @@ from common import add_story_placement, share, story_placement, write_result  # 
 
 import memformers as mf  # noqa: E402
 from memformers.armt import associative_read  # noqa: E402
-from memformers.cli.checkpoints import checkpoint_tokenizer  # noqa: E402
+from memformers.cli.checkpoints import checkpoint_tokenizer, tune_knobs  # noqa: E402
 from memformers.evaluation import class_answers  # noqa: E402
 from memformers.precision import autocast  # noqa: E402
 from memformers.read_supervision import NOT_CONTENT, OTHER, QUERY, layout_codes, read_codes  # noqa: E402
@@ -126,10 +126,19 @@ def main() -> None:
     add_story_placement(parser)
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--set",
+        dest="knobs",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Read with a knob no weight depends on, e.g. layout_writes=false (as memformers eval --set).",
+    )
     parser.add_argument("--name", default="armt_noise_drift")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = mf.load(args.checkpoint).eval()
+    knobs = tune_knobs(model, args.knobs)
     if model.config.writers != "all":
         parser.error("--checkpoint: an ARMT with writers = 'all' (the noise's own tokens write)")
     tokenizer = get_tokenizer(checkpoint_tokenizer(args.checkpoint, read_config(args.checkpoint)))
@@ -145,6 +154,7 @@ def main() -> None:
         "length": args.length,
         **options,
         "precision": args.precision,
+        "knobs": knobs,
         "write_threshold": model.config.write_threshold,
         "accuracy": share(right, len(samples)),
         "blocks": blocks,
