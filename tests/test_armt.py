@@ -277,22 +277,18 @@ def test_causal_memory_tokens_see_only_the_ones_before_them(memory_attention, la
     assert bool((outputs[-1][:, -1] - outputs[1][:, -1]).abs().max() > 1e-6)  # the changed token itself does
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_with_every_position_writing_each_real_position_of_a_row_writes_and_its_padding_does_not(family):
-    """writers="all": a segment's new state is the delta rule applied to the block outputs of every real position
-    ([CLS], content, [SEP] and memory tokens of an encoder; content and memory tokens of a decoder), per row, and
-    not the memory tokens' outputs alone."""
-    model = writing(tiny_armt(family, writers="all")).double().eval()
-    c, m = model.content_size, model.num_memory_tokens
+def _step_two_rows(family: str, model: mf.AssociativeMemoryTransformer):
+    """One step of `model` on two rows (the second 4 tokens short) from a written state, recording every block's
+    output: (the rows' lengths, the state before, the state after, the block outputs)."""
+    c = model.content_size
     lengths = [c, c - 4]
     ids = random_ids(2, c)
     mask = torch.ones_like(ids)
     mask[1, lengths[1] :] = 0
-    blocks = backbone_layers.layer_stack(model.backbone)
     outputs = []
     handles = [
         b.register_forward_hook(lambda _m, _a, out: outputs.append(backbone_layers.block_output_hidden(out)))
-        for b in blocks
+        for b in backbone_layers.layer_stack(model.backbone)
     ]
     with torch.no_grad():
         state = writing(tiny_armt(family, writers="all"), seed=1).double()(random_ids(2, 2 * c)).state
@@ -301,15 +297,31 @@ def test_with_every_position_writing_each_real_position_of_a_row_writes_and_its_
         finally:
             for handle in handles:
                 handle.remove()
-        extra = 2 if family in ENCODERS else 0  # [CLS] and [SEP]
-        for layer, (memory, hidden) in enumerate(zip(model.layers, outputs, strict=True)):
+    return lengths, state, new_state, outputs
+
+
+def _written_by(model, layer: int, row: int, state, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, z) of `row` after `tokens` [1, k, hidden], the block outputs of `layer`, write the state before."""
+    matrix, normalizer = state.matrix[layer, row : row + 1], state.normalizer[layer, row : row + 1]
+    return model.layers[layer].write(tokens, matrix, normalizer)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_with_every_position_writing_each_real_position_of_a_row_writes_and_its_padding_does_not(family):
+    """writers="all": a segment's new state is the delta rule applied to the block outputs of every real position
+    ([CLS], content, [SEP] and memory tokens of an encoder; content and memory tokens of a decoder), per row, and
+    not the memory tokens' outputs alone."""
+    model = writing(tiny_armt(family, writers="all")).double().eval()
+    lengths, state, new_state, outputs = _step_two_rows(family, model)
+    m, extra = model.num_memory_tokens, 2 if family in ENCODERS else 0  # [CLS] and [SEP]
+    with torch.no_grad():
+        for layer, hidden in enumerate(outputs):
             for row, n in enumerate(lengths):
                 real = hidden[row : row + 1, : n + extra + m]
-                matrix, normalizer = state.matrix[layer, row : row + 1], state.normalizer[layer, row : row + 1]
-                expected = memory.write(real, matrix, normalizer)
+                expected = _written_by(model, layer, row, state, real)
                 torch.testing.assert_close(new_state.matrix[layer, row : row + 1], expected[0], rtol=1e-9, atol=1e-10)
                 torch.testing.assert_close(new_state.normalizer[layer, row : row + 1], expected[1])
-                memory_only = memory.write(real[:, -m:], matrix, normalizer)[0]
+                memory_only = _written_by(model, layer, row, state, real[:, -m:])[0]
                 assert not torch.allclose(new_state.matrix[layer, row : row + 1], memory_only)
 
 
@@ -319,29 +331,12 @@ def test_without_layout_writes_only_the_content_of_each_row_writes(family):
     alone, per row: [CLS], [SEP], the memory tokens and padding add nothing. A saved model can be read so
     (`tunable`), and the knob needs writers="all"."""
     model = writing(tiny_armt(family, writers="all", layout_writes=False)).double().eval()
-    c = model.content_size
-    lengths = [c, c - 4]
-    ids = random_ids(2, c)
-    mask = torch.ones_like(ids)
-    mask[1, lengths[1] :] = 0
-    outputs = []
-    blocks = backbone_layers.layer_stack(model.backbone)
-    handles = [
-        b.register_forward_hook(lambda _m, _a, out: outputs.append(backbone_layers.block_output_hidden(out)))
-        for b in blocks
-    ]
+    lengths, state, new_state, outputs = _step_two_rows(family, model)
     with torch.no_grad():
-        state = writing(tiny_armt(family, writers="all"), seed=1).double()(random_ids(2, 2 * c)).state
-        try:
-            _, new_state = model.step(mf.Segment(ids, mask), state)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for layer, (memory, hidden) in enumerate(zip(model.layers, outputs, strict=True)):
+        for layer, hidden in enumerate(outputs):
             for row, n in enumerate(lengths):
                 content = hidden[row : row + 1, model.prefix : model.prefix + n]
-                matrix, normalizer = state.matrix[layer, row : row + 1], state.normalizer[layer, row : row + 1]
-                expected = memory.write(content, matrix, normalizer)
+                expected = _written_by(model, layer, row, state, content)
                 torch.testing.assert_close(new_state.matrix[layer, row : row + 1], expected[0], rtol=1e-9, atol=1e-10)
                 torch.testing.assert_close(new_state.normalizer[layer, row : row + 1], expected[1])
     assert "layout_writes" in model.config.tunable
