@@ -9,7 +9,7 @@ segments (the input cut in `--blocks` equal parts) and memory layer reports:
   (after any `write_threshold`), `story_gate`, that of the story's facts and question, and `layout_gate`, that of
   [CLS], [SEP] and the memory tokens, which write in every segment, noise or not;
 - `read_norm`: the mean ‖y‖ of the read y = Aφ(q) / zᵀφ(q) that every content token adds to its hidden state,
-  and `read_denominator`, its zᵀφ(q): z takes every token's new part (gate or not), so it grows with the input;
+  and `read_denominator`, its zᵀφ(q) (z takes every token's new part, whatever its gate);
 - `noise_writing`: the share of the noise's tokens whose gate passes the model's `write_threshold` (they write);
   and, over the whole input, the words of the noise that write most often (`noise_writers`, each layer's count);
 - `question_read`: per layer, the read of the question's entity tokens ("mary" in "where is mary ?"), its norm,

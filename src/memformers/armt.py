@@ -178,7 +178,7 @@ class ARMTConfig(MechanismConfig):
     write_threshold: float = 0.0
     # With writers "all": whether [CLS], [SEP] and the memory tokens write too. They write in every segment, noise or
     # not, so over tens of thousands of segments their small writes grow every read until the memory diverges
-    # (README, "At 1M tokens it fails"); False leaves the writing to the content's tokens. No weight depends on it.
+    # (README, "The hinge did not mend 1M"); False leaves the writing to the content's tokens. No weight depends on it.
     layout_writes: bool = True
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
