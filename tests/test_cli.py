@@ -589,6 +589,20 @@ def test_export_takes_a_runs_final_model_else_its_latest_checkpoints(classifier,
     assert read_config(tmp_path / "final")["extra"]["step"] == "final"
 
 
+def test_export_stores_a_tunable_knob_the_model_then_reads_with(tokenizer, tmp_path) -> None:
+    source = _tiny_armt_classifier(tmp_path / "armt", tokenizer)
+    result = run("export", source, tmp_path / "silent", "--set", "layout_writes=false", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert read_config(source)["config"]["layout_writes"] is True
+    assert read_config(tmp_path / "silent")["config"]["layout_writes"] is False
+    ids = torch.randint(1000, 2000, (2, 2 * mf.load(source).content_size))
+    with torch.no_grad():
+        every_position = mf.load(source)(ids).state.matrix
+        content_only = mf.load(tmp_path / "silent")(ids).state.matrix
+    assert not torch.allclose(content_only, every_position)
+    assert_one_line_error(run("export", source, tmp_path / "out", "--set", "d_mem=8"), "--set d_mem", "layout_writes")
+
+
 @pytest.mark.parametrize(("extra", "names"), [(["--dtype", "int8"], ["--dtype", "float16"]), ([], ["source"])])
 def test_export_refuses_what_it_cannot_store(classifier, tmp_path, extra, names) -> None:
     source = classifier if extra else tmp_path  # an empty folder: neither a run nor a model

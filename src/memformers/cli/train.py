@@ -85,14 +85,21 @@ def export(
     ),
     out: Path = typer.Argument(..., help="The folder to write (replaced whole, never left half written)."),
     dtype: str = typer.Option("float16", help="How the weights are stored: float16, bfloat16 or float32."),
+    knob: list[str] = typer.Option(
+        [],
+        "--set",
+        help="KEY=VALUE: store the model with this value of a knob no weight depends on, e.g. ARMT's "
+        "layout_writes=false, so that it reads so wherever it is loaded (repeatable).",
+    ),
 ) -> None:
     """Store a trained model to share: weights in half precision (half the size; `memformers.load` computes in
-    float32 again), with its tokenizer and what the trainer recorded (task, tokenizer, config, step)."""
+    float32 again), with its tokenizer and what the trainer recorded (task, tokenizer, config, step); `--set` stores
+    it with the tunable knobs it was measured reading best with (`memformers eval … --set`)."""
     from transformers import AutoTokenizer
 
     from ..saving import BACKBONE_DIR, CONFIG_NAME, load, save_pretrained
     from ..training_checkpoints import latest_checkpoint
-    from .checkpoints import read_checkpoint
+    from .checkpoints import read_checkpoint, tune_knobs
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: one of float16, bfloat16, float32")
@@ -107,6 +114,7 @@ def export(
     if out.resolve() == model_dir.resolve():
         raise ValueError(f"out: {str(out)!r} is the model being exported; give another folder")
     model = load(model_dir)
+    tune_knobs(model, knob)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir / BACKBONE_DIR)
     except (OSError, ValueError):  # saved without one: the model alone
