@@ -529,14 +529,28 @@ def test_eval_reads_with_a_set_knob_records_it_and_measures_again_where_it_diffe
     args += ["--json", grid]
     assert run(*args, "--set", "write_threshold=0.5").exit_code == 0
     saved = json.loads(grid.read_text())
-    assert saved["results"][0]["knobs"] == {"write_threshold": 0.5}
+    assert saved["results"][0]["knobs"] == {"write_threshold": 0.5, "layout_writes": True}  # every one, as read
     assert "--set write_threshold=0.5" in saved["command"]
     seconds = saved["results"][0]["seconds"]
     assert run(*args, "--set", "write_threshold=0.5").exit_code == 0  # the same cell: skipped
     assert json.loads(grid.read_text())["results"][0]["seconds"] == seconds
     assert run(*args).exit_code == 0  # the saved knobs: measured again
     again = json.loads(grid.read_text())["results"]
-    assert len(again) == 1 and again[0]["knobs"] == {} and "--set" not in again[0]["command"]
+    assert len(again) == 1 and again[0]["knobs"]["write_threshold"] == 0.0 and "--set" not in again[0]["command"]
+
+
+def test_eval_of_an_exported_model_takes_up_the_cells_its_source_read_with_that_knob(tokenizer, tmp_path) -> None:
+    source = _tiny_armt_classifier(tmp_path / "armt", tokenizer)
+    assert run("export", source, tmp_path / "silent", "--set", "layout_writes=false").exit_code == 0
+    grid = tmp_path / "grid.json"
+    args = ["--task", "qa1", "--lengths", "300", "--samples", "4", "--batch-size", "4", "--json", grid]
+    assert run("eval", source, *args, "--set", "layout_writes=false").exit_code == 0
+    seconds = json.loads(grid.read_text())["results"][0]["seconds"]
+    assert run("eval", tmp_path / "silent", *args).exit_code == 0  # reads as the source did with --set: skipped
+    kept = json.loads(grid.read_text())["results"][0]
+    assert kept["seconds"] == seconds and "--set layout_writes=false" in kept["command"]
+    assert run("eval", source, *args).exit_code == 0  # the source as saved writes the layout: read again
+    assert json.loads(grid.read_text())["results"][0]["knobs"]["layout_writes"] is True
 
 
 @pytest.mark.parametrize(

@@ -650,3 +650,32 @@ def test_an_armt_goes_on_from_a_saved_reading_state_exactly(tokenizer, tmp_path)
     assert torch.equal(state.matrix, saved["state"].matrix) and torch.equal(state.normalizer, saved["state"].normalizer)
     assert predict_classes(model, samples, state=state, skip=skip) == whole
     assert checkpoint.load(model, [0, 1]) is None  # another batch's samples: not this state
+
+
+def test_knobs_compare_by_value_whichever_model_set_them(tokenizer, tmp_path):
+    """A cell records the tunable knobs it was read with; a later reading takes it up when it reads with the same
+    values, whether they were set with --set or stored in the model (`saved_knobs`), and reads again when they
+    differ. A cell begun when only the knobs set were recorded goes on from its saved state."""
+    grid = {"tasks": ["memorize"], "lengths": [2000], "samples": 4, "tokenizer": tokenizer, "batch_size": 2}
+    per_batch = count_segments(2000, 100)
+    writing = {"write_threshold": 0.002, "layout_writes": True}  # a model as trained
+    silent = {"write_threshold": 0.002, "layout_writes": False}  # the same with the layout silent
+    path = tmp_path / "grid.json"
+    with pytest.raises(_Stopped):  # begun as older runs recorded it: only the knob set
+        evaluate_grid(
+            StoppingOracle(tokenizer, stop_at=per_batch + 8),
+            **grid,
+            json_path=path,
+            reading_every_s=0,
+            knobs={"layout_writes": False},
+        )
+    resuming = StoppingOracle(tokenizer)
+    evaluate_grid(resuming, **grid, json_path=path, reading_every_s=0, knobs=silent, saved_knobs=writing)
+    assert resuming.steps == per_batch - 7  # its batch and state taken up: the same reading
+    exported = StoppingOracle(tokenizer)  # a model stored with the layout silent, read with no --set
+    evaluate_grid(exported, **grid, json_path=path, knobs=silent, saved_knobs=silent)
+    assert exported.steps == 0
+    as_trained = StoppingOracle(tokenizer)
+    cells = evaluate_grid(as_trained, **grid, json_path=path, knobs=writing, saved_knobs=writing)
+    assert as_trained.steps == 2 * per_batch and cells[0].knobs == writing
+    assert json.loads(path.read_text())["results"][0]["knobs"] == writing

@@ -51,7 +51,7 @@ class Cell:
     precision: str = "fp32"  # what the reading computed in ("bf16": autocast; memformers.precision)
     facts_first: bool = False  # every fact before the noise: no window holds one, only a memory can answer
     facts_apart: bool = False  # the facts evenly spaced through the noise: as few to a segment as the length allows
-    knobs: dict = field(default_factory=dict)  # tunable knobs read with instead of the saved ones (eval --set)
+    knobs: dict = field(default_factory=dict)  # the tunable knobs read with (older cells: only those set by --set)
     wrong: list[int] | None = None  # the samples answered wrong, by index: two readings compared story by story
 
 
@@ -463,6 +463,7 @@ def evaluate_grid(
     on_cell=None,
     knobs: dict | None = None,
     reading_every_s: float = 300.0,
+    saved_knobs: dict | None = None,
     **cell_options,
 ) -> list[Cell]:
     """Every task × length cell; each finished cell is saved at once, and cells already saved are skipped.
@@ -473,8 +474,10 @@ def evaluate_grid(
     finished batch (saved as `"partial"` after every batch), and a classifier's batch from where its reading had
     got to (its memory state, saved beside the JSON at most every `reading_every_s` seconds: `ReadingCheckpoint`).
     A decoder's cell judged by another rule than today's (`BABILONG_SCORER`), or a cell read in another precision
-    or placement of facts, or with other `knobs` (the tunable knobs the model was set to, recorded in each cell), is
-    measured again, so one grid never mixes them.
+    or placement of facts, or with other `knobs` (the tunable knobs the model reads with now, recorded in each cell),
+    is measured again, so one grid never mixes them. Knobs compare by value: a cell that names only some (recorded
+    before every knob was) read the others as `saved_knobs`, the loaded model's, so a model stored with a knob set
+    (`memformers export --set`) takes up the cells measured on its source with that `--set`.
     """
     counts = [samples] * len(lengths) if isinstance(samples, int) else list(samples)
     if len(counts) != len(lengths) or any(n < 1 for n in counts):
@@ -483,12 +486,12 @@ def evaluate_grid(
     seed, split = cell_options.get("seed", 0), cell_options.get("split", "test")
     scorer = BABILONG_SCORER if generates(model) else ""
     placement = (cell_options.get("facts_first", False), cell_options.get("facts_apart", False))
-    knobs = dict(knobs or {})
-    how = (seed, split, scorer, cell_options.get("precision", "fp32"), placement, knobs)
+    knobs, saved_knobs = dict(knobs or {}), dict(saved_knobs or {})
+    how = (seed, split, scorer, cell_options.get("precision", "fp32"), placement, saved_knobs | knobs)
     done = {
         (c.task, c.length, c.samples)
         for c in cells
-        if (c.seed, c.split, c.scorer, c.precision, (c.facts_first, c.facts_apart), c.knobs) == how
+        if (c.seed, c.split, c.scorer, c.precision, (c.facts_first, c.facts_apart), saved_knobs | c.knobs) == how
     }
     partial = load_partial_cells(json_path) if json_path else []
     names = ("seed", "split", "scorer", "precision", "placement", "knobs")
@@ -499,9 +502,16 @@ def evaluate_grid(
             if (task, length, count) in done:
                 continue
             key = {"task": task, "length": length, "samples": count} | dict(zip(names, how, strict=True)) | read_alike
-            key = json.loads(json.dumps(key))  # as the file holds it: the placement a list
-            mine = [p for p in partial if {k: p.get(k) for k in key} == key]
+            key = json.loads(json.dumps(key | {"knobs": knobs}))  # as the file holds it: the placement a list
+
+            def same_reading(record: dict, key=key) -> bool:
+                knobs_alike = saved_knobs | record.get("knobs", {}) == saved_knobs | key["knobs"]
+                return knobs_alike and all(record.get(k) == value for k, value in key.items() if k != "knobs")
+
+            mine = [p for p in partial if same_reading(p)]
             others = [p for p in partial if p not in mine]
+            if mine:  # it goes on under the key it was begun with (its reading state is named by it)
+                key = {k: mine[0].get(k, value) for k, value in key.items()}
 
             def save_progress(so_far: PartialCell, cells=cells, others=others, key=key) -> None:
                 save_cells(json_path, cells, meta, others + [so_far.to_json(key)])

@@ -82,6 +82,11 @@ def tune_knobs(model, settings: list[str], option: str = "--set") -> dict:
     return knobs
 
 
+def tunable_knobs(model) -> dict:
+    """The values of a model's tunable knobs (none for a mechanism without them), as it reads now."""
+    return {key: getattr(model.config, key) for key in model.config.tunable}
+
+
 def resolve_tokenizer(tokenizer: str) -> str:
     """A tokenizer name or folder as given, or, for a saved memformers model, the tokenizer it records."""
     from ..saving import CONFIG_NAME

@@ -16,6 +16,7 @@ from .checkpoints import (
     checkpoint_tokenizer,
     read_checkpoint,
     resolve_tokenizer,
+    tunable_knobs,
     tune_knobs,
     warn_untrained_tasks,
 )
@@ -152,7 +153,9 @@ def evaluate(
         warn_other_tokenizer(data, records, tokenizer)
     warn_untrained_tasks(checkpoint, config, tasks)
     model = load(checkpoint, device=device)
-    knobs = tune_knobs(model, knob)
+    saved_knobs = tunable_knobs(model)
+    tune_knobs(model, knob)
+    knobs = tunable_knobs(model)  # every one, as read: a cell says how it was read whichever model it came from
     check_vocabulary(model, get_tokenizer(tokenizer), f"{tokenizer!r} (the checkpoint's)")
     meta = {
         "checkpoint": str(checkpoint),
@@ -208,6 +211,7 @@ def evaluate(
                 meta,
                 on_cell,
                 knobs,
+                saved_knobs=saved_knobs,
                 seed=seed,
                 split=split,
                 noise_dir=noise_dir,
