@@ -277,9 +277,10 @@ def test_causal_memory_tokens_see_only_the_ones_before_them(memory_attention, la
     assert bool((outputs[-1][:, -1] - outputs[1][:, -1]).abs().max() > 1e-6)  # the changed token itself does
 
 
-def _step_two_rows(family: str, model: mf.AssociativeMemoryTransformer):
-    """One step of `model` on two rows (the second 4 tokens short) from a written state, recording every block's
-    output: (the rows' lengths, the state before, the state after, the block outputs)."""
+def _step_two_rows(family: str, model: mf.AssociativeMemoryTransformer, empty: tuple[bool, bool] = (False, False)):
+    """One step of `model` on two rows (the second 4 tokens short) from a written state (a row's memory emptied
+    where `empty` says), recording every block's output: (the rows' lengths, the state before, the state after,
+    the block outputs)."""
     c = model.content_size
     lengths = [c, c - 4]
     ids = random_ids(2, c)
@@ -292,6 +293,7 @@ def _step_two_rows(family: str, model: mf.AssociativeMemoryTransformer):
     ]
     with torch.no_grad():
         state = writing(tiny_armt(family, writers="all"), seed=1).double()(random_ids(2, 2 * c)).state
+        state = state.reset(torch.tensor(empty))
         try:
             _, new_state = model.step(mf.Segment(ids, mask), state)
         finally:
@@ -342,6 +344,29 @@ def test_without_layout_writes_only_the_content_of_each_row_writes(family):
     assert "layout_writes" in model.config.tunable
     with pytest.raises(ValueError, match="layout_writes"):
         tiny_armt(family, writers="memory", layout_writes=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_with_layout_writes_first_the_layout_writes_only_into_an_empty_memory(family):
+    """layout_writes="first": a row whose memory is empty (its first segment) writes with every real position, as
+    layout_writes=True; a row with something written, with its content alone, as layout_writes=False; in one
+    batch, each row by its own memory."""
+    model = writing(tiny_armt(family, writers="all", layout_writes="first")).double().eval()
+    lengths, state, new_state, outputs = _step_two_rows(family, model, empty=(True, False))
+    assert float(state.matrix[:, 0].abs().sum()) == 0 and float(state.matrix[:, 1].abs().sum()) > 0
+    m, extra = model.num_memory_tokens, 2 if family in ENCODERS else 0  # [CLS] and [SEP]
+    with torch.no_grad():
+        for layer, hidden in enumerate(outputs):
+            every_position = hidden[0:1, : lengths[0] + extra + m]
+            expected = _written_by(model, layer, 0, state, every_position)
+            torch.testing.assert_close(new_state.matrix[layer, 0:1], expected[0], rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(new_state.normalizer[layer, 0:1], expected[1])
+            content = hidden[1:2, model.prefix : model.prefix + lengths[1]]
+            expected = _written_by(model, layer, 1, state, content)
+            torch.testing.assert_close(new_state.matrix[layer, 1:2], expected[0], rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(new_state.normalizer[layer, 1:2], expected[1])
+    with pytest.raises(ValueError, match="layout_writes"):
+        tiny_armt(family, writers="all", layout_writes="last")
 
 
 # --- memory carries information -------------------------------------------------------------------------------------

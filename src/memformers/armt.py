@@ -178,8 +178,11 @@ class ARMTConfig(MechanismConfig):
     write_threshold: float = 0.0
     # With writers "all": whether [CLS], [SEP] and the memory tokens write too. They write in every segment, noise or
     # not, so over tens of thousands of segments their small writes grow every read until the memory diverges
-    # (README, "The hinge did not mend 1M"); False leaves the writing to the content's tokens. No weight depends on it.
-    layout_writes: bool = True
+    # (README, "The hinge did not mend 1M"); False leaves the writing to the content's tokens. "first": they write
+    # while a row's memory is empty (its first segment) and not after: the normalizer z takes its scale from a first
+    # segment written as in training, which a first segment of a few tokens cannot give alone (README, "Layout
+    # writes in the first segment"), and nothing of theirs accumulates. No weight depends on it.
+    layout_writes: bool | str = True
     kind: str | None = None  # "encoder" or "decoder"; None: from the backbone
     cls_token_id: int | None = None  # encoder layout's [CLS] and [SEP]; None: from the backbone's config/tokenizer
     sep_token_id: int | None = None
@@ -196,9 +199,13 @@ class ARMTConfig(MechanismConfig):
         if self.memory_layers is not None:
             self.memory_layers = check_layers("memory_layers", self.memory_layers)
         check_choice("writers", self.writers, ("memory", "all"))
-        if not self.layout_writes and self.writers != "all":
-            raise ValueError(f"layout_writes=False needs writers='all' (else nothing writes), got {self.writers!r}")
-        for name in ("normalize_gate", "share_query_key", "layout_writes"):
+        if not isinstance(self.layout_writes, bool) and self.layout_writes != "first":
+            raise ValueError(f"layout_writes must be True, False or 'first', got {self.layout_writes!r}")
+        if self.layout_writes is not True and self.writers != "all":
+            raise ValueError(
+                f"layout_writes={self.layout_writes!r} needs writers='all' (else nothing writes), got {self.writers!r}"
+            )
+        for name in ("normalize_gate", "share_query_key"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.normalize_features not in (None, True, False):
@@ -465,7 +472,10 @@ class AssociativeMemoryTransformer(MemoryModel):
             raise ValueError(f"state has {state.matrix.shape[1]} rows, the segment {batch}")
         if not self.token_level:
             logit_positions = None  # a sequence head's logits have no positions
-        embeds, full_mask, write = self._layout(ids, mask)
+        empty = None
+        if self.config.layout_writes == "first":  # [batch] rows with nothing written yet: their first segment
+            empty = state.normalizer.abs().amax(dim=(0, 2)) == 0
+        embeds, full_mask, write = self._layout(ids, mask, empty)
         keep = None if logit_positions is None else logit_positions + self.prefix
         written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         record = None
@@ -498,11 +508,11 @@ class AssociativeMemoryTransformer(MemoryModel):
     # --- layout and hooks -------------------------------------------------------------------------------------
 
     def _layout(
-        self, ids: torch.Tensor, mask: torch.Tensor
+        self, ids: torch.Tensor, mask: torch.Tensor, empty: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, Writers]:  # embeds [b, L, hidden], mask, writers
         """Input embeddings with the memory tokens right after each row's content (and [SEP]), padding last; the
         mask is [b, L], or [b, 1, L, L] (True: may attend) for an encoder with causal memory tokens; the positions
-        that write (`writers`)."""
+        that write (`writers`). `empty` [b]: the rows whose memory is empty (layout_writes "first")."""
         batch, n = ids.shape
         m = self.num_memory_tokens
         embed = self.backbone.get_input_embeddings()
@@ -519,7 +529,13 @@ class AssociativeMemoryTransformer(MemoryModel):
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < start + tail).long().expand(batch, -1)
         if self.config.writers == "all":  # every real position; padding writes nothing
-            writing = full_mask if self.config.layout_writes else ((p >= self.prefix) & (p < start)).long()
+            content_only = ((p >= self.prefix) & (p < start)).long()  # [batch, L]
+            layout = self.config.layout_writes
+            if layout == "first":
+                first = torch.zeros(batch, dtype=torch.bool, device=ids.device) if empty is None else empty
+                writing = torch.where(first.unsqueeze(1), full_mask, content_only)
+            else:
+                writing = full_mask if layout else content_only
             write = Writers(None, writing)  # the whole layout, [batch, L]; 0: writes nothing
         else:
             write = Writers(start + self.suffix + torch.arange(m, device=ids.device))  # [batch, m] memory positions

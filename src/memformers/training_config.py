@@ -51,8 +51,9 @@ Config (TOML; every key optional unless marked):
                           nn.Linear's draw and the backbone embeddings' std; the authors' later code: 1.0, 0.02);
                           writers ("memory", the paper's: the memory tokens write; "all": every real position too);
                           layout_writes (with writers "all": true, [CLS], [SEP] and the memory tokens write too;
-                          false: the content's tokens alone; no weight depends on it, a saved model takes the
-                          config's); write_threshold (gates at or under it write nothing into A);
+                          false: the content's tokens alone; "first": the layout too while a row's memory is
+                          empty, its first segment; no weight depends on it, a saved model takes the config's);
+                          write_threshold (gates at or under it write nothing into A);
                           share_query_key (false: the paper's W_Q; true: reads use W_K, so a token asks with
                           the key its own hidden state writes with)
 [model.knn]               KNNConfig; defaults from MemorizingTransformer
