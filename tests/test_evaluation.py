@@ -601,9 +601,10 @@ def test_a_batch_stopped_part_way_goes_on_from_its_saved_state(tokenizer, tmp_pa
     states = list(tmp_path.glob("grid.json.*.state.pt"))
     assert len(states) == 1 and torch.load(states[0], weights_only=True)["segments"] == 7
     assert [index for index, _ in json.loads(path.read_text())["partial"][0]["right"]] == [0, 1]
-    resuming = StoppingOracle(tokenizer)
-    resumed = evaluate_grid(resuming, **grid, json_path=path, reading_every_s=0)[0]
+    resuming, shown = StoppingOracle(tokenizer), []
+    resumed = evaluate_grid(resuming, **grid, json_path=path, reading_every_s=0, progress=lambda *p: shown.append(p))[0]
     assert resuming.steps == per_batch - 7  # the second batch's segments after the seventh, and nothing more
+    assert shown[0] == (8, per_batch) and shown[-1] == (per_batch, per_batch)  # the batch left: from where it was
     assert (resumed.correct, resumed.samples, resumed.tokens_per_s > 0) == (4, 4, True)
     assert not list(tmp_path.glob("*.state.pt")) and "partial" not in json.loads(path.read_text())
     again = tmp_path / "again.json"  # the same cell stopped again, then read otherwise into the same file

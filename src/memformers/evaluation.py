@@ -352,7 +352,7 @@ def score_samples(
             skip, state, seconds = resumed
             clock["start"] = time.perf_counter() - seconds
 
-        def callback(done, _total, _tokens, before=sum(per_batch[:number]) + skip):
+        def callback(done, _total, _tokens, before=sum(per_batch[:number])):  # done counts the skipped segments
             if progress is not None:
                 progress(before + done, sum(per_batch))
 
