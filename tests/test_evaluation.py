@@ -680,3 +680,15 @@ def test_knobs_compare_by_value_whichever_model_set_them(tokenizer, tmp_path):
     cells = evaluate_grid(as_trained, **grid, json_path=path, knobs=writing, saved_knobs=writing)
     assert as_trained.steps == 2 * per_batch and cells[0].knobs == writing
     assert json.loads(path.read_text())["results"][0]["knobs"] == writing
+    one_batch = tmp_path / "one_batch.json"  # stopped in its first batch: no partial record, only the state
+    with pytest.raises(_Stopped):
+        evaluate_grid(
+            StoppingOracle(tokenizer, stop_at=8),
+            **grid,
+            json_path=one_batch,
+            reading_every_s=0,
+            knobs={"layout_writes": False},
+        )
+    resuming = StoppingOracle(tokenizer)
+    evaluate_grid(resuming, **grid, json_path=one_batch, reading_every_s=0, knobs=silent, saved_knobs=writing)
+    assert resuming.steps == 2 * per_batch - 7  # its state found under the name it was begun with

@@ -519,8 +519,11 @@ def evaluate_grid(
             done_so_far = PartialCell.from_json(mine[0]) if mine else None
             options = cell_options | {"done": done_so_far, "on_batch": save_progress if json_path else None}
             if json_path:  # one file a cell, named by what it reads: a cell read otherwise never takes it up
-                digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-                state_path = Path(json_path).with_name(f"{Path(json_path).name}.{digest}.state.pt")
+                state_path = reading_state_path(json_path, key)
+                set_only = {k: v for k, v in key["knobs"].items() if k not in saved_knobs or saved_knobs[k] != v}
+                begun_before = reading_state_path(json_path, key | {"knobs": set_only})
+                if not state_path.exists() and begun_before.exists():  # named when cells recorded --set knobs alone
+                    state_path = begun_before
                 options["reading_checkpoint"] = ReadingCheckpoint(state_path, reading_every_s)
             cell = evaluate_cell(model, task, length, count, tokenizer, **options)
             cell.command, cell.knobs = (meta or {}).get("command", ""), knobs
@@ -530,6 +533,12 @@ def evaluate_grid(
             if on_cell is not None:
                 on_cell(cell)
     return cells
+
+
+def reading_state_path(json_path: str | Path, key: dict) -> Path:
+    """Where a cell's reading state is saved beside its grid's JSON, named by what the cell reads (`key`)."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(json_path).with_name(f"{Path(json_path).name}.{digest}.state.pt")
 
 
 def markdown_table(cells: list[Cell]) -> str:
