@@ -20,7 +20,7 @@ from rich.progress import track
 
 import memformers as mf
 from memformers.cli.checkpoints import checkpoint_tokenizer, tune_knobs
-from memformers.evaluation import class_answers, predict_classes
+from memformers.evaluation import class_answers, equal_length_batches, predict_classes
 from memformers.precision import autocast
 from memformers.saving import read_config
 from memformers.segments import count_segments
@@ -85,19 +85,15 @@ def main() -> None:
     stories = [make_sample("qa2", args.length, tokenizer, 0, i, "test") for i in range(args.samples)]
     counts = dict.fromkeys(KINDS, 0)
     right = 0
-    for start in track(range(0, len(stories), args.batch_size), description="qa2"):
-        batch = stories[start : start + args.batch_size]
-        by_length = {}
-        for story in batch:  # predict_classes reads a batch of one length; at length 0 the stories differ
-            by_length.setdefault(story.num_tokens, []).append(story)
-        for group in by_length.values():
-            with torch.no_grad(), autocast(args.precision, "cpu"):
-                said = [answers[c] for c in predict_classes(model, group)]
-            for story, answer in zip(group, said, strict=True):
-                if answer == story.target:
-                    right += 1
-                else:
-                    counts[wrong_kind(story, answer, model.content_size)] += 1
+    for indices in track(equal_length_batches(stories, args.batch_size), description="qa2"):
+        group = [stories[i] for i in indices]  # one length a batch: at length 0 the stories differ
+        with torch.no_grad(), autocast(args.precision, "cpu"):
+            said = [answers[c] for c in predict_classes(model, group)]
+        for story, answer in zip(group, said, strict=True):
+            if answer == story.target:
+                right += 1
+            else:
+                counts[wrong_kind(story, answer, model.content_size)] += 1
     segments = sorted({count_segments(s.num_tokens, model.content_size) for s in stories})
     result = {"checkpoint": args.checkpoint, "length": args.length, "segments": segments, "knobs": knobs}
     result |= {"precision": args.precision, "right": share(right, len(stories)), "wrong_by_kind": counts}

@@ -472,10 +472,10 @@ class AssociativeMemoryTransformer(MemoryModel):
             raise ValueError(f"state has {state.matrix.shape[1]} rows, the segment {batch}")
         if not self.token_level:
             logit_positions = None  # a sequence head's logits have no positions
-        empty = None
-        if self.config.layout_writes == "first":  # [batch] rows with nothing written yet: their first segment
-            empty = state.normalizer.abs().amax(dim=(0, 2)) == 0
-        embeds, full_mask, write = self._layout(ids, mask, empty)
+        layout_writes = self.config.layout_writes
+        if layout_writes == "first":  # [batch] the rows with nothing written yet: their first segment
+            layout_writes = state.normalizer.abs().amax(dim=(0, 2)) == 0
+        embeds, full_mask, write = self._layout(ids, mask, layout_writes)
         keep = None if logit_positions is None else logit_positions + self.prefix
         written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         record = None
@@ -508,11 +508,11 @@ class AssociativeMemoryTransformer(MemoryModel):
     # --- layout and hooks -------------------------------------------------------------------------------------
 
     def _layout(
-        self, ids: torch.Tensor, mask: torch.Tensor, empty: torch.Tensor | None = None
+        self, ids: torch.Tensor, mask: torch.Tensor, layout_writes: bool | torch.Tensor = True
     ) -> tuple[torch.Tensor, torch.Tensor, Writers]:  # embeds [b, L, hidden], mask, writers
         """Input embeddings with the memory tokens right after each row's content (and [SEP]), padding last; the
         mask is [b, L], or [b, 1, L, L] (True: may attend) for an encoder with causal memory tokens; the positions
-        that write (`writers`). `empty` [b]: the rows whose memory is empty (layout_writes "first")."""
+        that write (`writers`). `layout_writes`: whether [CLS], [SEP] and the memory tokens write, or per row [b]."""
         batch, n = ids.shape
         m = self.num_memory_tokens
         embed = self.backbone.get_input_embeddings()
@@ -529,13 +529,11 @@ class AssociativeMemoryTransformer(MemoryModel):
         embeds = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
         full_mask = (p < start + tail).long().expand(batch, -1)
         if self.config.writers == "all":  # every real position; padding writes nothing
-            content_only = ((p >= self.prefix) & (p < start)).long()  # [batch, L]
-            layout = self.config.layout_writes
-            if layout == "first":
-                first = torch.zeros(batch, dtype=torch.bool, device=ids.device) if empty is None else empty
-                writing = torch.where(first.unsqueeze(1), full_mask, content_only)
-            else:
-                writing = full_mask if layout else content_only
+            writing = full_mask  # [batch, L]
+            if layout_writes is not True:
+                writing = ((p >= self.prefix) & (p < start)).long()  # the content alone
+                if layout_writes is not False:  # per row: the layout too where it says so
+                    writing = torch.where(layout_writes[:, None], full_mask, writing)
             write = Writers(None, writing)  # the whole layout, [batch, L]; 0: writes nothing
         else:
             write = Writers(start + self.suffix + torch.arange(m, device=ids.device))  # [batch, m] memory positions

@@ -510,8 +510,6 @@ def evaluate_grid(
 
             mine = [p for p in partial if same_reading(p)]
             others = [p for p in partial if p not in mine]
-            if mine:  # it goes on under the key it was begun with (its reading state is named by it)
-                key = {k: mine[0].get(k, value) for k, value in key.items()}
 
             def save_progress(so_far: PartialCell, cells=cells, others=others, key=key) -> None:
                 save_cells(json_path, cells, meta, others + [so_far.to_json(key)])
