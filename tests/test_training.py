@@ -29,7 +29,13 @@ TINY = {
         "scratch": {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64, "dropout": 0.1},
     },
     "task": {"name": "memorize", "tokenizer": "minilm"},
-    "curriculum": {"segments": [1, 2], "threshold": 1.0, "max_steps_per_stage": 3, "eval_every": 0},
+    "curriculum": {
+        "segments": [1, 2],
+        "threshold": 1.0,
+        "max_steps_per_stage": 3,
+        "eval_every": 0,
+        "eval_at_start": False,
+    },
     "optim": {"lr": 3e-3, "warmup_steps": 1, "batch_size": 4, "cpu": True},
     "output": {"checkpoint_every": 2, "log_every": 1},
 }
@@ -100,6 +106,27 @@ def test_curriculum_advances_on_threshold_and_logs_jsonl(tmp_path):
     assert extra["task"] == "memorize" and extra["tokenizer"] == "minilm" and extra["segments"] == [1, 2]
     assert (final / "backbone" / "tokenizer_config.json").exists()
     assert model.content_size == 48 - 2 - 3
+
+
+def test_a_fresh_run_validates_the_model_it_starts_from(tmp_path):
+    """With `eval_at_start` (the default) a fresh run logs a validation at step 0, the starting model's as the
+    trainer's own `evaluate` gives it, keeps that model as the best until a validation beats it, and a resumed
+    run does not validate its start again."""
+    changes = {"curriculum.eval_at_start": True, "curriculum.segments": [1], "curriculum.threshold": 0.0}
+    config = tiny(tmp_path, **changes)
+    assert load_config(None, {}).curriculum.eval_at_start  # the default
+    starting = Trainer(config, progress=False, resume=False)
+    expected = starting.evaluate()
+    starting.close()
+    train(config, stop_after_steps=1, progress=False)
+    run = config.output_dir
+    [start] = records(run, "eval")
+    assert start["step"] == 0 and start["segments"] == 1 and start["samples"] == 6
+    assert start["accuracy"] == expected["accuracy"] and start["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    assert mf.saving.read_config(run / "best")["extra"]["step"] == 0
+    assert records(run, "stage") == []  # above the threshold (0), and still no stage's end
+    train(config, progress=False)  # resumed from step 1: its budget's validation at step 3, no second start
+    assert [r["step"] for r in records(run, "eval")] == [0, 3]
 
 
 def test_validation_of_several_tasks_reports_each_tasks_accuracy(tmp_path, monkeypatch):

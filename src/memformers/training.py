@@ -391,12 +391,24 @@ class Trainer(CheckpointMixin, ValidationMixin):
         if s.step >= self.config.total_steps:
             s.done = True
 
+    def _validate_start(self) -> None:
+        """The model a fresh run starts from, validated as every later step is (a resumed run has its record):
+        what training adds shows against it. It moves no stage; it is the best model until a validation beats it."""
+        s = self.state
+        record = self.evaluate()
+        self.log(record)
+        self.draw_curves()
+        s.best = (s.stage, record["accuracy"])
+        self.save_model(self.output_dir / "best")
+
     def train(self, stop_after_steps: int | None = None) -> Path:
         """Run (or continue) the curriculum; returns the `final` model folder (or the checkpoint when stopped)."""
         out, s = self.config.output, self.state
         bar, task = self._progress_bar()
         self._bar = bar
         try:
+            if s.step == 0 and self.config.curriculum.eval_at_start:
+                self._validate_start()
             while not s.done:
                 if stop_after_steps is not None and s.step >= stop_after_steps:
                     return self.save_checkpoint()

@@ -112,6 +112,9 @@ Config (TOML; every key optional unless marked):
                           false). Without it every sample of a count has one layout, and a memory can learn one
                           that breaks at other lengths
   eval_every              steps between validations inside a stage (default 100; 0 = only at the budget's end)
+  eval_at_start           validate the model a fresh run starts from, logged at step 0 (default true): a curve
+                          then shows what training added to it, not only where it went; it moves no stage, and
+                          stays the best model until a validation beats it
   eval_samples            validation samples at the stage's length (default 128)
   eval_batch_size         default: the per-process micro-batch
   eval_long_segments      also validate at this many segments (default 0: off), every eval_long_every steps (default
@@ -258,6 +261,7 @@ class CurriculumConfig:
     vary_fill: bool = False  # bAbI tasks: samples up to one segment shorter, drawn per sample
     carry_memory: float = 0.0  # chance a training row starts from the memory its place's previous row left
     eval_every: int = 100
+    eval_at_start: bool = True  # validate the starting model at step 0 (a fresh run only)
     eval_samples: int = 128
     eval_batch_size: int | None = None
     eval_long_segments: int = 0  # also validate at this many segments (0: off); moves no stage
