@@ -362,12 +362,7 @@ class Trainer(CheckpointMixin, ValidationMixin):
             if s.step >= self.config.total_steps:
                 s.done = True
             return
-        record = self.evaluate()
-        self.log(record)
-        self.draw_curves()
-        if (s.stage, record["accuracy"]) > tuple(s.best):
-            s.best = (s.stage, record["accuracy"])
-            self.save_model(self.output_dir / "best")
+        record = self._validate_and_keep_best()
         passed = record["accuracy"] >= c.threshold
         last = s.stage == len(self.stages) - 1
         if passed or budget_spent:
@@ -391,15 +386,17 @@ class Trainer(CheckpointMixin, ValidationMixin):
         if s.step >= self.config.total_steps:
             s.done = True
 
-    def _validate_start(self) -> None:
-        """The model a fresh run starts from, validated as every later step is (a resumed run has its record):
-        what training adds shows against it. It moves no stage; it is the best model until a validation beats it."""
+    def _validate_and_keep_best(self) -> dict:
+        """Validate at the stage's length, log and draw it, and keep the model as `best/` where it beats the best
+        so far (a later stage beats any earlier one)."""
         s = self.state
         record = self.evaluate()
         self.log(record)
         self.draw_curves()
-        s.best = (s.stage, record["accuracy"])
-        self.save_model(self.output_dir / "best")
+        if (s.stage, record["accuracy"]) > tuple(s.best):
+            s.best = (s.stage, record["accuracy"])
+            self.save_model(self.output_dir / "best")
+        return record
 
     def train(self, stop_after_steps: int | None = None) -> Path:
         """Run (or continue) the curriculum; returns the `final` model folder (or the checkpoint when stopped)."""
@@ -407,8 +404,9 @@ class Trainer(CheckpointMixin, ValidationMixin):
         bar, task = self._progress_bar()
         self._bar = bar
         try:
+            # the model a fresh run starts from (a resumed run has its record); it moves no stage
             if s.step == 0 and self.config.curriculum.eval_at_start:
-                self._validate_start()
+                self._validate_and_keep_best()
             while not s.done:
                 if stop_after_steps is not None and s.step >= stop_after_steps:
                     return self.save_checkpoint()
