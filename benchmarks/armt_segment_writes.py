@@ -29,6 +29,7 @@ Writes results/NAME.json.
 from __future__ import annotations
 
 import argparse
+import bisect
 from collections import defaultdict
 
 import numpy as np
@@ -41,7 +42,7 @@ from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import class_answers, sample_segments
 from memformers.precision import autocast
 from memformers.saving import read_config
-from memformers.segments import Segment
+from memformers.segments import Segment, segment_starts
 from memformers.tasks import make_sample
 from memformers.tasks.babi import PLACES
 
@@ -53,16 +54,12 @@ OTHER_CONTENT, MEMORY = -1, -2  # `fact_indices` of a writing position that is n
 
 def segment_of(position: int, length: int, content_size: int, alignment: str) -> int:
     """The index of the segment holding token `position` of a `length`-token sample."""
-    first = length % content_size if alignment == "right" else 0
-    if first and position < first:
-        return 0
-    return (1 if first else 0) + (position - first) // content_size
+    return bisect.bisect_right(segment_starts(length, content_size, alignment), position) - 1
 
 
 def segment_start(index: int, length: int, content_size: int, alignment: str) -> int:
     """The first token of segment `index` of a `length`-token sample (`segment_of`'s inverse)."""
-    first = length % content_size if alignment == "right" else 0
-    return 0 if index == 0 else (first + (index - 1) * content_size if first else index * content_size)
+    return segment_starts(length, content_size, alignment)[index]
 
 
 def read(

@@ -11,7 +11,7 @@ import torch
 from conftest import VOCAB, open_knn_gates, tiny_backbone, tiny_longmem
 
 import memformers as mf
-from memformers.segments import right_aligned_sizes, split_into_segments, stream_segments
+from memformers.segments import right_aligned_sizes, segment_starts, split_into_segments, stream_segments
 
 SEGMENT = 16
 ATOL = 5e-5  # float rounding differs between a padded batch and one row; mixing rows moves outputs by > 1e-2
@@ -141,3 +141,7 @@ def test_right_alignment_keeps_the_first_and_last_segments_full_where_it_can(len
     assert torch.equal(torch.cat([s.input_ids[0, : int(s.attention_mask[0].sum())] for s in segments]), ids[0, :length])
     streamed = list(stream_segments(iter(ids[0, :length].split(3)), 10, right_aligned_sizes(length, 10)))
     assert [s.input_ids.shape[1] for s in streamed] == sizes
+    starts = [int(s.input_ids[0, 0]) - 1 for s in segments if s.attention_mask[0].any()]  # ids count from 1
+    assert segment_starts(length, 10) == starts
+    left = split_into_segments(ids[:, :length], 10, alignment="left")
+    assert segment_starts(length, 10, "left") == [int(s.input_ids[0, 0]) - 1 for s in left]

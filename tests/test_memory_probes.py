@@ -66,7 +66,7 @@ def test_pairwise_cosine_is_one_for_copies_and_ignores_each_token_with_itself():
 def test_segments_are_counted_from_the_first_as_the_model_reads_them():
     where = armt_segment_writes.segment_of
     assert [where(p, 248, 62, "right") for p in (0, 61, 62, 247)] == [0, 0, 1, 3]
-    assert [where(p, 250, 62, "right") for p in (0, 1, 2, 63, 64, 249)] == [0, 0, 1, 1, 2, 4]  # a short first one
+    assert [where(p, 250, 62, "right") for p in (0, 61, 62, 63, 64, 249)] == [0, 0, 1, 1, 2, 4]  # a short second one
     assert [where(p, 250, 62, "left") for p in (0, 61, 62, 249)] == [0, 0, 1, 4]
 
 

@@ -7,6 +7,7 @@ through unchanged, so documents in one batch never influence each other and each
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -57,6 +58,15 @@ def right_aligned_sizes(tokens: int, content_size: int) -> list[int]:
     if not remainder:
         return []
     return [remainder] if count <= 2 else [content_size, remainder]
+
+
+def segment_starts(tokens: int, content_size: int, alignment: Alignment = "right") -> list[int]:
+    """The first token of each segment a row of `tokens` tokens is cut into, as `split_into_segments` and a stream
+    with `right_aligned_sizes` cut it: where a story's facts and question fall."""
+    count = count_segments(tokens, content_size)
+    leading = right_aligned_sizes(tokens, content_size) if alignment == "right" else []
+    sizes = leading + [content_size] * (count - len(leading))
+    return list(itertools.accumulate(sizes[:-1], initial=0))
 
 
 def check_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
