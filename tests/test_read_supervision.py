@@ -80,6 +80,27 @@ def test_named_codes_keep_the_supporting_facts_that_name_what_the_question_names
     assert np.array_equal(read_codes(qa1, "named"), read_codes(qa1, "fact"))
 
 
+def test_last_codes_keep_the_supporting_fact_that_comes_last_alone():
+    """qa3 "Where was the apple before the kitchen?": of its three supporting facts, "John went to the kitchen."
+    (the latest) alone is named; the others are story, the question's entities as with every target."""
+    tok = get_tokenizer("minilm")
+    for index in range(6):
+        sample = make_sample("qa3", 300, tok, 0, index)
+        last, every = read_codes(sample, "last"), read_codes(sample, "fact")
+        latest = max(sample.supporting, key=lambda fact: sample.fact_positions[fact])
+        assert len(sample.supporting) > 1 and sample.facts[latest].rstrip(".").endswith(
+            sample.question.split()[-1][:-1]
+        )
+        start = sample.fact_positions[latest]
+        expected = set(
+            range(start, start + len(tok(" " + sample.facts[latest], add_special_tokens=False)["input_ids"]))
+        )
+        assert set(map(int, (last == SUPPORTING).nonzero()[0])) == expected
+        assert np.array_equal(last == QUERY, every == QUERY)
+        assert ((every == SUPPORTING) & ~(last == SUPPORTING) == (last == STORY) & (every == SUPPORTING)).all()
+        assert ((every == SUPPORTING) & (last == STORY)).any()  # the earlier links are left to the answer's loss
+
+
 def _terms(queries, keys, gates) -> ReadTerms:
     return ReadTerms(queries=queries, keys=keys, gates=gates, positions=None)
 

@@ -1,4 +1,5 @@
-"""The kinds a qa2 wrong answer is put in (benchmarks/babilong_wrong_answers.py)."""
+"""The kinds a qa2 wrong answer is put in (benchmarks/babilong_wrong_answers.py), and the segments a story spreads
+over (benchmarks/babilong_fact_spread.py)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,18 @@ def test_a_wrong_answer_is_put_in_the_first_kind_it_fits():
     early = SimpleNamespace(question="Where is the apple?", facts=FACTS, fact_positions=(0, 10, 20, 30, 40, 50))
     early.num_tokens = 200  # every fact before the question's segment
     assert wrong.wrong_kind(early, "hallway", 25) == "other_actor"
+
+
+def test_a_story_is_counted_by_the_segments_its_supporting_facts_and_question_fall_in():
+    import babilong_fact_spread as fact_spread
+
+    # 70 tokens in segments of 25, right-aligned: [0, 25), [25, 45), [45, 70) (the remainder second)
+    story = SimpleNamespace(num_tokens=70, fact_positions=(0, 24, 25, 44, 45), question_position=60)
+    where = lambda *supporting: fact_spread.spread(SimpleNamespace(**vars(story), supporting=supporting), 25, "right")  # noqa: E731
+    assert where(0, 1) == "1 segment, question later"
+    assert where(1, 2) == "2 segments, question later"  # 24 and 25 sit across the first boundary
+    assert where(3, 4) == "2 segments, question beside the last"  # 44 closes the second, 45 opens the third
+    assert where(0, 2, 4) == "3 segments, question beside the last"
+    assert fact_spread.spread(SimpleNamespace(**vars(story), supporting=(3, 4)), 25, "left") == (
+        "1 segment, question later"  # left-aligned: [0, 25), [25, 50), [50, 70)
+    )

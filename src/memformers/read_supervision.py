@@ -29,7 +29,7 @@ from .tasks.haystack import Sample, encode_sentence
 OTHER, SUPPORTING, QUERY, STORY = 0, 1, 2, 3  # what `read_codes` says a token is
 NOT_CONTENT = -1  # `layout_codes` of [CLS], [SEP] and the memory tokens
 ENTITIES = frozenset(name.lower() for name in (*ACTORS, *OBJECTS, *PLACES))  # what a question asks about
-READ_TARGETS = ("fact", "answer", "named")  # what of the supporting facts the loss names (`read_codes`)
+READ_TARGETS = ("fact", "answer", "named", "last")  # what of the supporting facts the loss names (`read_codes`)
 NOISE_WRITE_MEANS = ("all", "breaking")  # what the noise-write loss averages over (`noise_write_loss`)
 
 
@@ -38,7 +38,9 @@ def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_toke
     every token of the supporting facts; "answer": the answer's word in them, "garden" in "mary went to the
     garden ."; "named": every token of the supporting facts that name an actor, object or place the question
     names, the first hop of qa2's and qa3's chains: "where is the apple ?" finds "john took the apple .", and what
-    that read brings in, not the question, must find "john went to the hallway ."), QUERY where the question names
+    that read brings in, not the question, must find "john went to the hallway ."; "last": every token of the
+    supporting fact that comes last, alone: qa3's "john went to the kitchen ." must itself write where the apple was
+    before, read from what earlier segments wrote, for a later question to find it), QUERY where the question names
     an actor, object or place ("mary" in "where is mary ?"), STORY elsewhere in the story's facts and question,
     OTHER elsewhere (the noise)."""
     if target not in READ_TARGETS:
@@ -50,11 +52,12 @@ def read_codes(sample: Sample, target: str = "fact") -> np.ndarray:  # [num_toke
         codes[start : start + len(fact)] = STORY
     codes[sample.question_position :] = STORY  # the question ends the sample
     asked = _words(sample.question) & ENTITIES
+    last = max(sample.supporting, key=lambda index: sample.fact_positions[index])
     for index in sample.supporting:
         start = sample.fact_positions[index]
-        if target == "named" and not _words(sample.facts[index]) & asked:
+        if target == "named" and not _words(sample.facts[index]) & asked or target == "last" and index != last:
             continue
-        if target in ("fact", "named"):
+        if target in ("fact", "named", "last"):
             codes[start : start + len(facts[index])] = SUPPORTING
         else:
             codes[start + _word_tokens(sample, sample.facts[index], answer)] = SUPPORTING

@@ -141,6 +141,8 @@ Config (TOML; every key optional unless marked):
   read_target             what of the supporting facts that loss names: "fact" (default: every token of them),
                           "answer" (the answer's word alone, "garden" in "mary went to the garden .") or "named"
                           (only the facts naming what the question names: the first hop of qa2's and qa3's chains)
+                          or "last" (the supporting fact that comes last: the one that must write what the chain
+                          says, read from earlier segments' writes, where the question comes in a later segment)
   noise_write_weight      the same models, with [model.armt] write_threshold > 0: weight of a loss keeping the
                           noise's write gates under a quarter of the threshold, so that they write nothing however
                           long the input (default 0)
@@ -283,7 +285,7 @@ class OptimConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     read_loss_weight: float = 0.0  # ARMT, writers "all", bAbI: weight of the read-share loss (read_supervision)
-    read_target: str = "fact"  # which supporting tokens that loss names: "fact" (all), "answer" (its word), "named"
+    read_target: str = "fact"  # the supporting tokens that loss names: "fact" (all), "answer", "named", "last"
     noise_write_weight: float = 0.0  # ARMT, writers "all", write_threshold > 0, bAbI: the noise-write loss
     noise_write_mean: str = "all"  # that loss's mean: over every noise write, or over the "breaking" ones alone
     seed: int = 0
