@@ -20,7 +20,7 @@ from common import write_result
 from rich.progress import track
 
 import memformers as mf
-from memformers.armt import associative_read
+from memformers.associative_memory import associative_read
 from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import class_answers
 from memformers.saving import read_config

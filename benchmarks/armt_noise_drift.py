@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_story_placement, share, story_placement, write_result  # noqa: E402
 
 import memformers as mf  # noqa: E402
-from memformers.armt import associative_read  # noqa: E402
+from memformers.associative_memory import associative_read  # noqa: E402
 from memformers.cli.checkpoints import checkpoint_tokenizer, tune_knobs  # noqa: E402
 from memformers.evaluation import class_answers  # noqa: E402
 from memformers.precision import autocast  # noqa: E402

@@ -10,7 +10,7 @@ from conftest import DECODERS, ENCODERS, assert_batch_generates_as_rows_alone, r
 
 import memformers as mf
 from memformers import backbone_layers
-from memformers.armt import AssociativeMemory, associative_read, delta_rule_write, dpfp
+from memformers.associative_memory import AssociativeMemory, associative_read, delta_rule_write, dpfp
 
 ALL = ENCODERS + DECODERS
 FAMILIES = ("bert", "gpt2", "llama")

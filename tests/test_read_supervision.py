@@ -14,7 +14,7 @@ from test_training import tiny
 
 import memformers as mf
 from memformers import backbone_layers, read_supervision
-from memformers.armt import ReadTerms, delta_rule_write
+from memformers.associative_memory import ReadTerms, delta_rule_write
 from memformers.read_supervision import (
     ENTITIES,
     OTHER,

@@ -1,7 +1,8 @@
 """memformers: any Hugging Face transformer reads millions of tokens through memory."""
 
 from . import backbones
-from .armt import ARMTConfig, AssociativeMemoryTransformer, AssociativeState
+from .armt import ARMTConfig, AssociativeMemoryTransformer
+from .associative_memory import AssociativeState
 from .cache import CacheConfig, SegmentCacheTransformer
 from .knn import KNNConfig, MemorizingTransformer
 from .longmem import LongMem, LongMemConfig

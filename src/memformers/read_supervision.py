@@ -100,7 +100,7 @@ def layout_codes(segment, terms, prefix: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def read_share_loss(
-    record: list[list],  # per step, per memory layer: `armt.ReadTerms` (`recording_reads`)
+    record: list[list],  # per step, per memory layer: `associative_memory.ReadTerms` (`recording_reads`)
     codes: torch.Tensor,  # [batch, length] `read_codes` of each row, aligned with input_ids (padding: any)
     input_ids: torch.Tensor,  # [batch, length]
     attention_mask: torch.Tensor,  # [batch, length]
@@ -133,7 +133,7 @@ def read_share_loss(
 
 
 def noise_write_loss(
-    record: list[list],  # per step, per memory layer: `armt.ReadTerms` (`recording_reads`)
+    record: list[list],  # per step, per memory layer: `associative_memory.ReadTerms` (`recording_reads`)
     codes: torch.Tensor,  # [batch, length] `read_codes` of each row, aligned with input_ids
     input_ids: torch.Tensor,  # [batch, length]
     attention_mask: torch.Tensor,  # [batch, length]
