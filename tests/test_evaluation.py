@@ -558,7 +558,8 @@ def test_a_stopped_cell_resumes_from_its_last_finished_batch(tokenizer, tmp_path
 
 def test_a_cell_names_the_samples_it_got_wrong(tokenizer, tmp_path):
     """`wrong` lists exactly the samples answered wrong (each read alone agrees), so that two readings of one cell
-    can be compared story by story; a cell resumed from its finished batches names the same ones."""
+    can be compared story by story, and `wrong_answers` what was said to each; a cell resumed from its finished
+    batches names the same ones."""
     grid = {"tasks": ["detect"], "lengths": [600], "samples": 6, "tokenizer": tokenizer, "batch_size": 2}
     cell = evaluate_grid(CountingOracle(tokenizer), **grid, window=500)[0]
     assert 0 < len(cell.wrong) < 6 and len(cell.wrong) == cell.samples - cell.correct
@@ -566,11 +567,14 @@ def test_a_cell_names_the_samples_it_got_wrong(tokenizer, tmp_path):
     labels = list(babilong_labels("detect"))
     alone = [score_samples(CountingOracle(tokenizer), [s], labels, tokenizer, window=500).correct for s in made]
     assert cell.wrong == [index for index, right in enumerate(alone) if not right]
+    assert len(cell.wrong_answers) == len(cell.wrong) and set(cell.wrong_answers) <= set(labels)
+    assert all(said != made[index].target for index, said in zip(cell.wrong, cell.wrong_answers, strict=True))
     path = tmp_path / "grid.json"
     with pytest.raises(_Stopped):
         evaluate_grid(CountingOracle(tokenizer, stop_at=3), **grid, window=500, json_path=path)
     resumed = evaluate_grid(CountingOracle(tokenizer), **grid, window=500, json_path=path)[0]
     assert resumed.wrong == cell.wrong and json.loads(path.read_text())["results"][0]["wrong"] == cell.wrong
+    assert resumed.wrong_answers == cell.wrong_answers  # the answers before the stop came back from the partial cell
 
 
 class StoppingOracle(LastFactOracle):

@@ -53,6 +53,7 @@ class Cell:
     facts_apart: bool = False  # the facts evenly spaced through the noise: as few to a segment as the length allows
     knobs: dict = field(default_factory=dict)  # the tunable knobs read with (older cells: only those set by --set)
     wrong: list[int] | None = None  # the samples answered wrong, by index: two readings compared story by story
+    wrong_answers: list[str] | None = None  # what the model answered to each of `wrong`, in its order
 
 
 @dataclass
@@ -65,16 +66,18 @@ class PartialCell:
     seconds: float = 0.0
     tokens: int = 0
     examples: list[dict] = field(default_factory=list)
+    said: dict[int, str] = field(default_factory=dict)  # the wrong samples' answers, by index
 
     def to_json(self, key: dict) -> dict:
         """`key` (what the cell is: task, length, samples and how it is read) with the progress."""
         progress = {"right": sorted(self.right.items()), "seconds": round(self.seconds, 2), "tokens": self.tokens}
-        return key | progress | {"examples": self.examples}
+        return key | progress | {"examples": self.examples, "said": sorted(self.said.items())}
 
     @classmethod
     def from_json(cls, record: dict) -> PartialCell:
         right = {int(index): bool(ok) for index, ok in record["right"]}
-        return cls(right, float(record["seconds"]), int(record["tokens"]), list(record.get("examples", [])))
+        said = {int(index): str(answer) for index, answer in record.get("said", [])}
+        return cls(right, float(record["seconds"]), int(record["tokens"]), list(record.get("examples", [])), said)
 
 
 @dataclass
@@ -332,7 +335,7 @@ def score_samples(
     done = done or PartialCell()
     if any(not 0 <= index < len(made) for index in done.right):
         raise ValueError(f"done: sample indices outside 0..{len(made) - 1}: not a partial cell of these samples")
-    so_far = PartialCell(dict(done.right), done.seconds, done.tokens, list(done.examples))  # `done` stays as given
+    so_far = PartialCell(dict(done.right), done.seconds, done.tokens, list(done.examples), dict(done.said))
     examples = so_far.examples
     clock = {"start": time.perf_counter() - done.seconds, "saved": time.perf_counter()}
 
@@ -381,6 +384,7 @@ def score_samples(
         else:  # a class is its answer exactly
             right = [a == s.target for a, s in zip(answers, batch, strict=True)]
         so_far.right.update(zip(indices, right, strict=True))
+        so_far.said.update((index, answer) for index, answer, ok in zip(indices, answers, right, strict=True) if not ok)
         so_far.tokens += read * len(batch)
         so_far.seconds = elapsed()
         if on_batch is not None:
@@ -388,6 +392,7 @@ def score_samples(
         if reading_checkpoint is not None:  # the batch is in `so_far` (and saved): nothing of it left to go on from
             reading_checkpoint.clear()
     correct, tokens, seconds = sum(so_far.right.values()), so_far.tokens, elapsed()
+    wrong = sorted(index for index, ok in so_far.right.items() if not ok)
     low, high = wilson_interval(correct, len(made))
     return Cell(
         "",
@@ -402,7 +407,8 @@ def score_samples(
         examples=examples,
         scorer=BABILONG_SCORER if generating else "",
         precision=precision,
-        wrong=sorted(index for index, ok in so_far.right.items() if not ok),
+        wrong=wrong,
+        wrong_answers=[so_far.said.get(index, "") for index in wrong],  # "": answered before answers were kept
     )
 
 
