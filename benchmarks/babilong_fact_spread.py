@@ -30,8 +30,8 @@ from memformers.tasks import make_sample
 
 
 def spread(sample, content_size: int, alignment: str) -> str:
-    """ "N segments, question beside the last" or "N segments, question later": where `sample`'s supporting facts
-    and its question fall when read in segments of `content_size`."""
+    """Where `sample`'s supporting facts and its question fall when read in segments of `content_size`: "N
+    segments, question beside the last" (the question in the last fact's segment) or "N segments, question later"."""
     starts = segment_starts(sample.num_tokens, content_size, alignment)
     where = [bisect.bisect_right(starts, sample.fact_positions[i]) - 1 for i in sample.supporting]
     question = bisect.bisect_right(starts, sample.question_position) - 1
