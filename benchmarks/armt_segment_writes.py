@@ -29,7 +29,6 @@ Writes results/NAME.json.
 from __future__ import annotations
 
 import argparse
-import bisect
 from collections import defaultdict
 
 import numpy as np
@@ -42,7 +41,7 @@ from memformers.cli.checkpoints import checkpoint_tokenizer
 from memformers.evaluation import class_answers, sample_segments
 from memformers.precision import autocast
 from memformers.saving import read_config
-from memformers.segments import Segment, segment_starts
+from memformers.segments import Segment, segment_of, segment_starts
 from memformers.tasks import make_sample
 from memformers.tasks.babi import PLACES
 
@@ -50,11 +49,6 @@ WRITE_TERMS = ("beta", "key_cosine_tokens", "key_cosine_rows")
 KINDS = ("fact", "other content", "memory")  # what a writing position is (memory: also [CLS] and [SEP])
 MATCH_SHARES = ("answering fact", "other facts", "other content", "memory")
 OTHER_CONTENT, MEMORY = -1, -2  # `fact_indices` of a writing position that is no fact's
-
-
-def segment_of(position: int, length: int, content_size: int, alignment: str) -> int:
-    """The index of the segment holding token `position` of a `length`-token sample."""
-    return bisect.bisect_right(segment_starts(length, content_size, alignment), position) - 1
 
 
 def segment_start(index: int, length: int, content_size: int, alignment: str) -> int:

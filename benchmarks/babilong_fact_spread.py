@@ -13,7 +13,6 @@ this long". The stories are the test split's, each task's own placement (or --fa
 from __future__ import annotations
 
 import argparse
-import bisect
 from collections import defaultdict
 
 import torch
@@ -25,16 +24,19 @@ from memformers.cli.checkpoints import checkpoint_tokenizer, tune_knobs
 from memformers.evaluation import class_answers, equal_length_batches, predict_classes
 from memformers.precision import autocast
 from memformers.saving import read_config
-from memformers.segments import segment_starts
+from memformers.segments import segment_of
 from memformers.tasks import make_sample
 
 
 def spread(sample, content_size: int, alignment: str) -> str:
     """Where `sample`'s supporting facts and its question fall when read in segments of `content_size`: "N
     segments, question beside the last" (the question in the last fact's segment) or "N segments, question later"."""
-    starts = segment_starts(sample.num_tokens, content_size, alignment)
-    where = [bisect.bisect_right(starts, sample.fact_positions[i]) - 1 for i in sample.supporting]
-    question = bisect.bisect_right(starts, sample.question_position) - 1
+
+    def index(position: int) -> int:
+        return segment_of(position, sample.num_tokens, content_size, alignment)
+
+    where = [index(sample.fact_positions[i]) for i in sample.supporting]
+    question = index(sample.question_position)
     beside = "question beside the last" if question == max(where) else "question later"
     return f"{len(set(where))} segment{'s' * (len(set(where)) > 1)}, {beside}"
 

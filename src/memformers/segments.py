@@ -7,6 +7,7 @@ through unchanged, so documents in one batch never influence each other and each
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ def segment_starts(tokens: int, content_size: int, alignment: Alignment = "right
     leading = right_aligned_sizes(tokens, content_size) if alignment == "right" else []
     sizes = leading + [content_size] * (count - len(leading))
     return list(itertools.accumulate(sizes[:-1], initial=0))
+
+
+def segment_of(position: int, tokens: int, content_size: int, alignment: Alignment = "right") -> int:
+    """The index of the segment holding token `position` of a row of `tokens` tokens (`segment_starts`)."""
+    return bisect.bisect_right(segment_starts(tokens, content_size, alignment), position) - 1
 
 
 def check_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
